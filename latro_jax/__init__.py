@@ -1,0 +1,1 @@
+"""latro_jax: LaTRO and MRT on JAX/Flax."""

@@ -1,0 +1,81 @@
+"""Orbax checkpoints behind one small facade.
+
+Layout: `<directory>/<step>/` managed by an Orbax CheckpointManager, with the items
+  params        the model parameters (a nested dict of arrays, as nnx.to_pure_dict gives)
+  model_config  the HF config.json dict of the model (so a checkpoint exports without its run)
+Training checkpoints add their own items beside these; export reads only these two, so every
+checkpoint of a run converts to HF through `restore_model` + `models.save_hf`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from latro_jax import models, sharding
+from latro_jax.models import ModelConfig, Transformer
+
+
+def manager(directory: str, *, max_to_keep: int | None = None, create: bool = True,
+            **options: Any) -> ocp.CheckpointManager:
+    """An Orbax CheckpointManager on `directory` (absolute path; created when `create`)."""
+    directory = os.path.abspath(directory)
+    if not create and not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory.")
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, **options)
+    return ocp.CheckpointManager(directory, options=opts)
+
+
+def model_items(model: Transformer) -> dict[str, Any]:
+    """The save args of the params and model_config items of `model`."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    dtype = str(jax.tree.leaves(params)[0].dtype)
+    return {"params": ocp.args.StandardSave(params),
+            "model_config": ocp.args.JsonSave(model.config.to_hf_dict(dtype))}
+
+
+def save_model(directory: str, model: Transformer, step: int = 0,
+               extra: Mapping[str, Any] | None = None) -> None:
+    """Save `model` (plus any extra Orbax items) as checkpoint `step` and wait for it."""
+    with manager(directory) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**model_items(model), **(extra or {})))
+        mngr.wait_until_finished()
+
+
+def latest_step(directory: str) -> int:
+    with manager(directory, create=False) as mngr:
+        step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no finished checkpoint in this directory.")
+    return step
+
+
+def restore_model(directory: str, step: int | None = None, *, dtype="float32",
+                  param_dtype=None, remat: models.transformer.Remat = "none",
+                  mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """The model saved at `step` (default: the latest), with parameters cast to param_dtype
+    (default: as saved) and placed sharded over `mesh` when given."""
+    step = latest_step(directory) if step is None else step
+    with manager(directory, create=False) as mngr:
+        if step not in mngr.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; "
+                                    f"available: {sorted(mngr.all_steps())}")
+        hf_config = mngr.restore(step, args=ocp.args.Composite(
+            model_config=ocp.args.JsonRestore()))["model_config"]
+        config = ModelConfig.from_hf_dict(hf_config, source=f"{directory}/{step}/model_config")
+        param_dtype = param_dtype or hf_config.get("dtype", "float32")
+        graphdef, abstract = models.abstract_model(config, dtype=dtype, param_dtype=param_dtype,
+                                                   remat=remat)
+        if mesh is not None:
+            shardings = sharding.param_shardings(abstract, mesh)
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        target = nnx.to_pure_dict(abstract)
+        params = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))["params"]
+    nnx.replace_by_pure_dict(abstract, params)
+    return nnx.merge(graphdef, abstract)

@@ -1,0 +1,72 @@
+r"""Convert model weights between Hugging Face folders and Orbax checkpoints.
+
+    python -m latro_jax.convert hf_to_orbax --hf=/path/to/hf_model --out=/path/to/ckpt
+    python -m latro_jax.convert orbax_to_hf --ckpt=/path/to/ckpt [--step=N] \
+        --out=/path/to/hf_export [--tokenizer=/path/to/tokenizer_dir] [--overwrite]
+
+`orbax_to_hf` works on any checkpoint directory written by latro_jax (conversion or training):
+it reads the `params` and `model_config` items of the chosen step (default: the latest).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from latro_jax import checkpoint, models
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf", None, "hf_to_orbax: HF model folder (config.json + safetensors) or hub id.")
+flags.DEFINE_string("ckpt", None, "orbax_to_hf: checkpoint directory.")
+flags.DEFINE_integer("step", None, "orbax_to_hf: checkpoint step (default: latest); "
+                     "hf_to_orbax: the step to write (default 0).")
+flags.DEFINE_string("out", None, "Output folder.")
+flags.DEFINE_string("tokenizer", None, "orbax_to_hf: folder whose tokenizer files to copy.")
+flags.DEFINE_string("param_dtype", None, "Store parameters in this dtype (default: as the source).")
+flags.DEFINE_bool("overwrite", False, "orbax_to_hf: replace an existing output folder.")
+
+
+def hf_to_orbax(hf: str, out: str, step: int = 0, param_dtype: str | None = None) -> None:
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} is not empty; choose a new checkpoint directory.")
+    model_dir = models.hf_io.resolve_model_dir(hf)
+    model = models.load_hf(model_dir, param_dtype=param_dtype or _stored_dtype(model_dir))
+    checkpoint.save_model(out, model, step=step)
+
+
+def _stored_dtype(model_dir: str) -> str | None:
+    """The dtype of the first weight tensor of an HF folder."""
+    reader = models.hf_io.SafetensorsReader(model_dir)
+    try:
+        name = sorted(reader.names())[0]
+        return str(reader.get(name).dtype)
+    finally:
+        reader.close()
+
+
+def orbax_to_hf(ckpt: str, out: str, step: int | None = None, tokenizer: str | None = None,
+                param_dtype: str | None = None, overwrite: bool = False) -> str:
+    model = checkpoint.restore_model(ckpt, step, param_dtype=param_dtype)
+    return models.save_hf(model, out, tokenizer_dir=tokenizer, overwrite=overwrite)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("hf_to_orbax", "orbax_to_hf"):
+        raise app.UsageError("usage: python -m latro_jax.convert {hf_to_orbax|orbax_to_hf} --flags")
+    if not FLAGS.out:
+        raise app.UsageError("--out is required")
+    if argv[1] == "hf_to_orbax":
+        if not FLAGS.hf:
+            raise app.UsageError("hf_to_orbax needs --hf")
+        hf_to_orbax(FLAGS.hf, FLAGS.out, FLAGS.step or 0, FLAGS.param_dtype)
+    else:
+        if not FLAGS.ckpt:
+            raise app.UsageError("orbax_to_hf needs --ckpt")
+        orbax_to_hf(FLAGS.ckpt, FLAGS.out, FLAGS.step, FLAGS.tokenizer, FLAGS.param_dtype,
+                    FLAGS.overwrite)
+    print(f"wrote {os.path.abspath(FLAGS.out)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,55 @@
+"""Device mesh, parameter shardings and host transfers.
+
+The mesh always has the three named axes (data, fsdp, tensor); any may have size 1. Parameters
+are sharded by the `out_sharding` annotations the model puts on them (axis names fsdp/tensor);
+batches are split over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (= the rest)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): at most one axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor={known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) needs "
+                         f"{int(np.prod(sizes))} devices but {len(devices)} are available; "
+                         "set the mesh sizes so their product is the device count (or use -1).")
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 3,
+                         devices=devices)
+
+
+def param_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """NamedShardings for an (abstract) NNX state from the parameters' partition annotations."""
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading axis over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host sharded) array as a NumPy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -1,0 +1,65 @@
+"""Tiny random Hugging Face models of every supported family, made with transformers + torch and
+saved with save_pretrained: the independent reference for parity tests."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import transformers
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+STORIES_HF = os.path.abspath(os.path.join(SHARED, "models", "stories260K", "hf"))
+
+_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               initializer_range=0.2)  # large enough that a wrong RoPE or mask moves logits by O(1)
+
+
+def _phi3_longrope(**overrides):
+    half = 64 // 4 // 2  # head_dim / 2
+    rng = np.random.RandomState(3)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [float(x) for x in 1.0 + rng.rand(half)],
+            "long_factor": [float(x) for x in 1.0 + 4 * rng.rand(half)],
+            "original_max_position_embeddings": 32}
+    return transformers.Phi3Config(**{**_COMMON, "max_position_embeddings": 128,
+                                      "original_max_position_embeddings": 32,
+                                      "rope_parameters": rope, "sliding_window": None, **overrides})
+
+
+FAMILY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_COMMON),
+    "llama3_rope": lambda: transformers.LlamaConfig(**{**_COMMON, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "mistral": lambda: transformers.MistralConfig(**{**_COMMON, "sliding_window": None}),
+    "mistral_window": lambda: transformers.MistralConfig(**{**_COMMON, "sliding_window": 8}),
+    "qwen2_tied": lambda: transformers.Qwen2Config(**{**_COMMON, "tie_word_embeddings": True}),
+    "phi3_longrope": _phi3_longrope,
+}
+
+_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+            "qwen2": transformers.Qwen2ForCausalLM, "phi3": transformers.Phi3ForCausalLM}
+
+
+def make_hf_model(name: str, out_dir: str, seed: int = 0):
+    """Build the named tiny model with random weights (biases and norms randomised too, so every
+    tensor matters), save it to out_dir and return the torch model."""
+    config = FAMILY_CONFIGS[name]()
+    torch.manual_seed(seed)
+    model = _CLASSES[config.model_type](config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "norm" in pname:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
+    model.save_pretrained(out_dir)
+    return model
+
+
+def torch_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        kw = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
+        return model(torch.tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
