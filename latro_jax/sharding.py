@@ -34,7 +34,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> j
         raise ValueError(f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) needs "
                          f"{int(np.prod(sizes))} devices but {len(devices)} are available; "
                          "set the mesh sizes so their product is the device count (or use -1).")
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 3,
+    # Auto axes: XLA propagates shardings from the annotated parameters and batch inputs.
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=devices)
 
 

@@ -77,3 +77,15 @@ def test_remat_and_param_dtype_do_not_change_logits(tmp_path):
     remat = models.load_hf(str(tmp_path), remat="full")
     tokens = np.random.RandomState(0).randint(0, 96, (2, 12)).astype(np.int32)
     np.testing.assert_allclose(_ours(base, tokens), _ours(remat, tokens), atol=1e-6)
+
+
+def test_sharded_load_on_8_device_mesh_matches_single_device():
+    from latro_jax import sharding
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    single = models.load_hf(STORIES_HF)
+    sharded = models.load_hf(STORIES_HF, mesh=mesh)
+    kernel = sharded.layers.attn.q_proj.kernel[...]
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+    assert len(kernel.addressable_shards) == 8
+    tokens = np.random.RandomState(0).randint(0, 512, (4, 32)).astype(np.int32)
+    np.testing.assert_allclose(_ours(sharded, tokens), _ours(single, tokens), atol=TOL)
