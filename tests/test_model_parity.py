@@ -84,8 +84,8 @@ def test_sharded_load_on_8_device_mesh_matches_single_device():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     single = models.load_hf(STORIES_HF)
     sharded = models.load_hf(STORIES_HF, mesh=mesh)
-    kernel = sharded.layers.attn.q_proj.kernel[...]
-    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+    kernel = sharded.layers.attn.qkv_kernel[...]
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor", None, None)
     assert len(kernel.addressable_shards) == 8
     tokens = np.random.RandomState(0).randint(0, 512, (4, 32)).astype(np.int32)
     np.testing.assert_allclose(_ours(sharded, tokens), _ours(single, tokens), atol=TOL)

@@ -52,7 +52,7 @@ def _longrope_attention_factor(config: ModelConfig) -> float:
 
 
 def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray, float]:
-    """(short inv_freq, long inv_freq, attention factor). The long table is used when the
+    """(short inv_freq, long inv_freq, attention factor). The long table is used for a row whose
     largest position in a call reaches original_max_position_embeddings (longrope only; for other
     types both tables are equal)."""
     rope = config.rope_scaling
@@ -75,13 +75,25 @@ def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray, float]:
     return short, long, _longrope_attention_factor(config)
 
 
+def longrope_limit(config: ModelConfig) -> int:
+    """Sequences longer than this use LongRoPE's long factors."""
+    return config.rope_scaling.original_max_position_embeddings or config.max_position_embeddings
+
+
+def uses_long_factors(config: ModelConfig, positions: jax.Array) -> jax.Array:
+    """[B] bool: rows whose largest position reaches the LongRoPE limit. Decided per row, as
+    transformers does for a single sequence, so a row's result does not depend on the rest of
+    the batch."""
+    return jnp.max(positions, axis=1) + 1 > longrope_limit(config)
+
+
 def rope_angles(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, rotary_dim] (float32) for integer positions [B, T]."""
     short, long, attention_factor = rope_tables(config)
-    inv_freq = jnp.asarray(short)
+    inv_freq = jnp.asarray(short)[None, None, :]
     if config.rope_scaling.rope_type == "longrope":
-        use_long = jnp.max(positions) + 1 > config.rope_scaling.original_max_position_embeddings
-        inv_freq = jnp.where(use_long, jnp.asarray(long), inv_freq)
+        use_long = uses_long_factors(config, positions)
+        inv_freq = jnp.where(use_long[:, None, None], jnp.asarray(long), inv_freq)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * attention_factor, jnp.sin(emb) * attention_factor

@@ -33,39 +33,41 @@ _REMAT_POLICIES = {
 class KVCache:
     """Keys/values of every layer for a batch of rows sharing one write slot.
 
-    k, v:    [layers, batch, size, kv_heads, head_dim]
+    k:       one [batch, kv_heads, head_dim, size] array per layer
+    v:       one [batch, kv_heads, size, head_dim] array per layer
+             (the layouts the attention matmuls consume, one array per layer so a decode step
+             neither transposes nor slices the cache)
     valid:   [batch, size] bool, slots holding real (non-pad) tokens
     lengths: [batch] int32, real tokens so far (the next token's position)
     index:   [] int32, the next slot to write (the same for all rows)
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     lengths: jax.Array
     index: jax.Array
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        L, H, D = config.num_layers, config.num_kv_heads, config.head_dim
+        return cls(k=tuple(jnp.zeros((batch, H, D, size), dtype) for _ in range(L)),
+                   v=tuple(jnp.zeros((batch, H, size, D), dtype) for _ in range(L)),
                    valid=jnp.zeros((batch, size), bool), lengths=jnp.zeros((batch,), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times consecutively (one prefill shared by n samples)."""
-        rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
-        return KVCache(k=rep(self.k, 1), v=rep(self.v, 1), valid=rep(self.valid, 0),
-                       lengths=rep(self.lengths, 0), index=self.index)
+        rep = lambda x: jnp.repeat(x, n, axis=0)
+        return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)),
+                       valid=rep(self.valid), lengths=rep(self.lengths), index=self.index)
 
 
-def _dense(din: int, dout: int, sharding: tuple, *, bias: bool, config: ModelConfig, dtype,
-           param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _dense(din: int, dout: int, sharding: tuple, *, config: ModelConfig, dtype, param_dtype,
+           rngs: nnx.Rngs) -> nnx.Linear:
     init = nnx.initializers.normal(config.initializer_range)
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.with_partitioning(init, sharding),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros, sharding[1:]),
-                      rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.with_partitioning(init, sharding), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -82,59 +84,80 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
+def _param(rngs: nnx.Rngs, shape: tuple, sharding: tuple, std: float, param_dtype) -> nnx.Param:
+    init = nnx.initializers.normal(std) if std else nnx.initializers.zeros
+    return nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=sharding)
+
+
 class Attention(nnx.Module):
+    """GQA attention with one fused, head-grouped projection: qkv kernel [hidden, KVH, G+2, D]
+    holds, for each kv head, its G query heads, its key and its value (query head h = kvh*G + g
+    uses kv head kvh). One matmul instead of three, and sharding the KVH axis over `tensor`
+    keeps every head's q, k and v on one device."""
+
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
-        kw = dict(config=c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = _dense(c.hidden_size, c.num_heads * c.head_dim, ("fsdp", "tensor"),
-                             bias=c.attention_bias, **kw)
-        self.k_proj = _dense(c.hidden_size, c.num_kv_heads * c.head_dim, ("fsdp", "tensor"),
-                             bias=c.attention_bias, **kw)
-        self.v_proj = _dense(c.hidden_size, c.num_kv_heads * c.head_dim, ("fsdp", "tensor"),
-                             bias=c.attention_bias, **kw)
+        groups = c.num_heads // c.num_kv_heads
+        shape = (c.num_kv_heads, groups + 2, c.head_dim)
+        self.qkv_kernel = _param(rngs, (c.hidden_size, *shape), ("fsdp", "tensor", None, None),
+                                 c.initializer_range, param_dtype)
+        if c.attention_bias:
+            self.qkv_bias = _param(rngs, shape, ("tensor", None, None), 0.0, param_dtype)
         self.o_proj = _dense(c.num_heads * c.head_dim, c.hidden_size, ("tensor", "fsdp"),
-                             bias=False, **kw)
+                             config=c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
+        self.dtype = dtype
 
-    def __call__(self, x, cos, sin, mask, cache, layer):
-        """x [B, T, hidden]; mask [B, T, S] (True = may attend); cache None or (k_all, v_all,
-        index) with k_all [L, B, S, KVH, D]. Returns (out [B, T, hidden], (k_all, v_all))."""
+    def __call__(self, x, rope, mask, cache):
+        """x [B, T, hidden]; rope (cos, sin) of the new tokens; mask [B, T, S] (True = may
+        attend); cache None or this layer's (k, v, index) laid out as KVCache.
+        Returns (out [B, T, hidden], (k, v) or None)."""
         c = self.config
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(B, T, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        G = c.num_heads // c.num_kv_heads
+        qkv = jnp.einsum("bti,ikgd->btkgd", x.astype(self.dtype), self.qkv_kernel[...].astype(self.dtype))
+        if c.attention_bias:
+            qkv = qkv + self.qkv_bias[...].astype(self.dtype)
+        q = apply_rope(qkv[:, :, :, :G].reshape(B, T, c.num_heads, c.head_dim), *rope)
+        k = apply_rope(qkv[:, :, :, G], *rope)  # [B, T, KVH, D]
+        v = qkv[:, :, :, G + 1]
+        # q [B, KVH, G*T, D] (rows g-major), k [B, KVH, D, T], v [B, KVH, T, D]
+        q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(B, c.num_kv_heads, G * T, c.head_dim)
+        k = k.transpose(0, 2, 3, 1)
+        v = v.transpose(0, 2, 1, 3)
         if cache is not None:
-            k_all, v_all, index = cache
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(q.dtype)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q.dtype)
-            cache = (k_all, v_all)
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(B, T, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim ** -0.5)
+            k_cache, v_cache, index = cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
+            cache = (k_cache, v_cache)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        S = k.shape[-1]
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, c.num_kv_heads, G, T, S) * (c.head_dim ** -0.5)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, c.num_heads * c.head_dim)
-        return self.o_proj(out), cache
+        probs = probs.reshape(B, c.num_kv_heads, G * T, S)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, KVH, G*T, D]
+        out = out.reshape(B, c.num_kv_heads, G, T, c.head_dim).transpose(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)), cache
 
 
 class MLP(nnx.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)), gate and up fused into one kernel [hidden, 2, I]."""
 
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
-        kw = dict(config=c, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = _dense(c.hidden_size, c.intermediate_size, ("fsdp", "tensor"), **kw)
-        self.up_proj = _dense(c.hidden_size, c.intermediate_size, ("fsdp", "tensor"), **kw)
-        self.down_proj = _dense(c.intermediate_size, c.hidden_size, ("tensor", "fsdp"), **kw)
+        self.gate_up_kernel = _param(rngs, (c.hidden_size, 2, c.intermediate_size),
+                                     ("fsdp", None, "tensor"), c.initializer_range, param_dtype)
+        self.down_proj = _dense(c.intermediate_size, c.hidden_size, ("tensor", "fsdp"),
+                                config=c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = jnp.einsum("bti,icj->btcj", x.astype(self.dtype),
+                             self.gate_up_kernel[...].astype(self.dtype))
+        return self.down_proj(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
 
 
 class Block(nnx.Module):
@@ -147,8 +170,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache, layer):
-        attn_out, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+    def __call__(self, x, rope, mask, cache=None):
+        attn_out, cache = self.attn(self.attn_norm(x), rope, mask, cache)
         h = x + attn_out
         return h + self.mlp(self.mlp_norm(h)), cache
 
@@ -177,7 +200,7 @@ class Transformer(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = _dense(c.hidden_size, c.vocab_size, ("fsdp", "tensor"), bias=False,
+            self.lm_head = _dense(c.hidden_size, c.vocab_size, ("fsdp", "tensor"),
                                   config=c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -191,14 +214,26 @@ class Transformer(nnx.Module):
             return self.embed.attend(hidden).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
+    def unstack_layers(self) -> tuple[Block, ...]:
+        """The stacked layers as one Block per layer (slices of the parameters). Sampling calls
+        this once outside its decode loop, so decode steps never slice parameters."""
+        graphdef, params = nnx.split(self.layers)
+        return tuple(nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], params))
+                     for i in range(self.config.num_layers))
+
     def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                      valid: jax.Array | None = None, cache: KVCache | None = None):
+                      valid: jax.Array | None = None, cache: KVCache | None = None,
+                      layers: tuple[Block, ...] | None = None):
         """Final-normed hidden states [B, T, hidden] and the updated cache (None without one).
 
         valid [B, T] marks real tokens (default: all); real tokens of a row must be contiguous
         (left or right padding). positions default to the count of real tokens before each one
         (continuing from cache.lengths). Token t may attend to earlier-or-equal real tokens
         (within the sliding window, if the model has one).
+
+        Without a cache the stacked layers run under `lax.scan` (with remat if configured): one
+        compiled layer for training. With a cache they run as a loop over per-layer Blocks
+        (`layers`, from unstack_layers(), or sliced here) and per-layer cache arrays.
         """
         B, T = tokens.shape
         valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
@@ -215,27 +250,28 @@ class Transformer(nnx.Module):
         if self.config.sliding_window is not None:
             mask &= q_slots[:, None] - k_slots[None, :] < self.config.sliding_window
         mask = mask[None] & k_valid[:, None, :]
-        cos, sin = rope_angles(self.config, positions)
+        rope = rope_angles(self.config, positions)
+        h = self.embed(tokens)
+        if cache is None:
+            h = self._scan_layers(h, rope, mask)
+        else:
+            ks, vs = [], []
+            for block, k, v in zip(layers or self.unstack_layers(), cache.k, cache.v):
+                h, (k, v) = block(h, rope, mask, (k, v, cache.index))
+                ks.append(k)
+                vs.append(v)
+            cache = KVCache(k=tuple(ks), v=tuple(vs), valid=k_valid,
+                            lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
+                            index=cache.index + T)
+        return self.norm(h), cache
 
+    def _scan_layers(self, h, rope, mask):
         graphdef, layer_params = nnx.split(self.layers)
 
-        def layer_fn(carry, xs):
-            h, kv = carry
-            params, layer = xs
-            block = nnx.merge(graphdef, params)
-            cache_in = None if kv is None else (*kv, cache.index)
-            h, kv = block(h, cos, sin, mask, cache_in, layer)
-            return (h, kv), None
+        def layer_fn(h, params):
+            h, _ = nnx.merge(graphdef, params)(h, rope, mask)
+            return h, None
 
         if self.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[self.remat])
-        h = self.embed(tokens)
-        kv = None if cache is None else (cache.k, cache.v)
-        layer_ids = jnp.arange(self.config.num_layers)
-        (h, kv), _ = jax.lax.scan(layer_fn, (h, kv), (layer_params, layer_ids))
-        h = self.norm(h)
-        if cache is not None:
-            cache = KVCache(k=kv[0], v=kv[1], valid=k_valid,
-                            lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
-                            index=cache.index + T)
-        return h, cache
+        return jax.lax.scan(layer_fn, h, layer_params)[0]

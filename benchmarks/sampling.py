@@ -1,0 +1,113 @@
+r"""Sampler throughput: latro_jax `sampling.generate` vs transformers `generate`, side by side.
+
+    python benchmarks/sampling.py                 # the issue's CPU configuration
+    python benchmarks/sampling.py --preset=gpu_1b # ~1B params, bf16, batch 64 (accelerator)
+
+Both load the same randomly initialised Llama from the same HF folder and sample the same
+batch (prompts x samples rows, fixed prompt length, exactly max_new tokens: no stop, sampling
+at temperature 1.0, top-k off, top-p 1.0). Times exclude compilation (one warm-up call) and
+take the best of --repeats calls. Prints tokens/s of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+PRESETS = {
+    # The issue's bench configuration for a 2-core CPU.
+    "cpu": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=8192,
+                prompts=8, samples=4, prompt_len=64, new_tokens=128, dtype="float32"),
+    # ~1.1B parameters (TinyLlama-like shape) in bf16 at batch 64, for an accelerator.
+    "gpu_1b": dict(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000,
+                   prompts=16, samples=4, prompt_len=128, new_tokens=256, dtype="bfloat16"),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model and batch configuration.")
+flags.DEFINE_integer("repeats", 3, "Timed calls per implementation (best is reported).")
+flags.DEFINE_bool("skip_transformers", False, "Only time latro_jax.")
+
+
+def make_hf_folder(cfg: dict, out: str) -> None:
+    import torch
+    import transformers
+    config = transformers.LlamaConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"], max_position_embeddings=2048)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"])).save_pretrained(out)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def time_latro_jax(folder: str, cfg: dict, prompts) -> float:
+    from latro_jax import models, sampling
+    model = models.load_hf(folder, dtype=cfg["dtype"], param_dtype=cfg["dtype"])
+
+    def run():
+        out = sampling.generate(model, prompts, cfg["new_tokens"], temperature=1.0,
+                                num_samples=cfg["samples"], seed=0)
+        assert int(out.lengths.min()) == cfg["new_tokens"]
+
+    return best_time(run, FLAGS.repeats)
+
+
+def time_transformers(folder: str, cfg: dict, prompts) -> float:
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    ids = torch.tensor(prompts, device=device)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=cfg["new_tokens"], min_new_tokens=cfg["new_tokens"],
+                                 num_return_sequences=cfg["samples"], pad_token_id=0)
+        assert out.shape[1] == cfg["prompt_len"] + cfg["new_tokens"]
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return best_time(run, FLAGS.repeats)
+
+
+def main(_):
+    import jax
+    import numpy as np
+    cfg = PRESETS[FLAGS.preset]
+    rows = cfg["prompts"] * cfg["samples"]
+    prompts = np.random.RandomState(0).randint(3, cfg["vocab"], (cfg["prompts"], cfg["prompt_len"])).tolist()
+    print(f"preset {FLAGS.preset}: {cfg}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {len(jax.devices())} device(s)")
+    with tempfile.TemporaryDirectory() as folder:
+        make_hf_folder(cfg, folder)
+        ours = time_latro_jax(folder, cfg, prompts)
+        theirs = None if FLAGS.skip_transformers else time_transformers(folder, cfg, prompts)
+    tokens = rows * cfg["new_tokens"]
+    print(f"{'implementation':<24}{'seconds':>10}{'tokens/s':>12}")
+    print(f"{'latro_jax':<24}{ours:>10.3f}{tokens / ours:>12.1f}")
+    if theirs is not None:
+        print(f"{'transformers generate':<24}{theirs:>10.3f}{tokens / theirs:>12.1f}")
+        print(f"ratio latro_jax / transformers: {theirs / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    app.run(main)

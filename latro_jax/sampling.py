@@ -1,0 +1,270 @@
+"""Jitted KV-cache generation: one prefill per prompt shared by its samples, then a
+`lax.while_loop` decode that exits early once every row has stopped.
+
+    out = generate(model, prompts, max_new_tokens=128, temperature=1.0, num_samples=4)
+    out.tokens[i][k]    # generated ids of sample k of prompt i, cut after the first stop
+    out.logprobs[i][k]  # their log-probabilities under the sampling distribution
+
+Shapes are static: prompts are left-padded to a power-of-two length bucket, the batch to a
+multiple of 8 (and of the data-parallel shards), generation to a power-of-two buffer; the true
+max_new_tokens is a traced value. A run therefore compiles one program per (prompt bucket,
+batch bucket, generation bucket, sampling settings).
+
+LongRoPE models (Phi-3) switch a row to the long factors once it reaches
+original_max_position_embeddings; the keys and values of every earlier token change then, so at
+that step the cache is rebuilt from the token history (as transformers does), inside the loop.
+
+Sampling distribution of each step: logits / T, then top-k (keep logits >= the k-th largest),
+then top-p (keep the most likely tokens until their cumulative probability reaches p; the top
+token always stays), renormalised. Greedy (T = 0) takes the argmax and reports its log-probability
+under softmax(logits). Rows are keyed by (seed, row, step), so a row's draw does not depend on
+the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from latro_jax import sharding
+from latro_jax.models import KVCache, Transformer
+from latro_jax.models.rope import longrope_limit
+
+MIN_PROMPT_BUCKET = 16
+BATCH_MULTIPLE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Per prompt, per sample lists (cut after the first stop) and the padded arrays
+    ([num_prompts * num_samples, max_new_tokens], row n*K + k = sample k of prompt n)."""
+
+    tokens: list[list[list[int]]]
+    logprobs: list[list[list[float]]]
+    token_array: np.ndarray  # int32, pad_id after a row stops
+    logprob_array: np.ndarray  # float32, 0 after a row stops
+    lengths: np.ndarray  # int32, generated tokens up to and including the stop
+    finished: np.ndarray  # bool, the row hit a stop id or stop sequence
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """logits [B, V] -> the (unnormalised) log-weights of the sampling distribution, with
+    removed tokens at -inf."""
+    logits = logits.astype(jnp.float32) / params.temperature
+    if params.top_k:
+        kth = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if params.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < params.top_p
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams):
+    """One token per row and its log-probability under the sampling distribution.
+
+    Sampling is by inversion: with u ~ U(0, 1] per row and c the cumulative (unnormalised)
+    probabilities, the token is #{j : c_j < u * c_V}. One uniform per row instead of one Gumbel
+    per vocabulary entry (which costs two logarithms each on a CPU)."""
+    if params.temperature == 0.0:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    else:
+        logp = jax.nn.log_softmax(process_logits(logits, params), axis=-1)
+        cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
+        u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
+        tokens = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1, dtype=jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _stop_matrix(stop_token_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]):
+    """Stops as a right-aligned [S, W] int32 matrix (-1 = wildcard) for window matching."""
+    seqs = [[int(t)] for t in stop_token_ids] + [list(map(int, s)) for s in stop_sequences if len(s)]
+    if not seqs:
+        return np.full((1, 1), -2, np.int32)  # matches nothing (tokens are >= 0)
+    width = max(map(len, seqs))
+    return np.array([[-1] * (width - len(s)) + s for s in seqs], np.int32)
+
+
+def _row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(seed_key, r), step))(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "gen_bucket", "params",
+                                             "pad_id", "progress"))
+def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, stops, max_new,
+                   seed, *, num_samples, gen_bucket, params, pad_id, progress):
+    """prompts [N, P] left-padded -> (tokens, logprobs [N*K, G], lengths, finished [N*K])."""
+    model = nnx.merge(graphdef, state)
+    layers = model.unstack_layers()  # sliced once, outside the decode loop
+    N, P = prompts.shape
+    cache = KVCache.zeros(model.config, N, P + gen_bucket, dtype=model.dtype)
+    hidden, cache = model.hidden_states(prompts, valid=prompt_valid, cache=cache, layers=layers)
+    logits = model.logits(hidden[:, -1])
+    cache = cache.repeat(num_samples)
+    logits = jnp.repeat(logits, num_samples, axis=0)
+    B = N * num_samples
+    seed_key = jax.random.key(seed)
+    width = stops.shape[1]
+
+    def emit(step, logits, tok_buf, logp_buf, done, lengths):
+        token, logp = sample_tokens(logits, _row_keys(seed_key, row_ids, step), params)
+        token = jnp.where(done, pad_id, token)
+        logp = jnp.where(done, 0.0, logp)
+        tok_buf = jax.lax.dynamic_update_slice(tok_buf, token[:, None], (0, width - 1 + step))
+        logp_buf = jax.lax.dynamic_update_slice(logp_buf, logp[:, None], (0, step))
+        window = jax.lax.dynamic_slice(tok_buf, (0, step), (B, width))
+        hit = jnp.any(jnp.all((window[:, None, :] == stops[None]) | (stops[None] == -1), -1), -1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        stopped = ~done & hit
+        if progress:
+            jax.debug.callback(_progress_tick, step, ordered=True)
+        return token, tok_buf, logp_buf, done | stopped, lengths, stopped
+
+    tok_buf = jnp.full((B, width - 1 + gen_bucket), -1, jnp.int32)
+    logp_buf = jnp.zeros((B, gen_bucket), jnp.float32)
+    done = ~row_live
+    lengths = jnp.zeros((B,), jnp.int32)
+    finished = jnp.zeros((B,), bool)
+    token, tok_buf, logp_buf, done, lengths, stopped = emit(0, logits, tok_buf, logp_buf, done, lengths)
+    finished |= stopped
+
+    def cond(carry):
+        step, _, _, _, _, done, _, _ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def decode(step, token, cache, tok_buf):
+        hidden, cache = model.hidden_states(token[:, None], cache=cache, layers=layers)
+        return model.logits(hidden[:, 0]), cache
+
+    def rebuild(step, token, cache, tok_buf):
+        """Forward over the whole history (prompt + tokens 0..step-1) into a fresh cache."""
+        generated = tok_buf[:, width - 1:]
+        history = jnp.concatenate([jnp.repeat(prompts, num_samples, axis=0),
+                                   jnp.where(generated < 0, pad_id, generated)], axis=1)
+        valid = jnp.concatenate([jnp.repeat(prompt_valid, num_samples, axis=0),
+                                 jnp.broadcast_to(jnp.arange(gen_bucket) < step, (B, gen_bucket))], axis=1)
+        fresh = KVCache.zeros(model.config, B, P + gen_bucket, dtype=model.dtype)
+        hidden, fresh = model.hidden_states(history, valid=valid, cache=fresh, layers=layers)
+        logits = model.logits(jax.lax.dynamic_index_in_dim(hidden, P + step - 1, 1, keepdims=False))
+        return logits, fresh.replace(index=P + step)
+
+    def body(carry):
+        step, token, cache, tok_buf, logp_buf, done, lengths, finished = carry
+        if model.config.rope_scaling.rope_type == "longrope":
+            crossing = jnp.any(cache.lengths == longrope_limit(model.config))
+            logits, cache = jax.lax.cond(crossing, rebuild, decode, step, token, cache, tok_buf)
+        else:
+            logits, cache = decode(step, token, cache, tok_buf)
+        token, tok_buf, logp_buf, done, lengths, stopped = emit(
+            step, logits, tok_buf, logp_buf, done, lengths)
+        return step + 1, token, cache, tok_buf, logp_buf, done, lengths, finished | stopped
+
+    carry = (jnp.int32(1), token, cache, tok_buf, logp_buf, done, lengths, finished)
+    _, _, _, tok_buf, logp_buf, _, lengths, finished = jax.lax.while_loop(cond, body, carry)
+    tokens = tok_buf[:, width - 1:]
+    tokens = jnp.where(tokens < 0, pad_id, tokens)
+    return tokens, logp_buf, lengths, finished
+
+
+_BAR: list = []
+
+
+def _progress_tick(step):
+    if _BAR:
+        _BAR[0].update(int(step) + 1 - _BAR[0].n)
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+             stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
+             seed: int = 0, pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
+             progress: bool = False) -> GenerateOutput:
+    """Sample `num_samples` continuations of each prompt (ragged token-id lists).
+
+    Rows stop after a token in stop_token_ids or after the last token of a stop sequence (a
+    token-id subsequence); the stop is included in the returned tokens. With `mesh`, rows are
+    split over its data axes and parameters stay as the model's partition rules place them;
+    in multi-process runs every process passes the same prompts and gets the full result.
+    """
+    params = SamplingParams(float(temperature), int(top_k), float(top_p))
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    n = len(prompts)
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    n_pad = round_up(n, np.lcm(BATCH_MULTIPLE, shards))
+    p_len = bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET)
+    gen_bucket = bucket(max_new_tokens)
+    tokens = np.full((n_pad, p_len), pad_id, np.int32)
+    valid = np.zeros((n_pad, p_len), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, p_len - len(p):] = p
+        valid[i, p_len - len(p):] = True
+    rows = np.arange(n_pad * num_samples, dtype=np.int32)
+    live = rows < n * num_samples
+    stops = _stop_matrix(stop_token_ids, stop_sequences)
+
+    graphdef, state = nnx.split(model)
+    args = [tokens, valid, rows, live]
+    if mesh is not None:
+        args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
+    if progress:
+        _BAR[:] = [tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)]
+    try:
+        out = _generate_core(graphdef, state, *args, stops, jnp.int32(max_new_tokens),
+                             jnp.uint32(seed), num_samples=num_samples, gen_bucket=gen_bucket,
+                             params=params, pad_id=pad_id, progress=progress)
+    finally:
+        if progress:
+            _BAR.pop().close()
+    tok, logp, lengths, finished = (sharding.to_host(x) for x in out)
+    rows_out = n * num_samples
+    tok, logp = tok[:rows_out, :max_new_tokens], logp[:rows_out, :max_new_tokens]
+    lengths, finished = lengths[:rows_out], finished[:rows_out]
+    per_row_tokens = [tok[r, :lengths[r]].tolist() for r in range(rows_out)]
+    per_row_logp = [logp[r, :lengths[r]].tolist() for r in range(rows_out)]
+    group = lambda xs: [xs[i * num_samples:(i + 1) * num_samples] for i in range(n)]
+    return GenerateOutput(tokens=group(per_row_tokens), logprobs=group(per_row_logp),
+                          token_array=tok, logprob_array=logp, lengths=lengths,
+                          finished=finished)
