@@ -248,7 +248,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     graphdef, state = nnx.split(model)
     args = [tokens, valid, rows, live]
     if mesh is not None:
-        args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
+        args = [sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
     if progress:
         _BAR[:] = [tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)]
     try:

@@ -49,6 +49,13 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def put_global(arr: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array every process holds in full (each process places the
+    slices its devices own)."""
+    arr = np.asarray(arr)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly multi-host sharded) array as a NumPy array on this host."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -1,0 +1,1 @@
+"""One module per trainer: rollout -> scored batch -> update."""

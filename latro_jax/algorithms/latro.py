@@ -1,0 +1,146 @@
+"""LaTRO (SPEC section 1): sample K rationales per question with the current policy, reward each
+by the policy's own log-likelihood of the gold answer after it (minus a KL term to the initial
+model), RLOO advantages, one on-policy optimizer step."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from latro_jax import objectives, sampling, sharding
+from latro_jax.models import Transformer
+from latro_jax.train import OptimConfig, Trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class LatroConfig:
+    """SPEC 1.2-1.5 defaults (GSM8K): K = 16, beta = 0.05, gamma = 2, c_sft = 1 (the paper's
+    derivation; 0 reproduces the released code), L = 500 tokens at T = 1, top-k off, top-p 1."""
+
+    num_samples: int = 16
+    beta: float = 0.05
+    nonstop_penalty: float = 2.0
+    sft_coef: float = 1.0
+    max_rationale_tokens: int = 500
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    microbatches: int = 1
+    logprob_chunk: int = 128
+
+    def __post_init__(self):
+        if self.num_samples < 2:
+            raise ValueError(f"latro.num_samples={self.num_samples}: RLOO needs K >= 2")
+        if self.beta < 0:
+            raise ValueError(f"latro.beta={self.beta} must be >= 0")
+        if self.nonstop_penalty < 0:
+            raise ValueError(f"latro.nonstop_penalty={self.nonstop_penalty} must be >= 0")
+        if self.max_rationale_tokens < 1:
+            raise ValueError(f"latro.max_rationale_tokens={self.max_rationale_tokens} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stops:
+    """How a rationale ends: stop token ids (EOS, end-of-turn, pad) and stop phrases as token-id
+    sequences (e.g. the tokens of "The answer is")."""
+
+    ids: tuple[int, ...]
+    phrases: tuple[tuple[int, ...], ...] = ()
+
+
+def _score_fn(graphdef, chunk: int):
+    @jax.jit
+    def score(params, tokens, valid, rationale_mask, answer_mask):
+        logp = objectives.token_logprobs(nnx.merge(graphdef, params), tokens, valid, chunk_size=chunk)
+        return (objectives.span_logprob(logp, rationale_mask),
+                objectives.span_logprob(logp, answer_mask))
+    return score
+
+
+def _loss_fn(cfg: LatroConfig):
+    def loss(model: Transformer, mb: dict, scalars: dict):
+        logp = objectives.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=cfg.logprob_chunk)
+        z_logp = objectives.span_logprob(logp, mb["rationale_mask"])
+        y_logp = objectives.span_logprob(logp, mb["answer_mask"])
+        share = z_logp.shape[0] / scalars["rows"]  # micro-batch share of the batch mean
+        return objectives.latro_loss(z_logp, y_logp, mb["advantages"], sft_coef=cfg.sft_coef) * share, {}
+    return loss
+
+
+class LatroTrainer:
+    """Policy pi_theta (trained) and reference pi_0 (its initial weights, frozen)."""
+
+    def __init__(self, model: Transformer, cfg: LatroConfig, optim: OptimConfig, stops: Stops, *,
+                 pad_id: int = 0, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
+        self.cfg, self.stops, self.pad_id, self.mesh, self.seed = cfg, stops, pad_id, mesh, seed
+        self.trainer = Trainer(model, optim, _loss_fn(cfg), microbatches=cfg.microbatches, mesh=mesh)
+        self.ref_params = jax.tree.map(jnp.copy, self.trainer.state.params)
+        self._score = _score_fn(self.trainer.graphdef, cfg.logprob_chunk)
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.state.step)
+
+    def rollout(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
+        """Sample K rationales per question, truncate them, and assemble the scored rows.
+        Returns (rows, finished [N*K], rationale lengths [N*K], sampled tokens)."""
+        cfg, K = self.cfg, self.cfg.num_samples
+        out = sampling.generate(
+            self.trainer.model(), prompts, cfg.max_rationale_tokens, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, num_samples=K, stop_token_ids=self.stops.ids,
+            stop_sequences=self.stops.phrases, seed=self.seed * 1_000_003 + self.step,
+            pad_id=self.pad_id, mesh=self.mesh)
+        cut = [objectives.truncate_rationale(out.token_array[r, :out.lengths[r]], self.stops.ids,
+                                             self.stops.phrases) for r in range(len(out.lengths))]
+        rationales = [out.token_array[r, :n].tolist() for r, (n, _) in enumerate(cut)]
+        finished = np.array([stopped for _, stopped in cut])
+        width = sampling.bucket(max(map(len, prompts)), sampling.MIN_PROMPT_BUCKET)
+        length = sampling.bucket(width + cfg.max_rationale_tokens + max(map(len, answers)))
+        rows = objectives.assemble_rows(
+            [p for p in prompts for _ in range(K)], rationales, [a for a in answers for _ in range(K)],
+            prompt_width=width, length=length, pad_id=self.pad_id)
+        return rows, finished, np.array([n for n, _ in cut]), int(out.lengths.sum())
+
+    def update(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One LaTRO update on N questions (token ids) and their gold answers y (token ids,
+        "The answer is {gold}." plus the end token). Returns the update's metrics."""
+        cfg, K, N = self.cfg, self.cfg.num_samples, len(prompts)
+        if N * K % (cfg.microbatches * self._data_shards()):
+            raise ValueError(f"{N} questions x {K} samples = {N * K} rows must divide into "
+                             f"{cfg.microbatches} micro-batches x {self._data_shards()} data shards")
+        t0 = time.perf_counter()
+        rows, finished, z_lengths, sampled_tokens = self.rollout(prompts, answers)
+        t1 = time.perf_counter()
+        arrays = dict(tokens=rows.tokens, valid=rows.valid, rationale_mask=rows.rationale_mask,
+                      answer_mask=rows.answer_mask)
+        z_logp, y_logp = self._score_rows(self.trainer.state.params, arrays)
+        ref_z_logp, _ = self._score_rows(self.ref_params, arrays)
+        z_logp, y_logp, ref_z_logp = (x.reshape(N, K) for x in (z_logp, y_logp, ref_z_logp))
+        rewards = np.asarray(objectives.latro_rewards(
+            y_logp, z_logp, ref_z_logp, finished.reshape(N, K), beta=cfg.beta,
+            nonstop_penalty=cfg.nonstop_penalty))
+        advantages = np.asarray(objectives.rloo_advantages(rewards))
+        metrics = self.trainer.step({**arrays, "advantages": advantages.reshape(-1)}, {"rows": N * K})
+        t2 = time.perf_counter()
+        return {**metrics,
+                "reward": float(rewards.mean()), "answer_logp": float(y_logp.mean()),
+                "kl": float((z_logp - ref_z_logp).mean()), "finished": float(finished.mean()),
+                "rationale_length": float(z_lengths.mean()), "advantage_std": float(advantages.std()),
+                "sample_tokens_per_s": sampled_tokens / (t1 - t0),
+                "update_tokens_per_s": float(rows.valid.sum()) / (t2 - t1)}
+
+    def _score_rows(self, params, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(log pi(z|x), log pi(y|x+z)) of every row, one micro-batch at a time."""
+        placed = self.trainer.shard_rows(arrays)
+        parts = [self._score(params, *(placed[k][m] for k in arrays))
+                 for m in range(self.cfg.microbatches)]
+        return tuple(np.concatenate([sharding.to_host(p[i]) for p in parts]) for i in range(2))
+
+    def _data_shards(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]

@@ -1,0 +1,154 @@
+"""Train state and the jitted, sharded update step shared by every trainer.
+
+A trainer supplies `loss_fn(model, microbatch, scalars) -> (loss_contribution, aux)`, where the
+contributions of the micro-batches SUM to the loss of the whole batch (each normalises by a
+global denominator passed in `scalars`). The step accumulates gradients over micro-batches with
+`lax.scan`, applies one optax update, and returns the new state (donated in place) and metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from latro_jax import sharding
+from latro_jax.models import Transformer
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a learning-rate schedule (SPEC 1.5 defaults: lr 5e-7, linear decay to 0, no
+    warm-up, b1 0.9, b2 0.999, eps 1e-8, weight decay 0, no gradient clipping)."""
+
+    learning_rate: float = 5e-7
+    schedule: str = "linear"  # linear: decay to 0; cosine: decay to 0; constant
+    warmup_steps: int = 0
+    total_steps: int = 117
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global norm; 0 = off
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}; choose one of {SCHEDULES}")
+        if self.learning_rate <= 0 or self.total_steps < 1 or self.warmup_steps < 0:
+            raise ValueError("optim: learning_rate must be > 0, total_steps >= 1, warmup_steps >= 0")
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    warmup, decay = cfg.warmup_steps, cfg.total_steps - cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.total_steps)
+    after = (optax.linear_schedule(cfg.learning_rate, 0.0, decay) if cfg.schedule == "linear"
+             else optax.constant_schedule(cfg.learning_rate))
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after], [warmup])
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the model's Params
+    opt_state: Any
+
+
+LossFn = Callable[[Transformer, dict, dict], tuple[jax.Array, dict]]
+
+
+class Trainer:
+    """Holds the train state of one model and runs jitted update steps on it.
+
+    Batches are dicts of host arrays with a leading row axis; rows are split into
+    `microbatches` equal parts (rows must divide) and each part over the mesh's data axes.
+    """
+
+    def __init__(self, model: Transformer, optim: OptimConfig, loss_fn: LossFn, *,
+                 microbatches: int = 1, mesh: jax.sharding.Mesh | None = None):
+        if microbatches < 1:
+            raise ValueError(f"microbatches={microbatches} must be >= 1")
+        self.graphdef, params = nnx.split(model)
+        self.optimizer = make_optimizer(optim)
+        self.schedule = make_schedule(optim)
+        self.microbatches = microbatches
+        self.mesh = mesh
+        self.loss_fn = loss_fn
+        opt_state = jax.jit(self.optimizer.init)(params)  # moments follow the params' shardings
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+        # Parameters and moments keep their mesh placement; scalars are replicated on the mesh.
+        # The state is updated in place (donated) and keeps these shardings across steps.
+        state_shardings = jax.tree.map(
+            lambda x: x.sharding if mesh is None or isinstance(x.sharding, NamedSharding)
+            else NamedSharding(mesh, P()), state)
+        self.state = jax.device_put(state, state_shardings)
+        self._step = jax.jit(self._step_impl, donate_argnums=(0,),
+                             out_shardings=(state_shardings, None))
+
+    def model(self) -> Transformer:
+        """The current policy as a model (shares the state's arrays)."""
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def shard_rows(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host rows [B, ...] -> device arrays [microbatches, B / microbatches, ...], the second
+        axis split over the mesh's data axes."""
+        out = {}
+        for name, arr in batch.items():
+            arr = np.asarray(arr)
+            if arr.shape[0] % self.microbatches:
+                raise ValueError(f"batch of {arr.shape[0]} rows is not divisible into "
+                                 f"{self.microbatches} micro-batches")
+            arr = arr.reshape(self.microbatches, arr.shape[0] // self.microbatches, *arr.shape[1:])
+            if self.mesh is None:
+                out[name] = jnp.asarray(arr)
+            else:
+                spec = P(None, sharding.BATCH_AXES, *([None] * (arr.ndim - 2)))
+                out[name] = sharding.put_global(arr, NamedSharding(self.mesh, spec))
+        return out
+
+    def step(self, batch: dict[str, np.ndarray], scalars: dict[str, float]) -> dict[str, float]:
+        """One optimizer update on `batch`; returns the step's metrics as floats."""
+        scalars = {k: jnp.float32(v) for k, v in scalars.items()}
+        self.state, metrics = self._step(self.state, self.shard_rows(batch), scalars)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def _step_impl(self, state: TrainState, batch: dict, scalars: dict):
+        def loss_of(params, microbatch):
+            return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, scalars)
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+        def accumulate(carry, microbatch):
+            (loss, aux), grads = grad_fn(state.params, microbatch)
+            return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        (loss_shape, aux_shape), grad_shape = jax.eval_shape(grad_fn, state.params, first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shape, loss_shape, aux_shape))
+        (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, batch)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": self.schedule(state.step), **aux}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,173 @@
+"""LaTRO / SFT objectives against independent NumPy implementations, finite differences and
+the score-function form of the gradient; truncation and row assembly on hand-written ids."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from latro_jax import models, objectives
+
+
+# ---------------------------------------------------------------- NumPy references
+def np_rloo(r):
+    N, K = r.shape
+    return np.array([[r[i, k] - np.mean(np.delete(r[i], k)) for k in range(K)] for i in range(N)])
+
+
+def np_rewards(y, z, z_ref, finished, beta, gamma):
+    mean_all = y.mean()
+    out = np.empty_like(y)
+    for idx in np.ndindex(y.shape):
+        r = y[idx] if finished[idx] else gamma * mean_all
+        out[idx] = r - beta * (z[idx] - z_ref[idx])
+    return out
+
+
+@pytest.mark.parametrize("N,K", [(3, 2), (4, 16), (1, 5)])
+def test_rloo_matches_numpy(N, K):
+    r = np.random.RandomState(N * K).randn(N, K).astype(np.float32)
+    np.testing.assert_allclose(objectives.rloo_advantages(r), np_rloo(r), rtol=1e-5, atol=1e-6)
+
+
+def test_rloo_refuses_one_sample():
+    with pytest.raises(ValueError, match="K >= 2"):
+        objectives.rloo_advantages(np.zeros((3, 1), np.float32))
+
+
+@pytest.mark.parametrize("K", [2, 8])
+def test_latro_rewards_match_numpy_with_unfinished_rows(K):
+    rng = np.random.RandomState(K)
+    y = -rng.rand(5, K).astype(np.float32) * 10
+    z, z_ref = -rng.rand(5, K).astype(np.float32) * 50, -rng.rand(5, K).astype(np.float32) * 50
+    finished = rng.rand(5, K) > 0.3
+    assert (~finished).any() and finished.any()
+    got = objectives.latro_rewards(y, z, z_ref, finished, beta=0.05, nonstop_penalty=2.0)
+    np.testing.assert_allclose(got, np_rewards(y, z, z_ref, finished, 0.05, 2.0), rtol=1e-5)
+
+
+def test_latro_loss_matches_numpy():
+    rng = np.random.RandomState(0)
+    z, y, A = (rng.randn(6, 4).astype(np.float32) for _ in range(3))
+    expected = np.mean(-A * z - 0.5 * y)
+    np.testing.assert_allclose(objectives.latro_loss(z, y, A, sft_coef=0.5), expected, rtol=1e-6)
+
+
+def test_sft_loss_matches_numpy():
+    rng = np.random.RandomState(1)
+    logp, mask = -rng.rand(3, 9).astype(np.float32), (rng.rand(3, 9) > 0.5).astype(np.float32)
+    np.testing.assert_allclose(objectives.sft_loss(logp, mask), -(logp * mask).sum() / mask.sum(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- token log-probs
+def _tiny_model(seed=0, dtype="float32"):
+    config = models.ModelConfig(family="llama", vocab_size=40, hidden_size=16, intermediate_size=24,
+                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+                                initializer_range=0.3)
+    return models.init_model(config, seed=seed, dtype=dtype, param_dtype=dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 128])
+def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
+    model = _tiny_model()
+    rng = np.random.RandomState(2)
+    tokens = rng.randint(0, 40, (3, 17)).astype(np.int32)
+    valid = np.ones_like(tokens, bool)
+    valid[1, :4] = False  # left padding
+    valid[2, 12:] = False  # right padding
+    logits = np.asarray(model(tokens, valid=valid)).astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = np.zeros(tokens.shape)
+    expected[:, 1:] = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    got = np.asarray(objectives.token_logprobs(model, tokens, valid, chunk_size=chunk))
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+# ---------------------------------------------------------------- gradients
+def _rows_and_advantages():
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    rationales = [[20, 21, 22], [23], [24, 25]]
+    answers = [[30, 31], [32, 33, 34], [30, 35]]
+    rows = objectives.assemble_rows(prompts, rationales, answers, prompt_width=4, length=12)
+    advantages = np.array([0.7, -1.2, 0.4], np.float32)
+    return rows, advantages
+
+
+def _loss_of(graphdef, rows, advantages, sft_coef):
+    def loss(params):
+        model = nnx.merge(graphdef, params)
+        logp = objectives.token_logprobs(model, rows.tokens, rows.valid, chunk_size=4)
+        z = objectives.span_logprob(logp, rows.rationale_mask)
+        y = objectives.span_logprob(logp, rows.answer_mask)
+        return objectives.latro_loss(z, y, advantages, sft_coef=sft_coef)
+    return loss
+
+
+def test_loss_gradient_matches_finite_differences():
+    graphdef, params = nnx.split(_tiny_model(seed=1))
+    rows, A = _rows_and_advantages()
+    loss = _loss_of(graphdef, rows, A, sft_coef=1.0)
+    grads = jax.grad(loss)(params)
+    rng = np.random.RandomState(3)
+    for trial in range(3):
+        direction = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape), p.dtype), params)
+        eps = 1e-3
+        shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
+        fd = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * eps)
+        ad = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        assert abs(fd - ad) <= 1e-2 * max(1.0, abs(ad)), (trial, fd, ad)
+
+
+def test_surrogate_gradient_equals_score_function_estimator():
+    """grad loss = 1/(NK) * sum_k [ -A_k grad log pi(z_k|x) - c grad log pi(y|x+z_k) ]."""
+    graphdef, params = nnx.split(_tiny_model(seed=2))
+    rows, A = _rows_and_advantages()
+    c = 0.6
+    got = jax.grad(_loss_of(graphdef, rows, A, sft_coef=c))(params)
+
+    def span(params, b, mask):
+        model = nnx.merge(graphdef, params)
+        logp = objectives.token_logprobs(model, rows.tokens[b:b + 1], rows.valid[b:b + 1])
+        return objectives.span_logprob(logp, mask[b:b + 1])[0]
+
+    expected = jax.tree.map(jnp.zeros_like, params)
+    for b in range(3):
+        gz = jax.grad(span)(params, b, rows.rationale_mask)
+        gy = jax.grad(span)(params, b, rows.answer_mask)
+        expected = jax.tree.map(lambda e, z, y: e + (-A[b] * z - c * y) / 3, expected, gz, gy)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- truncation / assembly
+STOPS = dict(stop_ids=[2, 0], stop_phrases=[[50, 51, 52], [60, 61]])
+
+
+@pytest.mark.parametrize("tokens,expected", [
+    ([7, 8, 9, 50, 51, 52, 10], (3, True)),     # phrase spanning three tokens: cut at its start
+    ([7, 8, 9, 10, 11], (5, False)),            # no stop at all: unfinished, nothing cut
+    ([2, 7, 8], (0, True)),                     # EOS as the first token: empty rationale
+    ([50, 51, 52, 7], (0, True)),               # stop phrase at the first token
+    ([7, 60, 61, 8, 2], (1, True)),             # phrase before EOS
+    ([7, 8, 2, 50, 51, 52], (2, True)),         # EOS before phrase
+    ([7, 8, 50, 51], (4, False)),               # phrase cut off by the length limit: unfinished
+    ([7, 0, 0, 0], (1, True)),                  # pad ends the rationale
+    ([7, 50, 51, 60, 61], (3, True)),           # an incomplete phrase is rationale text
+])
+def test_truncate_rationale(tokens, expected):
+    assert objectives.truncate_rationale(tokens, **STOPS) == expected
+
+
+def test_assemble_rows_layout_and_masks():
+    rows = objectives.assemble_rows([[5, 6], [7, 8, 9]], [[20, 21], []], [[30], [31, 32]],
+                                    prompt_width=3, length=8, pad_id=0)
+    np.testing.assert_array_equal(rows.tokens, [[0, 5, 6, 20, 21, 30, 0, 0],
+                                                [7, 8, 9, 31, 32, 0, 0, 0]])
+    np.testing.assert_array_equal(rows.valid, rows.tokens != 0)
+    np.testing.assert_array_equal(rows.rationale_mask, [[0, 0, 0, 1, 1, 0, 0, 0], [0] * 8])
+    np.testing.assert_array_equal(rows.answer_mask, [[0, 0, 0, 0, 0, 1, 0, 0],
+                                                     [0, 0, 0, 1, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="do not fit"):
+        objectives.assemble_rows([[5]], [[1] * 6], [[2, 3]], prompt_width=3, length=8)

@@ -1,0 +1,138 @@
+"""The training step: optax schedules, gradient accumulation, 8-device mesh against one device,
+and a real learning signal from LaTRO updates."""
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from hf_models import STORIES_HF
+from latro_jax import models, objectives, sharding
+from latro_jax.algorithms import latro
+from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops
+from latro_jax.train import OptimConfig, Trainer, make_schedule
+
+TINY = models.ModelConfig(family="llama", vocab_size=40, hidden_size=16, intermediate_size=24,
+                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+                          initializer_range=0.3, eos_token_id=(2,))
+
+
+@pytest.mark.parametrize("schedule,warmup", [("linear", 0), ("linear", 3), ("cosine", 2), ("constant", 4)])
+def test_schedules_follow_their_definitions(schedule, warmup):
+    cfg = OptimConfig(learning_rate=1e-3, schedule=schedule, warmup_steps=warmup, total_steps=10)
+    lr = make_schedule(cfg)
+    for step in range(11):
+        if step < warmup:
+            expected = 1e-3 * step / warmup
+        elif schedule == "linear":
+            expected = 1e-3 * (1 - (step - warmup) / (10 - warmup))
+        elif schedule == "cosine":
+            expected = 1e-3 * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (10 - warmup)))
+        else:
+            expected = 1e-3
+        assert float(lr(step)) == pytest.approx(expected, abs=1e-9), step
+
+
+def test_bad_optimizer_settings_are_refused():
+    with pytest.raises(ValueError, match="schedule"):
+        OptimConfig(schedule="exp")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        OptimConfig(warmup_steps=20, total_steps=10)
+
+
+def _fixed_latro_batch(rows=8):
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, 40, rng.randint(2, 6)).tolist() for _ in range(rows)]
+    rationales = [rng.randint(3, 40, rng.randint(0, 5)).tolist() for _ in range(rows)]
+    answers = [rng.randint(3, 40, 3).tolist() for _ in range(rows)]
+    r = objectives.assemble_rows(prompts, rationales, answers, prompt_width=8, length=16)
+    return dict(tokens=r.tokens, valid=r.valid, rationale_mask=r.rationale_mask,
+                answer_mask=r.answer_mask, advantages=rng.randn(rows).astype(np.float32))
+
+
+def _params(trainer):
+    return {k: np.asarray(v) for k, v in models.param_arrays(trainer.model()).items()}
+
+
+def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
+    optim = OptimConfig(learning_rate=1e-2, total_steps=10, schedule="constant")
+    loss = latro._loss_fn(LatroConfig(num_samples=4))
+    batch = _fixed_latro_batch()
+    one = Trainer(models.init_model(TINY, seed=1), optim, loss, microbatches=1)
+    four = Trainer(models.init_model(TINY, seed=1), optim, loss, microbatches=4)
+    for _ in range(2):
+        m1 = one.step(batch, {"rows": 8})
+        m4 = four.step(batch, {"rows": 8})
+        assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
+        assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
+    p1, p4 = _params(one), _params(four)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p4[k], atol=1e-6, err_msg=k)
+
+
+def test_latro_update_on_8_device_mesh_equals_one_device():
+    """Sampling, scoring and the step of one update, on a data x fsdp x tensor = 2x2x2 mesh.
+    Measured: max |d params| = 7.5e-9 after an update of size 1e-3 (1.6e-7 after three)."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    cfg = LatroConfig(num_samples=4, max_rationale_tokens=6, beta=0.1)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=10)
+    stops = Stops(ids=(2,), phrases=((7, 8),))
+    prompts, answers = [[5, 9, 11], [12, 4]], [[30, 31, 2], [32, 2]]
+    single = LatroTrainer(models.init_model(TINY, seed=4), cfg, optim, stops, seed=1)
+    meshed = LatroTrainer(models.init_model(TINY, seed=4, mesh=mesh), cfg, optim, stops, seed=1, mesh=mesh)
+    before = _params(single.trainer)
+    m1, m8 = single.update(prompts, answers), meshed.update(prompts, answers)
+    for key in ("loss", "reward", "answer_logp", "kl", "finished", "grad_norm"):
+        assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
+    p1, p8 = _params(single.trainer), _params(meshed.trainer)
+    assert max(np.abs(p1[k] - before[k]).max() for k in p1) > 1e-4  # the update did something
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p8[k], atol=1e-6, err_msg=k)
+    assert meshed.trainer.state.params["layers"]["attn"]["qkv_kernel"].value.sharding.mesh.size == 8
+
+
+def test_latro_updates_raise_answer_likelihood_on_a_toy_task():
+    """stories260K (real weights), questions from story openings, gold answer
+    "The answer is 7." (+ EOS): a few updates raise log pi(y | x + z) clearly."""
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
+    openings = ["Once upon a time", "One day, a little dog", "Tom and Sue went to", "The sun was"]
+    prompts = [tok(o).input_ids for o in openings]
+    answer = tok("The answer is 7.", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    stops = Stops(ids=(tok.eos_token_id,),
+                  phrases=(tuple(tok("The answer is", add_special_tokens=False).input_ids),))
+    trainer = LatroTrainer(models.load_hf(STORIES_HF),
+                           LatroConfig(num_samples=4, max_rationale_tokens=12, beta=0.05),
+                           OptimConfig(learning_rate=3e-3, schedule="constant", total_steps=100),
+                           stops, seed=0)
+    history = [trainer.update(prompts, [answer] * 4) for _ in range(6)]
+    first, last = history[0], history[-1]
+    assert np.isfinite([h["loss"] for h in history]).all()
+    # measured: -76.2 -> -11.8 over 6 updates
+    assert last["answer_logp"] > first["answer_logp"] + 20, [h["answer_logp"] for h in history]
+    # at the first update pi_theta = pi_0 and every rationale is unfinished, so all rewards of a
+    # question are equal (zero advantages); afterwards the KL term separates them
+    assert first["advantage_std"] == 0 and history[1]["advantage_std"] > 0
+    assert first["kl"] == 0 and history[1]["kl"] > 0
+
+
+def test_sft_steps_lower_completion_nll_and_accumulate_exactly():
+    from latro_jax.algorithms.sft import SftTrainer
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
+    prompts = [tok(q).input_ids for q in ("Tom has 3 apples.", "A cat sat.", "Lily ran.", "Max is big.")]
+    completions = [tok(c, add_special_tokens=False).input_ids + [2] for c in
+                   (" He eats one. The answer is 2.", " The answer is 0.", " The answer is 1.",
+                    " The dog barks. The answer is 5.")]
+    optim = OptimConfig(learning_rate=3e-3, schedule="constant", total_steps=100)
+    one = SftTrainer(models.load_hf(STORIES_HF), optim, microbatches=1)
+    two = SftTrainer(models.load_hf(STORIES_HF), optim, microbatches=2)
+    losses = []
+    for _ in range(5):
+        m1, m2 = one.update(prompts, completions), two.update(prompts, completions)
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+        losses.append(m1["loss"])
+    assert losses[-1] < 0.6 * losses[0], losses
+    # Adam normalises each element's step, so summation-order noise in tiny gradients shows up
+    # as up to ~4e-6 after 5 steps at lr 3e-3 (measured), on weights of size ~0.3.
+    p1, p2 = _params(one.trainer), _params(two.trainer)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], atol=1e-5, err_msg=k)
