@@ -55,7 +55,7 @@ def _params(trainer):
 
 
 def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
-    optim = OptimConfig(learning_rate=1e-2, total_steps=10, schedule="constant")
+    optim = OptimConfig(learning_rate=1e-2, eps=1e-3, total_steps=10, schedule="constant")
     loss = latro._loss_fn(LatroConfig(num_samples=4))
     batch = _fixed_latro_batch()
     one = Trainer(models.init_model(TINY, seed=1), optim, loss, microbatches=1)
@@ -75,7 +75,7 @@ def test_latro_update_on_8_device_mesh_equals_one_device():
     Measured: max |d params| = 7.5e-9 after an update of size 1e-3 (1.6e-7 after three)."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     cfg = LatroConfig(num_samples=4, max_rationale_tokens=6, beta=0.1)
-    optim = OptimConfig(learning_rate=1e-3, total_steps=10)
+    optim = OptimConfig(learning_rate=1e-3, eps=1e-3, total_steps=10)  # eps: see the SFT test
     stops = Stops(ids=(2,), phrases=((7, 8),))
     prompts, answers = [[5, 9, 11], [12, 4]], [[30, 31, 2], [32, 2]]
     single = LatroTrainer(models.init_model(TINY, seed=4), cfg, optim, stops, seed=1)
@@ -122,7 +122,9 @@ def test_sft_steps_lower_completion_nll_and_accumulate_exactly():
     completions = [tok(c, add_special_tokens=False).input_ids + [2] for c in
                    (" He eats one. The answer is 2.", " The answer is 0.", " The answer is 1.",
                     " The dog barks. The answer is 5.")]
-    optim = OptimConfig(learning_rate=3e-3, schedule="constant", total_steps=100)
+    # eps = 1e-3 makes Adam's step Lipschitz in the gradient; with eps = 1e-8 a near-zero
+    # gradient's summation-order noise (~1e-9) flips its step by up to the learning rate.
+    optim = OptimConfig(learning_rate=3e-3, eps=1e-3, schedule="constant", total_steps=100)
     one = SftTrainer(models.load_hf(STORIES_HF), optim, microbatches=1)
     two = SftTrainer(models.load_hf(STORIES_HF), optim, microbatches=2)
     losses = []
@@ -131,8 +133,6 @@ def test_sft_steps_lower_completion_nll_and_accumulate_exactly():
         assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
         losses.append(m1["loss"])
     assert losses[-1] < 0.6 * losses[0], losses
-    # Adam normalises each element's step, so summation-order noise in tiny gradients shows up
-    # as up to ~4e-6 after 5 steps at lr 3e-3 (measured), on weights of size ~0.3.
     p1, p2 = _params(one.trainer), _params(two.trainer)
     for k in p1:
-        np.testing.assert_allclose(p1[k], p2[k], atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(p1[k], p2[k], atol=1e-6, err_msg=k)
