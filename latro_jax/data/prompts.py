@@ -1,0 +1,69 @@
+"""Token ids for prompts, answers, rationales and stops with the model's tokenizer: the chat
+template (user turn + generation prompt) when the tokenizer has one, plain text otherwise."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from latro_jax.data.tasks import STOP_PHRASES
+
+
+def continuation_ids(tokenizer, prefix: str, text: str) -> list[int]:
+    """The ids of `text` as it tokenizes after `prefix` (SentencePiece tokenizers mark a word
+    start differently at the start of a string than after other text)."""
+    base = tokenizer(prefix, add_special_tokens=False).input_ids
+    full = tokenizer(prefix + text, add_special_tokens=False).input_ids
+    if full[:len(base)] == base:
+        return full[len(base):]
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+class PromptFormatter:
+    """Question text -> prompt ids; answer / rationale text -> ids ending in the end token."""
+
+    def __init__(self, tokenizer, *, chat_template: bool | None = None,
+                 stop_phrases: Sequence[str] = STOP_PHRASES):
+        self.tokenizer = tokenizer
+        self.chat = bool(tokenizer.chat_template) if chat_template is None else chat_template
+        if self.chat and not tokenizer.chat_template:
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        self.end_id = self._end_of_turn_id() if self.chat else tokenizer.eos_token_id
+        if self.end_id is None:
+            raise ValueError("the tokenizer has no eos token; set one (it ends answers and rationales)")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
+        self.stop_ids = tuple(sorted({self.end_id, tokenizer.eos_token_id, self.pad_id} - {None}))
+        phrases = set()
+        for phrase in stop_phrases:  # each phrase as it tokenizes mid-text and at a start
+            for ids in (continuation_ids(tokenizer, "x.", phrase),
+                        tokenizer(phrase, add_special_tokens=False).input_ids):
+                if ids:
+                    phrases.add(tuple(ids))
+        self.stop_phrases = tuple(sorted(phrases))
+
+    def _end_of_turn_id(self) -> int:
+        """The first special token the template puts after an assistant message."""
+        tok = self.tokenizer
+        marker = "ZQXJ"
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": marker}], tokenize=False)
+        after = tok(text.split(marker, 1)[1], add_special_tokens=False).input_ids
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        return next((i for i in after if i in special), tok.eos_token_id)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if self.chat:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True,
+                tokenize=True, return_dict=True)["input_ids"])
+        return self.tokenizer(question).input_ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """y as it follows a rationale ending in ".", plus the end token."""
+        return continuation_ids(self.tokenizer, "x.", " " + answer.lstrip()) + [self.end_id]
+
+    def completion_ids(self, text: str) -> list[int]:
+        """A full assistant completion (SFT target), plus the end token."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.end_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

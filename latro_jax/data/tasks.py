@@ -1,0 +1,190 @@
+"""Tasks: how a dataset row becomes a question, a gold answer and (when the data has one) a gold
+rationale, and how a model's output is scored (SPEC 1.4).
+
+Every task turns rows into `Example`s with `example(row, where)` (`where` names the file and row
+for error messages), extracts a comparable answer from an output with `extract(text)`, and
+decides correctness with `is_correct(extracted, gold)`; `score(text, gold)` combines the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+ANSWER_PHRASE = "The answer is"
+# SPEC 1.3: the rationale ends at the first of these (matched on token ids by the trainer).
+STOP_PHRASES = ("The answer is", " The answer is", "\nThe answer is", "The answer is:",
+                " the answer is", "Answer:", "\nAnswer:", "Therefore, the answer is",
+                "So, the answer is", "so the final answer is")
+
+
+class DataError(ValueError):
+    """A dataset row that cannot be used, with its file and row number."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    question: str  # the user turn, chain-of-thought trigger included
+    gold: str  # the gold answer text (GSM8K: the number; ARC: the option text)
+    rationale: str | None = None  # gold rationale ending in "The answer is {gold}." (SFT)
+
+    @property
+    def answer(self) -> str:
+        """y: the text appended after a rationale (the end token is added at tokenisation)."""
+        return answer_text(self.gold)
+
+
+def answer_text(gold: str) -> str:
+    return f"{ANSWER_PHRASE} {gold}."
+
+
+def _field(row: Mapping[str, Any], name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field {name!r} (fields: {sorted(row)}); "
+                        "map the dataset's field names with the task's `fields` option.")
+    return row[name]
+
+
+class Task:
+    name = "task"
+    fields: Mapping[str, str] = {}
+
+    def __init__(self, fields: Mapping[str, str] | None = None):
+        self.fields = {**self.fields, **(fields or {})}
+
+    def example(self, row: Mapping[str, Any], where: str) -> Example:
+        raise NotImplementedError
+
+    def extract(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def is_correct(self, extracted: str | None, gold: str) -> bool:
+        raise NotImplementedError
+
+    def score(self, text: str, gold: str) -> bool:
+        return self.is_correct(self.extract(text), gold)
+
+    def vote_key(self, extracted: str):
+        """What maj@k votes over: answers with equal keys are the same answer."""
+        return extracted
+
+
+# ---------------------------------------------------------------- GSM8K
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def _to_float(s: str) -> float | None:
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return None
+
+
+class GSM8K(Task):
+    """Grade-school math. Gold = the text after the last "#### " (commas removed); the gold
+    rationale is the solution with "####" replaced by "The answer is"."""
+
+    name = "gsm8k"
+    fields = {"question": "question", "answer": "answer"}
+
+    def example(self, row, where):
+        question = str(_field(row, self.fields["question"], where)).strip()
+        solution = str(_field(row, self.fields["answer"], where))
+        if "#### " not in solution:
+            raise DataError(f"{where}: the answer field has no '#### <number>' final answer.")
+        gold = solution.rsplit("#### ", 1)[1].strip().replace(",", "")
+        if not NUMBER.fullmatch(gold):
+            raise DataError(f"{where}: final answer {gold!r} is not a number.")
+        rationale = solution.replace("####", ANSWER_PHRASE).rstrip()
+        rationale = rationale if rationale.endswith(".") else rationale + "."
+        return Example(id=str(row.get("id", where)), question=f"{question} Let's think step by step.",
+                       gold=gold, rationale=rationale)
+
+    def extract(self, text):
+        """The first number after the LAST "The answer is", else the last number in the text."""
+        if ANSWER_PHRASE in text:
+            numbers = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1])
+            found = numbers[0] if numbers else None
+        else:
+            numbers = NUMBER.findall(text)
+            found = numbers[-1] if numbers else None
+        return None if found is None else found.replace(",", "")
+
+    def vote_key(self, extracted):
+        value = _to_float(extracted)
+        return extracted if value is None else value
+
+    def is_correct(self, extracted, gold):
+        value, target = _to_float(extracted or ""), _to_float(gold)
+        return value is not None and target is not None and value == target
+
+
+# ---------------------------------------------------------------- ARC-Challenge
+_ARC_STRIP = " :[]()\"'."
+_SENTENCE_END = re.compile(r"(?<=\.)\s+")
+
+
+class ARCChallenge(Task):
+    """Multiple choice science questions; gold y uses the option TEXT, not its label."""
+
+    name = "arc_challenge"
+    fields = {"question": "question", "choices": "choices", "answer_key": "answerKey"}
+
+    def example(self, row, where):
+        question = str(_field(row, self.fields["question"], where)).strip()
+        choices = _field(row, self.fields["choices"], where)
+        key = str(_field(row, self.fields["answer_key"], where))
+        try:
+            texts, labels = list(choices["text"]), [str(x) for x in choices["label"]]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: choices must be {{'text': [...], 'label': [...]}}") from e
+        if len(texts) != len(labels) or not texts:
+            raise DataError(f"{where}: choices have {len(texts)} texts and {len(labels)} labels.")
+        if key not in labels:
+            raise DataError(f"{where}: answerKey {key!r} is not one of the labels {labels}.")
+        prompt = (f"Question: {question}\nOptions: {texts!r}\nLet's think step by step first then "
+                  "print your answer like 'The answer is (one of the options)'.")
+        return Example(id=str(row.get("id", where)), question=prompt, gold=str(texts[labels.index(key)]))
+
+    def extract(self, text):
+        """After the first line holding "the answer is": the text after the phrase to the end of
+        that line, stripped of ' :[]()". and quotes; without the phrase: the last "."-separated
+        segment. Lower-case."""
+        lowered = text.lower()
+        phrase = ANSWER_PHRASE.lower()
+        if phrase in lowered:
+            line = next(line for line in lowered.split("\n") if phrase in line)
+            return line.split(phrase, 1)[1].strip(_ARC_STRIP)
+        segments = [s for s in lowered.split(".") if s.strip()]
+        return segments[-1].strip(_ARC_STRIP) if segments else None
+
+    def vote_key(self, extracted):
+        return _first_sentence(extracted)
+
+    def is_correct(self, extracted, gold):
+        """SPEC 1.4: the gold text (lower-case, trailing "." removed) is a substring of the first
+        sentence of the extracted text. Also correct: the extracted text starts with the gold
+        text (options that are several sentences long). The gold is stripped of the same
+        characters as the extracted text (an option may end in ")")."""
+        if extracted is None:
+            return False
+        target = gold.lower().strip()
+        target = (target[:-1] if target.endswith(".") else target).strip(_ARC_STRIP)
+        return bool(target) and (target in _first_sentence(extracted) or extracted.startswith(target))
+
+
+def _first_sentence(text: str) -> str:
+    return _SENTENCE_END.split(text, 1)[0].strip(_ARC_STRIP)
+
+
+TASKS = {"gsm8k": GSM8K, "arc_challenge": ARCChallenge}
+
+
+def get_task(name: str, fields: Mapping[str, str] | None = None) -> Task:
+    from latro_jax.data.synthetic import SyntheticArithmetic  # registered lazily: no cycle
+    tasks = {**TASKS, "synthetic": SyntheticArithmetic}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(tasks)}")
+    return tasks[name](fields)

@@ -1,0 +1,170 @@
+"""Tasks, loading, iteration and tokenisation on the real GSM8K / ARC-Challenge files."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import transformers
+
+from hf_models import SHARED, STORIES_HF
+from latro_jax.data import (BatchIterator, DataError, PromptFormatter, get_task, load_examples)
+from latro_jax.data.synthetic import generate_splits
+
+GSM8K = os.path.join(SHARED, "data", "gsm8k")
+ARC = os.path.join(SHARED, "data", "arc_challenge")
+PHI3_TOKENIZER = os.path.join(SHARED, "tokenizers", "phi-3-mini")
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    task = get_task("gsm8k")
+    return task, {s: load_examples(task, GSM8K, s) for s in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def arc():
+    task = get_task("arc_challenge")
+    return task, {s: load_examples(task, ARC, s) for s in ("train", "validation", "test")}
+
+
+def test_local_jsonl_counts(gsm8k, arc):
+    assert {s: len(v) for s, v in gsm8k[1].items()} == {"train": 7473, "test": 1319}
+    assert {s: len(v) for s, v in arc[1].items()} == {"train": 1119, "validation": 299, "test": 1172}
+
+
+def test_gsm8k_gold_solutions_score_correct_and_wrong_numbers_do_not(gsm8k):
+    task, splits = gsm8k
+    for split, examples in splits.items():
+        for ex in examples:
+            assert ex.question.endswith(" Let's think step by step.")
+            assert "####" not in ex.rationale and "The answer is" in ex.rationale
+            assert task.score(ex.rationale, ex.gold), (split, ex.id, ex.rationale[-80:], ex.gold)
+            wrong = str(float(ex.gold) + 1)
+            assert not task.score(ex.rationale.rsplit("The answer is", 1)[0] + f"The answer is {wrong}.", ex.gold)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("5 apples and 7 pears. The answer is 1,234.", "1234"),
+    ("The answer is 3. Wait, 4+4=8. The answer is -12.5 dollars", "-12.5"),
+    ("He has 3 and then 10,000 more", "10000"),          # no phrase: the last number
+    ("The answer is $.75 each, so 3", ".75"),            # first number after the last phrase
+    ("no digits at all", None),
+    ("The answer is unclear but 4 + 5 = 9", "4"),
+])
+def test_gsm8k_extraction_edge_cases(text, expected):
+    assert get_task("gsm8k").extract(text) == expected
+
+
+def test_gsm8k_comparison_is_numeric():
+    task = get_task("gsm8k")
+    assert task.score("The answer is 1,000.", "1000") and task.score("The answer is 5.0", "5")
+    assert task.score("The answer is -3", "-3") and not task.score("The answer is 3", "-3")
+    assert not task.score("nothing", "0")
+
+
+def test_arc_gold_text_scores_and_other_options_do_not(arc):
+    task, splits = arc
+    label_sets, sizes = set(), set()
+    for split, examples in splits.items():
+        for ex in examples:
+            options = eval(re.search(r"\nOptions: (\[.*\])\n", ex.question).group(1))  # python repr
+            sizes.add(len(options))
+            assert ex.gold in options
+            assert task.score(f"Let me think. The answer is {ex.gold}.", ex.gold), (split, ex.id, ex.gold)
+            for other in options:
+                if other != ex.gold:
+                    expected = ex.gold.lower().rstrip(".") in other.lower()
+                    assert task.score(f"The answer is {other}.", ex.gold) == expected, (ex.id, other)
+    rows = [json.loads(l) for s in ("train", "validation", "test") for l in open(os.path.join(ARC, f"{s}.jsonl"))]
+    label_sets = {tuple(r["choices"]["label"]) for r in rows}
+    assert ("1", "2", "3", "4") in label_sets and ("A", "B", "C", "D", "E") in label_sets
+    assert sizes == {3, 4, 5}
+
+
+def test_arc_fallback_uses_the_last_segment():
+    task = get_task("arc_challenge")
+    assert task.score("Plants need light. So it is photosynthesis.", "photosynthesis")
+    assert not task.score("Photosynthesis is not it. It is respiration.", "photosynthesis")
+    assert task.score('the answer is: "(gravity)".', "Gravity")
+
+
+def test_synthetic_task_is_deterministic_and_its_rationales_compute_the_answer():
+    a = generate_splits(7, {"test": 50, "train": 200}, num_steps=3, max_operand=12)
+    b = generate_splits(7, {"test": 50, "train": 200}, num_steps=3, max_operand=12)
+    assert a == b and generate_splits(8, {"test": 50})["test"] != a["test"]
+    assert not {r["question"] for r in a["test"]} & {r["question"] for r in a["train"]}
+    task = get_task("synthetic")
+    for row in a["test"] + a["train"]:
+        ex = task.example(row, "synthetic")
+        steps = re.findall(r"(\d+)([+-])(\d+)=(\d+)\.", ex.rationale)
+        assert len(steps) == 3
+        numbers = [int(n) for n in re.findall(r"(\d+)", row["question"])]
+        value = numbers[0]
+        for (x, op, y, result), n in zip(steps, numbers[1:]):
+            assert int(x) == value and int(y) == n
+            value = value + n if op == "+" else value - n
+            assert int(result) == value >= 0
+        assert ex.gold == str(value) and task.score(ex.rationale, ex.gold)
+        assert not task.score(ex.rationale.replace(f"is {value}.", f"is {value + 1}."), ex.gold)
+
+
+def test_iteration_resumes_exactly_and_hosts_get_disjoint_covering_shares():
+    it = BatchIterator(103, 8, seed=3)
+    first = [it.next() for _ in range(5)]
+    saved = it.state()
+    rest = [it.next() for _ in range(20)]  # crosses an epoch boundary (12 batches per epoch)
+    resumed = BatchIterator(103, 8, seed=3)
+    resumed.restore(saved)
+    assert [resumed.next() for _ in range(20)] == rest
+    assert len(set(sum(first + rest[:7], []))) == 96  # one epoch: no repeats
+    hosts = [BatchIterator(103, 8, seed=3, process_index=p, process_count=2) for p in range(2)]
+    for step in range(15):
+        a, b = (h.next() for h in hosts)
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+        assert a + b == (first + rest)[step]
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"question": "q"}, r"bad\.jsonl: row 2: missing field 'answer'"),
+    ({"question": "q", "answer": "so\n#### twelve"}, r"bad\.jsonl: row 2: final answer 'twelve' is not a number"),
+])
+def test_malformed_gsm8k_rows_name_file_and_row(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "ok", "answer": "1+1=2\n#### 2"}) + "\n" + json.dumps(content) + "\n")
+    with pytest.raises(DataError, match=match):
+        load_examples(get_task("gsm8k"), str(path), "train")
+
+
+def test_unknown_arc_answer_key_names_file_and_row(tmp_path):
+    path = tmp_path / "arc.jsonl"
+    row = {"id": "x", "question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"arc\.jsonl: row 1: answerKey 'E' is not one of the labels"):
+        load_examples(get_task("arc_challenge"), str(path), "train")
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        load_examples(get_task("gsm8k"), str(tmp_path / "nope.jsonl"), "train")
+    with pytest.raises(FileNotFoundError, match="no validation.jsonl"):
+        load_examples(get_task("gsm8k"), GSM8K, "validation")
+
+
+def test_chat_template_prompts_and_end_of_turn_answers():
+    tok = transformers.AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    fmt = PromptFormatter(tok)
+    ids = fmt.prompt_ids("What is 2+3? Let's think step by step.")
+    assert ids[0] == 32010 and ids[-2:] == [32007, 32001]  # <|user|> ... <|end|> <|assistant|>
+    assert fmt.end_id == 32007 and 32007 in fmt.stop_ids
+    answer = fmt.answer_ids("The answer is 5.")
+    assert answer[-1] == 32007 and tok.decode(answer[:-1]) == "The answer is 5."
+    assert tuple(tok(" The answer is", add_special_tokens=False).input_ids) in fmt.stop_phrases
+
+
+def test_plain_text_prompts_without_chat_template():
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
+    fmt = PromptFormatter(tok)
+    assert not fmt.chat and fmt.prompt_ids("Tom has 3 apples.") == tok("Tom has 3 apples.").input_ids
+    assert fmt.answer_ids("The answer is 5.")[-1] == tok.eos_token_id == fmt.end_id
