@@ -19,6 +19,8 @@ from flax import nnx
 from latro_jax import models, sharding
 from latro_jax.models import ModelConfig, Transformer
 
+_policies = ocp.checkpoint_managers.preservation_policy
+
 
 def manager(directory: str, *, max_to_keep: int | None = None, create: bool = True,
             **options: Any) -> ocp.CheckpointManager:
@@ -79,3 +81,43 @@ def restore_model(directory: str, step: int | None = None, *, dtype="float32",
             params=ocp.args.StandardRestore(target)))["params"]
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)
+
+
+class TrainCheckpoints:
+    """Checkpoints of one training stage: params + model_config (exportable as above), the
+    optimizer state, and `meta` (step, data position, ... as JSON). Keeps the last `keep`
+    steps plus the best by `best_metric` (a validation metric, larger is better)."""
+
+    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None):
+        policies = [_policies.LatestN(keep)]
+        if best_metric:
+            policies.append(_policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                            keep_checkpoints_without_metrics=True))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=_policies.AnyPreservationPolicy(policies), create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def save(self, step: int, model: Transformer, opt_state: Any, meta: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
+        self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+            **model_items(model), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, params_target: Any, opt_state_target: Any):
+        """(params, opt_state, meta) of `step`; targets give structure, dtypes and shardings."""
+        abstract = lambda tree: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(params_target))),
+            opt_state=ocp.args.StandardRestore(abstract(opt_state_target)),
+            meta=ocp.args.JsonRestore()))
+        params = jax.tree.map(lambda x: x, params_target)
+        nnx.replace_by_pure_dict(params, out["params"])
+        return params, out["opt_state"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

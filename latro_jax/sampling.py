@@ -5,9 +5,9 @@
     out.tokens[i][k]    # generated ids of sample k of prompt i, cut after the first stop
     out.logprobs[i][k]  # their log-probabilities under the sampling distribution
 
-Shapes are static: prompts are left-padded to a power-of-two length bucket, the batch to a
-multiple of 8 (and of the data-parallel shards), generation to a power-of-two buffer; the true
-max_new_tokens is a traced value. A run therefore compiles one program per (prompt bucket,
+Shapes are static: prompts are left-padded to a length bucket (`bucket`: at most 25% padding),
+the batch to a multiple of 8 (and of the data-parallel shards), generation to a bucketed buffer;
+the true max_new_tokens is a traced value. A run therefore compiles one program per (prompt bucket,
 batch bucket, generation bucket, sampling settings).
 
 LongRoPE models (Phi-3) switch a row to the long factors once it reaches
@@ -70,8 +70,14 @@ class GenerateOutput:
 
 
 def bucket(n: int, minimum: int = 1) -> int:
-    """The next power of two >= max(n, minimum)."""
-    return 1 << (max(n, minimum) - 1).bit_length()
+    """Round max(n, minimum) up to a quarter-octave bucket: a multiple of 2^(k-2) for
+    2^k < n <= 2^(k+1) (..., 40, 48, 56, 64, 80, 96, 112, 128, 160, ...): at most 25% padding and
+    four programs per doubling of the length."""
+    n = max(n, minimum)
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
 
 
 def round_up(n: int, multiple: int) -> int:

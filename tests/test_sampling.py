@@ -169,11 +169,12 @@ def test_rows_stop_independently_and_finished_rows_do_not_change(stories):
 def test_no_recompilation_within_a_prompt_bucket(stories):
     rng = np.random.RandomState(0)
     make = lambda n: [rng.randint(3, 500, n).tolist() for _ in range(3)]
-    sampling.generate(stories, make(20), 16, temperature=1.0, num_samples=2)
+    assert [sampling.bucket(n) for n in (33, 40, 41, 72, 129, 500)] == [40, 40, 48, 80, 160, 512]
+    sampling.generate(stories, make(35), 16, temperature=1.0, num_samples=2)
     before = sampling._generate_core._cache_size()
-    for n in (17, 25, 32):  # same 32-token bucket, same batch bucket
+    for n in (33, 38, 40):  # same 40-token prompt bucket, same batch bucket
         sampling.generate(stories, make(n), 16, temperature=1.0, num_samples=2, seed=n)
-    sampling.generate(stories, make(30), 12, temperature=1.0, num_samples=2)  # same 16-token generation bucket
+    sampling.generate(stories, make(36), 15, temperature=1.0, num_samples=2)  # same 16-token generation bucket
     assert sampling._generate_core._cache_size() == before
 
 

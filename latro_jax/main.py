@@ -1,0 +1,69 @@
+r"""The training job.
+
+    python -m latro_jax.main --config=configs/demo.py --workdir=/tmp/latro_demo
+    python -m latro_jax.main --config=configs/latro_gsm8k_phi35.py --workdir=... \
+        --config.model.path=/data/Phi-3.5-mini-instruct --config.latro.beta=0.05
+    python -m latro_jax.main --mode=eval   --config=... --workdir=...   # evaluate the latest checkpoint
+    python -m latro_jax.main --mode=export --config=... --workdir=...   # export it to <workdir>/hf
+
+Every config field can be overridden with --config.a.b=value; the config is validated (and the
+model, tokenizer and data are loaded) before anything is written to the workdir. Re-running the
+same command resumes from the latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
+Multi-process runs (TPU pods, multi-node GPU): launch the same command on every process with
+--multi_process (jax.distributed.initialize reads the cluster from the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
+flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, results, export.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
+flags.DEFINE_bool("multi_process", False, "Call jax.distributed.initialize() first.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    import jax
+    if FLAGS.multi_process:
+        jax.distributed.initialize()
+    from latro_jax import checkpoint, models, run
+    from latro_jax.data import DataError
+    try:
+        job = run.build(FLAGS.config)
+    except (run.ConfigError, models.ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = os.path.abspath(FLAGS.workdir)
+    try:
+        if FLAGS.mode == "train":
+            results = run.train(job, workdir)
+            if jax.process_index() == 0:
+                print(run.results_table(results))
+        else:
+            stage = job.stages[-1]
+            model = checkpoint.restore_model(os.path.join(workdir, "checkpoints", stage),
+                                             mesh=job.mesh)
+            if FLAGS.mode == "eval":
+                print(json.dumps(run._evaluate(job, model, workdir, f"{stage}-latest"), indent=2))
+            else:
+                models.save_hf(model, os.path.join(workdir, "hf"),
+                               tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
+    except run.Preempted as e:
+        print(str(e), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

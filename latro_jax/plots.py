@@ -1,0 +1,42 @@
+"""Training curves and evaluation results of a run as one PNG (workdir/training.png)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = {"sft": ("loss",), "latro": ("reward", "answer_logp", "kl", "finished")}
+
+
+def plot_run(workdir: str) -> str:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    results_path = os.path.join(workdir, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    panels = [(stage, key) for stage, keys in CURVES.items() for key in keys
+              if any(r["stage"] == stage and key in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3))
+    for ax, (stage, key) in zip(axes, panels):
+        pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
+        ax.plot(*zip(*pts))
+        ax.set_title(f"{stage}: {key}", fontsize=9)
+        ax.set_xlabel("update")
+    ax = axes[-1]
+    metrics = sorted({k for r in results.values() for k in r})
+    width = 0.8 / max(len(metrics), 1)
+    for j, m in enumerate(metrics):
+        ax.bar([i + j * width for i in range(len(results))], [r.get(m, 0) for r in results.values()],
+               width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], list(results))
+    ax.set_ylim(0, 1)
+    ax.set_title("held-out accuracy", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(workdir, "training.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""The training job end to end on configs/tiny.py: bad configs, resume after SIGKILL, SIGTERM,
+export loaded by transformers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from latro_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(workdir, *overrides, mode="train"):
+    return [sys.executable, "-m", "latro_jax.main", "--config=configs/tiny.py",
+            f"--workdir={workdir}", f"--mode={mode}", *overrides]
+
+
+def _run(workdir, *overrides, env=ENV, **kw):
+    return subprocess.run(_cmd(workdir, *overrides, **kw), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full") / "run"
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.latro.num_samples=1", "RLOO needs K >= 2"),
+    ("--config.latro.beta=-0.1", "latro.beta=-0.1 must be >= 0"),
+    ("--config.model.init.family=gpt2", "unknown model family 'gpt2'"),
+    ("--config.task.source=/nonexistent/gsm8k.jsonl", "/nonexistent/gsm8k.jsonl: no such data file"),
+    ("--config.latro.batch_size=3", "12 rationales is not divisible by microbatches (1) x data-parallel devices (8)"),
+    ("--config.latro.no_such_field=1", "no_such_field"),
+])
+def test_bad_config_values_exit_nonzero_with_one_message_and_write_nothing(tmp_path, override, message):
+    workdir = tmp_path / "run"
+    devices = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = _run(workdir, override, env=devices if "batch_size" in override else ENV)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_end_to_end_train_checkpoint_export_reload_with_transformers(full_run):
+    workdir, result = full_run
+    results = json.load(open(workdir / "results.json"))
+    assert set(results) == {"init", "sft", "latro"} and all("greedy" in r for r in results.values())
+    assert "stage" in result.stdout and "latro" in result.stdout  # the printed table
+    rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["stage"] == "latro"] == [1, 2, 3, 4]
+    assert {"reward", "answer_logp", "kl", "finished", "grad_norm"} <= set(rows[-1])
+    assert (workdir / "training.png").stat().st_size > 10_000
+    assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+    # the export is the final LaTRO checkpoint, and transformers loads it with the tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    ids = tok("Ann has 3 apples. Ann gets 2 more. How many apples?").input_ids
+    ours = checkpoint.restore_model(str(workdir / "checkpoints" / "latro"))
+    np.testing.assert_allclose(np.asarray(ours(np.array([ids], np.int32))),
+                               hf(torch.tensor([ids])).logits.detach().numpy(), atol=1e-4)
+
+
+def _final_tensors(workdir):
+    return load_file(str(workdir / "hf" / "model.safetensors"))
+
+
+def _wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - start < timeout
+        time.sleep(0.2)
+
+
+def test_sigkill_then_resume_ends_with_the_same_parameters(full_run, tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(workdir / "checkpoints" / "latro" / "2", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "hf").exists()
+    resumed = _run(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _final_tensors(full_run[0]), _final_tensors(workdir)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(workdir / "checkpoints" / "sft" / "2", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    if "SIGTERM: saved" in err:  # stopped inside a stage: that step was checkpointed
+        step = int(err.split("SIGTERM: saved ")[1].split()[2])
+        stage = err.split("SIGTERM: saved ")[1].split()[0]
+        assert (workdir / "checkpoints" / stage / str(step)).exists()
+    assert not (workdir / "hf").exists() or "SIGTERM" not in err
+    resumed = _run(workdir)
+    assert resumed.returncode == 0 and (workdir / "hf" / "model.safetensors").exists()
