@@ -37,7 +37,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     import jax
     if FLAGS.multi_process:
-        jax.distributed.initialize()
+        _initialize_distributed(jax)
     from latro_jax import checkpoint, models, run
     from latro_jax.data import DataError
     try:
@@ -63,6 +63,18 @@ def main(argv):
     except run.Preempted as e:
         print(str(e), file=sys.stderr)
     return 0
+
+
+def _initialize_distributed(jax) -> None:
+    """jax.distributed.initialize from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID when set (launch/gpu_multinode.sh, tests), else auto-detected (TPU, SLURM)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs
+    if "JAX_NUM_PROCESSES" in os.environ:
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
 
 
 if __name__ == "__main__":
