@@ -1,23 +1,11 @@
-"""LaTRO on GSM8K with Llama-3.1-8B-Instruct (SPEC 1.5): K = 16, L = 500, T = 1, beta = 0.05,
-24 questions (384 rationales) per update, ~117 updates, AdamW lr 5e-7 linear decay to 0, full
-fine-tuning with bf16 compute. Point model.path at a local copy (or keep the hub id online):
+"""LaTRO on GSM8K with Llama-3.1-8B-Instruct (SPEC 1.5; see configs/base.py:paper_recipe).
 
     python -m latro_jax.main --config=configs/latro_gsm8k_llama31_8b.py --workdir=... \\
         --config.model.path=/data/Llama-3.1-8B-Instruct
+"""
 
-The mesh shards parameters over 8 devices per host (fsdp) and rationales over the rest; on a
-TPU v5p-64 / 8-GPU node use --config.mesh.fsdp=8 (default) and raise latro.microbatches if
-memory is short (384 rationales x ~1000 tokens per update)."""
-
-from configs.base import get_base
+from configs.base import paper_recipe
 
 
 def get_config():
-    c = get_base()
-    c.stages = "latro"
-    c.model.update(path="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16", param_dtype="float32", remat="full")
-    c.task.update(name="gsm8k", source="../shared/data/gsm8k", train_split="train", eval_split="test")
-    c.mesh.update(data=-1, fsdp=8, tensor=1)
-    c.latro.update(steps=117, batch_size=24, num_samples=16, beta=0.05, microbatches=8)
-    c.eval.update(max_new_tokens=500, maj_k=8)
-    return c
+    return paper_recipe("meta-llama/Llama-3.1-8B-Instruct", "gsm8k", stages="latro")

@@ -1,15 +1,8 @@
 """The paper's SFT baseline on GSM8K with Llama-3.1-8B-Instruct: completion-only fine-tuning on the gold
-rationales ("####" replaced by "The answer is" for GSM8K)."""
+rationales ("####" replaced by "The answer is")."""
 
-from configs.base import get_base, optim
+from configs.base import paper_recipe
 
 
 def get_config():
-    c = get_base()
-    c.stages = "sft"
-    c.model.update(path="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16", param_dtype="float32", remat="full")
-    c.task.update(name="gsm8k", source="../shared/data/gsm8k", train_split="train", eval_split="test")
-    c.mesh.update(data=-1, fsdp=8, tensor=1)
-    c.sft.update(steps=300, batch_size=64, microbatches=4, optim=optim(1e-6, "cosine", warmup_steps=30))
-    c.eval.update(max_new_tokens=500, maj_k=8)
-    return c
+    return paper_recipe("meta-llama/Llama-3.1-8B-Instruct", "gsm8k", stages="sft")

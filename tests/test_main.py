@@ -116,3 +116,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not (workdir / "hf").exists() or "SIGTERM" not in err
     resumed = _run(workdir)
     assert resumed.returncode == 0 and (workdir / "hf" / "model.safetensors").exists()
+
+
+def test_every_shipped_config_has_valid_sections():
+    import glob
+    import importlib.util
+    from latro_jax import run
+    from latro_jax.algorithms.latro import LatroConfig
+    from latro_jax.evaluate import EvalConfig
+    from latro_jax.train import OptimConfig
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    assert len(paths) >= 12
+    for path in paths:
+        if path.endswith("base.py"):
+            continue
+        spec = importlib.util.spec_from_file_location("cfg", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, ROOT)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        stages = c.stages.split(",")
+        assert set(stages) <= set(run.STAGES), path
+        latro = run._dataclass(LatroConfig, c.latro, "latro")
+        run._dataclass(EvalConfig, c.eval, "eval")
+        for stage in stages:
+            run._dataclass(OptimConfig, c[stage].optim, f"{stage}.optim", total_steps=c[stage].steps)
+        if "latro_" in path:  # the paper's recipe: SPEC 1.5
+            assert (latro.num_samples, latro.max_rationale_tokens, c.latro.batch_size) == (16, 500, 24)
+            assert c.latro.optim.learning_rate == 5e-7 and c.latro.optim.schedule == "linear"
+            assert latro.beta == (0.05 if "gsm8k" in path else 0.25)
