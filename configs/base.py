@@ -20,13 +20,15 @@ def get_base() -> ml_collections.ConfigDict:
         dtype="bfloat16", param_dtype="float32", remat="full")
     c.tokenizer = dict(path="", char=False)  # path defaults to model.path
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", config_name="",
-                  train_split="train", eval_split="test", sft_examples=7473)
+                  train_split="train", eval_split="test", val_split="", sft_examples=7473)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sft = dict(steps=0, batch_size=64, microbatches=1, optim=optim(1e-5))
     c.latro = dict(steps=117, batch_size=24, num_samples=16, beta=0.05, nonstop_penalty=2.0,
                    sft_coef=1.0, max_rationale_tokens=500, temperature=1.0, top_k=0, top_p=1.0,
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
-    c.eval = dict(max_new_tokens=500, batch_size=64, maj_k=8, temperature=1.0, limit=0)
+    # every: validate on task.val_split every N updates (0 = off); the checkpoint with the best
+    # validation greedy accuracy is kept besides the last `checkpoint.keep`.
+    c.eval = dict(max_new_tokens=500, batch_size=64, maj_k=8, temperature=1.0, limit=0, every=0)
     c.checkpoint = dict(every=10, keep=3)
     c.export = dict(hf=True)
     return ml_collections.ConfigDict(c)

@@ -8,10 +8,11 @@ def get_config():
     c.model.init.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                         num_kv_heads=1, head_dim=16)
     c.task.sft_examples = 16
-    c.task.synthetic.sizes = dict(test=8, train=64)
+    c.task.synthetic.sizes = dict(test=8, validation=8, train=64)
+    c.task.val_split = "validation"
     c.sft.update(steps=4, batch_size=8)
     c.sft.optim.warmup_steps = 0
     c.latro.update(steps=4, batch_size=2, num_samples=4, max_rationale_tokens=12)
-    c.eval.update(max_new_tokens=12, batch_size=8, maj_k=2)
+    c.eval.update(max_new_tokens=12, batch_size=8, maj_k=2, every=2)
     c.checkpoint.update(every=2, keep=2)
     return c

@@ -54,6 +54,7 @@ class Job:
     sft_examples: list
     latro_examples: list
     eval_examples: list
+    val_examples: list
     model: models.Transformer
     stages: tuple[str, ...]
     latro: LatroConfig
@@ -93,6 +94,13 @@ def build(config) -> Job:
                           config_name=c.task.config_name or None)
     eval_examples = load_examples(task, c.task.source, c.task.eval_split, synthetic=synthetic,
                                   config_name=c.task.config_name or None, limit=c.eval.limit or None)
+    val_examples = []
+    if c.eval.every:
+        if not c.task.val_split or c.task.val_split == c.task.eval_split:
+            raise ConfigError("config.eval.every > 0 needs config.task.val_split, a validation split "
+                              "other than the evaluation split (the best checkpoint is never chosen on test).")
+        val_examples = load_examples(task, c.task.source, c.task.val_split, synthetic=synthetic,
+                                     config_name=c.task.config_name or None, limit=c.eval.limit or None)
     n_sft = c.task.sft_examples if "sft" in stages else 0
     sft_examples, latro_examples = train[:n_sft], train[n_sft:]
     if "sft" in stages and (not sft_examples or any(e.rationale is None for e in sft_examples)):
@@ -103,7 +111,7 @@ def build(config) -> Job:
                           f"{len(latro_examples)} training questions left for LaTRO.")
     model = _model(c, mesh, len(tokenizer), fmt)
     return Job(c, mesh, tokenizer, fmt, task, train, sft_examples, latro_examples, eval_examples,
-               model, stages, latro, eval_cfg)
+               val_examples, model, stages, latro, eval_cfg)
 
 
 def _tokenizer(c):
@@ -196,10 +204,10 @@ def train(job: Job, workdir: str) -> dict[str, Any]:
     return results
 
 
-def _evaluate(job: Job, model, workdir: str, name: str) -> dict[str, float]:
-    summary = evaluate(model, job.task, job.eval_examples, job.fmt, job.eval, mesh=job.mesh,
-                       out_dir=os.path.join(workdir, "eval", name), desc=f"eval {name}",
-                       progress=jax.process_index() == 0)
+def _evaluate(job: Job, model, workdir: str, name: str, examples=None) -> dict[str, float]:
+    summary = evaluate(model, job.task, job.eval_examples if examples is None else examples,
+                       job.fmt, job.eval, mesh=job.mesh, out_dir=os.path.join(workdir, "eval", name),
+                       desc=f"eval {name}", progress=jax.process_index() == 0)
     return {k: v for k, v in summary.items() if k in ("greedy", f"maj@{job.eval.maj_k}")}
 
 
@@ -215,15 +223,15 @@ def _run_stage(job: Job, stage: str, model, workdir: str, logger: Logger, stop: 
         examples = job.latro_examples
     inner = trainer.trainer
     batches = BatchIterator(len(examples), c.batch_size, seed=job.config.seed)
+    every_eval = job.config.eval.every
     ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints", stage),
-                                        keep=job.config.checkpoint.keep)
+                                        keep=job.config.checkpoint.keep,
+                                        best_metric="val_greedy" if every_eval else None)
     step = 0
     latest = ckpts.latest_step()
     if latest is not None:
         params, opt_state, meta = ckpts.restore(latest, inner.state.params, inner.state.opt_state)
-        inner.state = inner.state.replace(params=params, opt_state=opt_state,
-                                          step=jax.numpy.asarray(meta["step"], jax.numpy.int32))
-        inner.state = jax.device_put(inner.state, jax.tree.map(lambda x: x.sharding, inner.state))
+        inner.load_state(params, opt_state, meta["step"])
         batches.restore(meta["data"])
         step = meta["step"]
     bar = tqdm(total=c.steps, initial=step, desc=stage, disable=jax.process_index() != 0)
@@ -239,9 +247,14 @@ def _run_stage(job: Job, stage: str, model, workdir: str, logger: Logger, stop: 
             logger.log(stage, step, metrics)
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in _SHOWN[stage] if k in metrics})
+            validation = None
+            if every_eval and step % every_eval == 0:
+                val = _evaluate(job, inner.model(), workdir, f"{stage}-val-{step}", job.val_examples)
+                validation = {f"val_{k.replace('@', '_at_')}": v for k, v in val.items()}
+                logger.log(stage, step, validation)
             if step % job.config.checkpoint.every == 0 or step == c.steps or stop["requested"]:
                 ckpts.save(step, inner.model(), inner.state.opt_state,
-                           {"step": step, "data": batches.state()})
+                           {"step": step, "data": batches.state()}, metrics=validation)
             if stop["requested"] and step < c.steps:
                 raise Preempted(f"SIGTERM: saved {stage} step {step} in {workdir}; rerun to resume")
     finally:

@@ -106,6 +106,12 @@ class Trainer:
         self._step = jax.jit(self._step_impl, donate_argnums=(0,),
                              out_shardings=(state_shardings, None))
 
+    def load_state(self, params, opt_state, step: int) -> None:
+        """Replace the state with restored values, placed on the current state's shardings."""
+        shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+        self.state = jax.device_put(state, shardings)
+
     def model(self) -> Transformer:
         """The current policy as a model (shares the state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params)

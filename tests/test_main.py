@@ -61,8 +61,12 @@ def test_end_to_end_train_checkpoint_export_reload_with_transformers(full_run):
     assert set(results) == {"init", "sft", "latro"} and all("greedy" in r for r in results.values())
     assert "stage" in result.stdout and "latro" in result.stdout  # the printed table
     rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-    assert [r["step"] for r in rows if r["stage"] == "latro"] == [1, 2, 3, 4]
-    assert {"reward", "answer_logp", "kl", "finished", "grad_norm"} <= set(rows[-1])
+    updates = [r for r in rows if r["stage"] == "latro" and "reward" in r]
+    assert [r["step"] for r in updates] == [1, 2, 3, 4]
+    assert {"reward", "answer_logp", "kl", "finished", "grad_norm"} <= set(updates[-1])
+    # validation every 2 updates (eval.every), on the validation split, logged beside the updates
+    assert [r["step"] for r in rows if r["stage"] == "latro" and "val_greedy" in r] == [2, 4]
+    assert (workdir / "eval" / "latro-val-4" / "summary.json").exists()
     assert (workdir / "training.png").stat().st_size > 10_000
     assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
     # the export is the final LaTRO checkpoint, and transformers loads it with the tokenizer
@@ -145,3 +149,18 @@ def test_every_shipped_config_has_valid_sections():
             assert (latro.num_samples, latro.max_rationale_tokens, c.latro.batch_size) == (16, 500, 24)
             assert c.latro.optim.learning_rate == 5e-7 and c.latro.optim.schedule == "linear"
             assert latro.beta == (0.05 if "gsm8k" in path else 0.25)
+
+
+def test_resume_onto_a_different_mesh_shape(tmp_path):
+    """Two LaTRO updates on one device, then the same run continued to four updates on an
+    8-device mesh: the checkpoint restores onto the new shardings and training continues."""
+    workdir = tmp_path / "run"
+    first = _run(workdir, "--config.latro.steps=2", "--config.eval.every=0", "--config.latro.optim.schedule=constant")
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    second = _run(workdir, "--config.latro.steps=4", "--config.eval.every=0",
+                  "--config.latro.optim.schedule=constant", env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["stage"] == "latro"] == [1, 2, 3, 4]
+    assert sorted(os.listdir(workdir / "checkpoints" / "latro")) == ["2", "4"]

@@ -49,4 +49,4 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints" / "latro")) == ["2", "4"]
     # only process 0 wrote logs: one row per update
     rows = [json.loads(l) for l in open(tmp_path / "multi" / "metrics.jsonl")]
-    assert len(rows) == 8
+    assert len([r for r in rows if "loss" in r]) == 8

@@ -129,7 +129,7 @@ def test_shared_prefill_equals_k_copies_of_the_prompt(stories):
     copies = sampling.generate(stories, [p for p in prompts for _ in range(3)], 24,
                                temperature=1.0, num_samples=1, seed=9)
     np.testing.assert_array_equal(shared.token_array, copies.token_array)
-    np.testing.assert_allclose(shared.logprob_array, copies.logprob_array, atol=1e-5)
+    np.testing.assert_allclose(shared.logprob_array, copies.logprob_array, atol=1e-4)
     # and the samples of one prompt differ from each other
     assert len({tuple(s) for s in shared.tokens[0]}) > 1
 
