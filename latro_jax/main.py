@@ -56,7 +56,7 @@ def main(argv):
             model = checkpoint.restore_model(os.path.join(workdir, "checkpoints", stage),
                                              mesh=job.mesh)
             if FLAGS.mode == "eval":
-                print(json.dumps(run._evaluate(job, model, workdir, f"{stage}-latest"), indent=2))
+                print(json.dumps(run.evaluate_stage(job, model, workdir, f"{stage}-latest"), indent=2))
             else:
                 models.save_hf(model, os.path.join(workdir, "hf"),
                                tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)

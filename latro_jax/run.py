@@ -185,12 +185,12 @@ def train(job: Job, workdir: str) -> dict[str, Any]:
     model = job.model
     try:
         if "init" not in results:
-            results["init"] = _evaluate(job, model, workdir, "init")
+            results["init"] = evaluate_stage(job, model, workdir, "init")
             _write_json(results_path, results)
         for stage in job.stages:
             model = _run_stage(job, stage, model, workdir, logger, stop)
             if stage not in results:
-                results[stage] = _evaluate(job, model, workdir, stage)
+                results[stage] = evaluate_stage(job, model, workdir, stage)
                 _write_json(results_path, results)
         if job.config.export.hf:
             models.save_hf(model, os.path.join(workdir, "hf"),
@@ -204,7 +204,9 @@ def train(job: Job, workdir: str) -> dict[str, Any]:
     return results
 
 
-def _evaluate(job: Job, model, workdir: str, name: str, examples=None) -> dict[str, float]:
+def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None) -> dict[str, float]:
+    """Greedy and maj@k accuracy of `model` on the evaluation split (or `examples`), with the
+    per-example records in workdir/eval/<name>."""
     summary = evaluate(model, job.task, job.eval_examples if examples is None else examples,
                        job.fmt, job.eval, mesh=job.mesh, out_dir=os.path.join(workdir, "eval", name),
                        desc=f"eval {name}", progress=jax.process_index() == 0)
@@ -249,7 +251,7 @@ def _run_stage(job: Job, stage: str, model, workdir: str, logger: Logger, stop: 
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in _SHOWN[stage] if k in metrics})
             validation = None
             if every_eval and step % every_eval == 0:
-                val = _evaluate(job, inner.model(), workdir, f"{stage}-val-{step}", job.val_examples)
+                val = evaluate_stage(job, inner.model(), workdir, f"{stage}-val-{step}", job.val_examples)
                 validation = {f"val_{k.replace('@', '_at_')}": v for k, v in val.items()}
                 logger.log(stage, step, validation)
             if step % job.config.checkpoint.every == 0 or step == c.steps or stop["requested"]:
