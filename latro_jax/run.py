@@ -72,7 +72,7 @@ def build(config) -> Job:
         mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from e
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.data_shards(mesh)
     latro = _dataclass(LatroConfig, c.latro, "latro")
     rows = c.latro.batch_size * latro.num_samples
     if "latro" in stages and rows % (latro.microbatches * shards):

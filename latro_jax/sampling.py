@@ -159,21 +159,18 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
         window = jax.lax.dynamic_slice(tok_buf, (0, step), (B, width))
         hit = jnp.any(jnp.all((window[:, None, :] == stops[None]) | (stops[None] == -1), -1), -1)
         lengths = lengths + (~done).astype(jnp.int32)
-        stopped = ~done & hit
         if progress:
             jax.debug.callback(_progress_tick, step, ordered=True)
-        return token, tok_buf, logp_buf, done | stopped, lengths, stopped
+        return token, tok_buf, logp_buf, done | hit, lengths
 
     tok_buf = jnp.full((B, width - 1 + gen_bucket), -1, jnp.int32)
     logp_buf = jnp.zeros((B, gen_bucket), jnp.float32)
-    done = ~row_live
+    done = ~row_live  # padding rows start done; a live row is done once it hits a stop
     lengths = jnp.zeros((B,), jnp.int32)
-    finished = jnp.zeros((B,), bool)
-    token, tok_buf, logp_buf, done, lengths, stopped = emit(0, logits, tok_buf, logp_buf, done, lengths)
-    finished |= stopped
+    token, tok_buf, logp_buf, done, lengths = emit(0, logits, tok_buf, logp_buf, done, lengths)
 
     def cond(carry):
-        step, _, _, _, _, done, _, _ = carry
+        step, _, _, _, _, done, _ = carry
         return (step < max_new) & ~jnp.all(done)
 
     def decode(step, token, cache, tok_buf):
@@ -193,21 +190,20 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
         return logits, fresh.replace(index=P + step)
 
     def body(carry):
-        step, token, cache, tok_buf, logp_buf, done, lengths, finished = carry
+        step, token, cache, tok_buf, logp_buf, done, lengths = carry
         if model.config.rope_scaling.rope_type == "longrope":
             crossing = jnp.any(cache.lengths == longrope_limit(model.config))
             logits, cache = jax.lax.cond(crossing, rebuild, decode, step, token, cache, tok_buf)
         else:
             logits, cache = decode(step, token, cache, tok_buf)
-        token, tok_buf, logp_buf, done, lengths, stopped = emit(
-            step, logits, tok_buf, logp_buf, done, lengths)
-        return step + 1, token, cache, tok_buf, logp_buf, done, lengths, finished | stopped
+        token, tok_buf, logp_buf, done, lengths = emit(step, logits, tok_buf, logp_buf, done, lengths)
+        return step + 1, token, cache, tok_buf, logp_buf, done, lengths
 
-    carry = (jnp.int32(1), token, cache, tok_buf, logp_buf, done, lengths, finished)
-    _, _, _, tok_buf, logp_buf, _, lengths, finished = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), token, cache, tok_buf, logp_buf, done, lengths)
+    _, _, _, tok_buf, logp_buf, done, lengths = jax.lax.while_loop(cond, body, carry)
     tokens = tok_buf[:, width - 1:]
     tokens = jnp.where(tokens < 0, pad_id, tokens)
-    return tokens, logp_buf, lengths, finished
+    return tokens, logp_buf, lengths, done & row_live
 
 
 _BAR: list = []
@@ -238,8 +234,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     n = len(prompts)
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    n_pad = round_up(n, np.lcm(BATCH_MULTIPLE, shards))
+    n_pad = round_up(n, np.lcm(BATCH_MULTIPLE, sharding.data_shards(mesh)))
     p_len = bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET)
     gen_bucket = bucket(max_new_tokens)
     tokens = np.full((n_pad, p_len), pad_id, np.int32)

@@ -39,6 +39,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> j
                          devices=devices)
 
 
+def data_shards(mesh: jax.sharding.Mesh | None) -> int:
+    """How many ways a batch is split: the product of the BATCH_AXES sizes (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def param_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
     """NamedShardings for an (abstract) NNX state from the parameters' partition annotations."""
     return nnx.get_named_sharding(abstract_state, mesh)

@@ -111,9 +111,10 @@ class LatroTrainer:
         """One LaTRO update on N questions (token ids) and their gold answers y (token ids,
         "The answer is {gold}." plus the end token). Returns the update's metrics."""
         cfg, K, N = self.cfg, self.cfg.num_samples, len(prompts)
-        if N * K % (cfg.microbatches * self._data_shards()):
+        shards = sharding.data_shards(self.mesh)
+        if N * K % (cfg.microbatches * shards):
             raise ValueError(f"{N} questions x {K} samples = {N * K} rows must divide into "
-                             f"{cfg.microbatches} micro-batches x {self._data_shards()} data shards")
+                             f"{cfg.microbatches} micro-batches x {shards} data shards")
         t0 = time.perf_counter()
         rows, finished, z_lengths, sampled_tokens = self.rollout(prompts, answers)
         t1 = time.perf_counter()
@@ -141,6 +142,3 @@ class LatroTrainer:
         parts = [self._score(params, *(placed[k][m] for k in arrays))
                  for m in range(self.cfg.microbatches)]
         return tuple(np.concatenate([sharding.to_host(p[i]) for p in parts]) for i in range(2))
-
-    def _data_shards(self) -> int:
-        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
