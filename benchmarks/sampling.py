@@ -1,6 +1,7 @@
 r"""Sampler throughput: latro_jax `sampling.generate` vs transformers `generate`, side by side.
 
     python benchmarks/sampling.py                 # the issue's CPU configuration
+    python benchmarks/sampling.py --dtype=bfloat16  # the same, both sides in bf16
     python benchmarks/sampling.py --preset=gpu_1b # ~1B params, bf16, batch 64 (accelerator)
 
 Both load the same randomly initialised Llama from the same HF folder and sample the same
@@ -33,6 +34,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model and batch configuration.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per implementation (best is reported).")
 flags.DEFINE_bool("skip_transformers", False, "Only time latro_jax.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                  "Weights and compute dtype of both implementations (default: the preset's).")
 
 
 def make_hf_folder(cfg: dict, out: str) -> None:
@@ -71,7 +74,7 @@ def time_latro_jax(folder: str, cfg: dict, prompts) -> float:
 def time_transformers(folder: str, cfg: dict, prompts) -> float:
     import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg["dtype"])).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     ids = torch.tensor(prompts, device=device)
@@ -92,7 +95,7 @@ def time_transformers(folder: str, cfg: dict, prompts) -> float:
 def main(_):
     import jax
     import numpy as np
-    cfg = PRESETS[FLAGS.preset]
+    cfg = dict(PRESETS[FLAGS.preset], **({"dtype": FLAGS.dtype} if FLAGS.dtype else {}))
     rows = cfg["prompts"] * cfg["samples"]
     prompts = np.random.RandomState(0).randint(3, cfg["vocab"], (cfg["prompts"], cfg["prompt_len"])).tolist()
     print(f"preset {FLAGS.preset}: {cfg}")

@@ -59,7 +59,8 @@ def test_stories260k_logits_match_transformers():
 
 def test_bf16_compute_close_to_fp32():
     """bf16 compute with fp32 parameters stays close to fp32 logits. Measured on stories260K:
-    max |dlogits| / max |logits| = 0.0145, greedy-token agreement 95.3%."""
+    max |dlogits| / max |logits| = 0.014, greedy-token agreement 97.7% (transformers in bf16:
+    0.015 and 98.4% against its fp32)."""
     fp32 = models.load_hf(STORIES_HF, dtype="float32")
     bf16 = models.load_hf(STORIES_HF, dtype="bfloat16", param_dtype="float32")
     tokens = np.random.RandomState(0).randint(0, 512, (2, 64)).astype(np.int32)
