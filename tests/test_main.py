@@ -90,11 +90,26 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.2)
 
 
+def _wait_for_update(workdir, stage, step, proc, timeout=300):
+    def logged():
+        if not (workdir / "metrics.jsonl").exists():
+            return False
+        rows = [json.loads(l) for l in open(workdir / "metrics.jsonl") if l.endswith("\n")]
+        return any(r["stage"] == stage and r["step"] >= step and "reward" in r for r in rows)
+    start = time.time()
+    while not logged():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - start < timeout
+        time.sleep(0.1)
+
+
 def test_sigkill_then_resume_ends_with_the_same_parameters(full_run, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(workdir / "checkpoints" / "latro" / "2", proc)
+    # Kill once LaTRO update 2 of 4 is logged (its checkpoint may still be finalising): waiting
+    # for the checkpoint folder raced the end of the run, whose last async save lands late.
+    _wait_for_update(workdir, "latro", 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "hf").exists()
