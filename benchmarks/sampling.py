@@ -74,7 +74,8 @@ def time_latro_jax(folder: str, cfg: dict, prompts) -> float:
 def time_transformers(folder: str, cfg: dict, prompts) -> float:
     import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg["dtype"])).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, cfg["dtype"])).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     ids = torch.tensor(prompts, device=device)
@@ -95,7 +96,9 @@ def time_transformers(folder: str, cfg: dict, prompts) -> float:
 def main(_):
     import jax
     import numpy as np
-    cfg = dict(PRESETS[FLAGS.preset], **({"dtype": FLAGS.dtype} if FLAGS.dtype else {}))
+    cfg = dict(PRESETS[FLAGS.preset])
+    if FLAGS.dtype:
+        cfg["dtype"] = FLAGS.dtype
     rows = cfg["prompts"] * cfg["samples"]
     prompts = np.random.RandomState(0).randint(3, cfg["vocab"], (cfg["prompts"], cfg["prompt_len"])).tolist()
     print(f"preset {FLAGS.preset}: {cfg}")

@@ -148,7 +148,8 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers()  # sliced once, outside the decode loop
     N, P = prompts.shape
-    cache = KVCache.zeros(model.config, N, P + gen_bucket, dtype=cache_dtype(model))
+    cache_dt = cache_dtype(model)
+    cache = KVCache.zeros(model.config, N, P + gen_bucket, dtype=cache_dt)
     hidden, cache = model.hidden_states(prompts, valid=prompt_valid, cache=cache, layers=layers)
     logits = model.logits(hidden[:, -1])
     cache = cache.repeat(num_samples)
@@ -191,7 +192,7 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
                                    jnp.where(generated < 0, pad_id, generated)], axis=1)
         valid = jnp.concatenate([jnp.repeat(prompt_valid, num_samples, axis=0),
                                  jnp.broadcast_to(jnp.arange(gen_bucket) < step, (B, gen_bucket))], axis=1)
-        fresh = KVCache.zeros(model.config, B, P + gen_bucket, dtype=cache_dtype(model))
+        fresh = KVCache.zeros(model.config, B, P + gen_bucket, dtype=cache_dt)
         hidden, fresh = model.hidden_states(history, valid=valid, cache=fresh, layers=layers)
         logits = model.logits(jax.lax.dynamic_index_in_dim(hidden, P + step - 1, 1, keepdims=False))
         return logits, fresh.replace(index=P + step)

@@ -82,25 +82,23 @@ def _final_tensors(workdir):
     return load_file(str(workdir / "hf" / "model.safetensors"))
 
 
-def _wait_for(path, proc, timeout=300):
+def _wait_for(ready, proc, timeout=300):
+    """Poll ready() until it holds; fail if the process exits first or time runs out."""
     start = time.time()
-    while not path.exists():
+    while not ready():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() - start < timeout
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
-def _wait_for_update(workdir, stage, step, proc, timeout=300):
-    def logged():
+def _update_logged(workdir, stage, step):
+    """A ready() for _wait_for: metrics.jsonl holds `stage`'s update `step` (or a later one)."""
+    def ready():
         if not (workdir / "metrics.jsonl").exists():
             return False
         rows = [json.loads(l) for l in open(workdir / "metrics.jsonl") if l.endswith("\n")]
         return any(r["stage"] == stage and r["step"] >= step and "reward" in r for r in rows)
-    start = time.time()
-    while not logged():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() - start < timeout
-        time.sleep(0.1)
+    return ready
 
 
 def test_sigkill_then_resume_ends_with_the_same_parameters(full_run, tmp_path):
@@ -109,7 +107,7 @@ def test_sigkill_then_resume_ends_with_the_same_parameters(full_run, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     # Kill once LaTRO update 2 of 4 is logged (its checkpoint may still be finalising): waiting
     # for the checkpoint folder raced the end of the run, whose last async save lands late.
-    _wait_for_update(workdir, "latro", 2, proc)
+    _wait_for(_update_logged(workdir, "latro", 2), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "hf").exists()
@@ -124,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(workdir / "checkpoints" / "sft" / "2", proc)
+    _wait_for((workdir / "checkpoints" / "sft" / "2").exists, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]

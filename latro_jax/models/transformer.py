@@ -67,7 +67,8 @@ def _dense(din: int, dout: int, sharding: tuple, *, config: ModelConfig, dtype, 
            rngs: nnx.Rngs) -> nnx.Linear:
     init = nnx.initializers.normal(config.initializer_range)
     return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      preferred_element_type=jnp.float32, kernel_init=nnx.with_partitioning(init, sharding), rngs=rngs)
+                      preferred_element_type=jnp.float32,  # callers round to their dtype
+                      kernel_init=nnx.with_partitioning(init, sharding), rngs=rngs)
 
 
 def _matmul(spec: str, x, kernel: nnx.Param, dtype, out_dtype=None):
