@@ -93,9 +93,7 @@ class TrainCheckpoints:
         if best_metric:
             policies.append(_policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
                                             keep_checkpoints_without_metrics=True))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=_policies.AnyPreservationPolicy(policies), create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies))
 
     def save(self, step: int, model: Transformer, opt_state: Any, meta: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
