@@ -5,8 +5,9 @@ summary table of each point's results.json.
         --grid=latro.beta=0.05,0.25 --grid=latro.optim.learning_rate=1e-5,3e-5 \
         [--extra=--config.latro.steps=50]
 
-Points that already finished (results.json holds their last stage) are skipped, so a sweep
-can be re-run after an interruption. The table goes to stdout and <root>/summary.json.
+Every point is run again on a re-run; a point that already ran resumes from its latest
+checkpoint and keeps the evaluations in its results.json, so a sweep can be re-run after an
+interruption. The table goes to stdout and <root>/summary.json.
 """
 
 from __future__ import annotations
