@@ -6,6 +6,7 @@ TensorBoard, progress bar), plot, and export the final model as an HF folder."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ class Job:
     val_examples: list
     model: models.Transformer
     stages: tuple[str, ...]
+    optims: dict[str, OptimConfig]
     latro: LatroConfig
     eval: EvalConfig
 
@@ -82,25 +84,24 @@ def build(config) -> Job:
     if "sft" in stages and c.sft.batch_size % (c.sft.microbatches * shards):
         raise ConfigError(f"config.sft: batch_size={c.sft.batch_size} is not divisible by microbatches "
                           f"({c.sft.microbatches}) x data-parallel devices ({shards}).")
-    for stage in stages:
-        _dataclass(OptimConfig, c[stage].optim, f"{stage}.optim", total_steps=c[stage].steps)
+    optims = {stage: _dataclass(OptimConfig, c[stage].optim, f"{stage}.optim", total_steps=c[stage].steps)
+              for stage in stages}
     eval_cfg = _dataclass(EvalConfig, c.eval, "eval")
 
     tokenizer = _tokenizer(c)
     fmt = PromptFormatter(tokenizer)
     task = get_task(c.task.name)
     synthetic = c.task.synthetic.to_dict() if "synthetic" in c.task else None
-    train = load_examples(task, c.task.source, c.task.train_split, synthetic=synthetic,
-                          config_name=c.task.config_name or None)
-    eval_examples = load_examples(task, c.task.source, c.task.eval_split, synthetic=synthetic,
-                                  config_name=c.task.config_name or None, limit=c.eval.limit or None)
+    load = functools.partial(load_examples, task, c.task.source, synthetic=synthetic,
+                             config_name=c.task.config_name or None)
+    train = load(c.task.train_split)
+    eval_examples = load(c.task.eval_split, limit=c.eval.limit or None)
     val_examples = []
     if c.eval.every:
         if not c.task.val_split or c.task.val_split == c.task.eval_split:
             raise ConfigError("config.eval.every > 0 needs config.task.val_split, a validation split "
                               "other than the evaluation split (the best checkpoint is never chosen on test).")
-        val_examples = load_examples(task, c.task.source, c.task.val_split, synthetic=synthetic,
-                                     config_name=c.task.config_name or None, limit=c.eval.limit or None)
+        val_examples = load(c.task.val_split, limit=c.eval.limit or None)
     n_sft = c.task.sft_examples if "sft" in stages else 0
     sft_examples, latro_examples = train[:n_sft], train[n_sft:]
     if "sft" in stages and (not sft_examples or any(e.rationale is None for e in sft_examples)):
@@ -111,7 +112,7 @@ def build(config) -> Job:
                           f"{len(latro_examples)} training questions left for LaTRO.")
     model = _model(c, mesh, len(tokenizer), fmt)
     return Job(c, mesh, tokenizer, fmt, task, train, sft_examples, latro_examples, eval_examples,
-               val_examples, model, stages, latro, eval_cfg)
+               val_examples, model, stages, optims, latro, eval_cfg)
 
 
 def _tokenizer(c):
@@ -214,8 +215,7 @@ def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None) -> d
 
 
 def _run_stage(job: Job, stage: str, model, workdir: str, logger: Logger, stop: dict):
-    c = job.config[stage]
-    optim = _dataclass(OptimConfig, c.optim, f"{stage}.optim", total_steps=c.steps)
+    c, optim = job.config[stage], job.optims[stage]
     if stage == "sft":
         trainer = SftTrainer(model, optim, microbatches=c.microbatches, pad_id=job.fmt.pad_id, mesh=job.mesh)
         examples = job.sft_examples
