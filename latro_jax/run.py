@@ -244,7 +244,8 @@ def _run_stage(job: Job, stage: str, model, workdir: str, logger: Logger, stop: 
             if stage == "sft":
                 metrics = trainer.update(prompts, [job.fmt.completion_ids(e.rationale) for e in batch])
             else:
-                metrics = trainer.update(prompts, [job.fmt.answer_ids(e.answer) for e in batch])
+                metrics = trainer.update(prompts, [job.fmt.answer_ids(e.answer) for e in batch],
+                                         [job.fmt.completion_ids(e.answer) for e in batch])
             step += 1
             logger.log(stage, step, metrics)
             bar.update(1)

@@ -91,6 +91,22 @@ def test_latro_update_on_8_device_mesh_equals_one_device():
     assert meshed.trainer.state.params["layers"]["attn"]["qkv_kernel"][...].sharding.mesh.size == 8
 
 
+def test_rollout_scores_the_bare_answer_after_an_empty_rationale():
+    """A rationale that stops at once (the model answered directly) is followed by y as a whole
+    completion ("The answer is" with no leading space); any other rationale by y as it follows
+    text. With most tokens as stops, both kinds occur among 2 x 8 samples."""
+    cfg = LatroConfig(num_samples=8, max_rationale_tokens=4)
+    stops = Stops(ids=tuple(range(2, 33)))
+    trainer = LatroTrainer(models.init_model(TINY, seed=0), cfg, OptimConfig(total_steps=1), stops, seed=3)
+    prompts, answers, bare = [[5, 9, 11], [12, 4]], [[36, 37, 2], [38, 2]], [[39, 2], [35, 34, 2]]
+    rows, finished, lengths, _ = trainer.rollout(prompts, answers, bare)
+    assert 0 < (lengths == 0).sum() < len(lengths), lengths
+    for r, n in enumerate(lengths):
+        want = (bare if n == 0 else answers)[r // 8]
+        assert rows.tokens[r][rows.answer_mask[r] > 0].tolist() == want, r
+        assert rows.rationale_mask[r].sum() == n
+
+
 def test_latro_updates_raise_answer_likelihood_on_a_toy_task():
     """stories260K (real weights), questions from story openings, gold answer
     "The answer is 7." (+ EOS): a few updates raise log pi(y | x + z) clearly."""

@@ -87,8 +87,10 @@ class LatroTrainer:
     def step(self) -> int:
         return int(self.trainer.state.step)
 
-    def rollout(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
-        """Sample K rationales per question, truncate them, and assemble the scored rows.
+    def rollout(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                bare_answers: Sequence[Sequence[int]] | None = None):
+        """Sample K rationales per question, truncate them, and assemble the scored rows; a row
+        whose rationale is empty (the model answered at once) gets its question's bare answer.
         Returns (rows, finished [N*K], rationale lengths [N*K], sampled tokens)."""
         cfg, K = self.cfg, self.cfg.num_samples
         out = sampling.generate(
@@ -101,22 +103,26 @@ class LatroTrainer:
         rationales = [out.token_array[r, :n].tolist() for r, (n, _) in enumerate(cut)]
         finished = np.array([stopped for _, stopped in cut])
         width = sampling.bucket(max(map(len, prompts)), sampling.MIN_PROMPT_BUCKET)
-        length = sampling.bucket(width + cfg.max_rationale_tokens + max(map(len, answers)))
-        rows = objectives.assemble_rows(
-            [p for p in prompts for _ in range(K)], rationales, [a for a in answers for _ in range(K)],
-            prompt_width=width, length=length, pad_id=self.pad_id)
+        bare_answers = answers if bare_answers is None else bare_answers
+        row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(rationales)]
+        length = sampling.bucket(width + cfg.max_rationale_tokens + max(map(len, row_answers)))
+        rows = objectives.assemble_rows([p for p in prompts for _ in range(K)], rationales, row_answers,
+                                        prompt_width=width, length=length, pad_id=self.pad_id)
         return rows, finished, np.array([n for n, _ in cut]), int(out.lengths.sum())
 
-    def update(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> dict[str, float]:
-        """One LaTRO update on N questions (token ids) and their gold answers y (token ids,
-        "The answer is {gold}." plus the end token). Returns the update's metrics."""
+    def update(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+               bare_answers: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+        """One LaTRO update on N questions (token ids) and their gold answers y (token ids of
+        " The answer is {gold}." as it follows a rationale, plus the end token). `bare_answers`
+        are the same y tokenized as a whole completion ("The answer is {gold}." with no space
+        before it), scored after an empty rationale; default `answers`. Returns the metrics."""
         cfg, K, N = self.cfg, self.cfg.num_samples, len(prompts)
         shards = sharding.data_shards(self.mesh)
         if N * K % (cfg.microbatches * shards):
             raise ValueError(f"{N} questions x {K} samples = {N * K} rows must divide into "
                              f"{cfg.microbatches} micro-batches x {shards} data shards")
         t0 = time.perf_counter()
-        rows, finished, z_lengths, sampled_tokens = self.rollout(prompts, answers)
+        rows, finished, z_lengths, sampled_tokens = self.rollout(prompts, answers, bare_answers)
         t1 = time.perf_counter()
         arrays = dict(tokens=rows.tokens, valid=rows.valid, rationale_mask=rows.rationale_mask,
                       answer_mask=rows.answer_mask)
