@@ -1,0 +1,142 @@
+r"""Signal and noise of the LaTRO gradient estimate on a warm start, and what a step along it does.
+
+    python -m latro_jax.main --config=configs/demo.py --config.stages=sft --workdir=/tmp/ws
+    python benchmarks/latro_gradient.py --model=/tmp/ws/hf          # the demo's task and SFT model
+
+On a fixed set of --questions training questions it draws two independent rollouts of
+--samples rationales per question, computes the REINFORCE-with-RLOO gradient of each (SPEC 1.2,
+c_sft = 0: the policy part only) and prints their norms and cosine. For independent estimates
+g_i = s + n_i with noise of equal size, cos = |s|^2 / (|s|^2 + |n|^2): the signal-to-noise
+ratio |s|/|n| of one estimate is sqrt(cos / (1 - cos)); it grows as sqrt(rows).
+
+Then it steps the parameters along the mean of the two estimates, by plain gradient steps
+(theta - eta * g) and by sign steps (theta - eta * sign(g), what Adam's first updates are), and
+re-samples: the policy objective E_z[R'] with the scorer held at the warm start (R' = log pi_0(y|x+z),
+the non-stop penalty for unfinished z) and the share of rationales after which the gold answer is
+likely (R' > -2), each next to the same measurement of the warm start with the same seeds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "HF folder of the warm start (a character-level demo model).")
+flags.DEFINE_integer("questions", 64, "Training questions in the fixed set.")
+flags.DEFINE_integer("samples", 32, "Rationales per question (K) in each rollout.")
+flags.DEFINE_integer("num_steps", 2, "Synthetic task: steps per problem (the demo's: 2).")
+flags.DEFINE_integer("max_operand", 5, "Synthetic task: largest operand (the demo's: 5).")
+flags.DEFINE_integer("max_rationale_tokens", 40, "L, the rationale length limit.")
+flags.DEFINE_float("beta", 0.05, "KL weight in the reward.")
+flags.DEFINE_list("sgd_steps", ["3e-4", "1e-3", "3e-3"], "Step sizes of plain gradient steps.")
+flags.DEFINE_list("sign_steps", ["1e-4", "3e-4", "1e-3"], "Step sizes of sign steps.")
+flags.mark_flag_as_required("model")
+
+CHUNK_ROWS = 256  # rows per jitted scoring / gradient call
+
+
+def main(_):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from latro_jax import models, objectives
+    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops
+    from latro_jax.data import PromptFormatter, get_task, load_examples
+    from latro_jax.data.char_tokenizer import build_char_tokenizer
+    from latro_jax.train import OptimConfig
+
+    fmt, task = PromptFormatter(build_char_tokenizer()), get_task("synthetic")
+    synthetic = dict(seed=0, sizes={"test": 200, "train": 3000}, num_steps=FLAGS.num_steps,
+                     max_operand=FLAGS.max_operand)
+    questions = load_examples(task, "synthetic", "train", synthetic=synthetic)[-FLAGS.questions:]
+    prompts = [fmt.prompt_ids(e.question) for e in questions]
+    answers = [fmt.answer_ids(e.answer) for e in questions]
+    bare = [fmt.completion_ids(e.answer) for e in questions]
+    N, K = len(prompts), FLAGS.samples
+    cfg = LatroConfig(num_samples=K, beta=FLAGS.beta, sft_coef=0.0,
+                      max_rationale_tokens=FLAGS.max_rationale_tokens)
+    latro = LatroTrainer(models.load_hf(FLAGS.model), cfg, OptimConfig(total_steps=1),
+                         Stops(fmt.stop_ids, fmt.stop_phrases), pad_id=fmt.pad_id)
+    graphdef, start = nnx.split(latro.trainer.model())
+
+    @jax.jit
+    def spans(params, tokens, valid, z_mask, y_mask):
+        logp = objectives.token_logprobs(nnx.merge(graphdef, params), tokens, valid)
+        return objectives.span_logprob(logp, z_mask), objectives.span_logprob(logp, y_mask)
+
+    @jax.jit
+    def grad(params, tokens, valid, z_mask, y_mask, advantages):
+        def loss(p):
+            z_logp, y_logp = spans(p, tokens, valid, z_mask, y_mask)
+            return objectives.latro_loss(z_logp, y_logp, advantages, sft_coef=0.0)
+        return jax.grad(loss)(params)
+
+    def rollout(params, seed):
+        """Rows sampled from `params`: (arrays, finished). The trainer only samples here (no
+        update), so pointing its state at other parameters is safe."""
+        latro.trainer.state = latro.trainer.state.replace(params=params)
+        latro.seed = seed
+        rows, finished, _, _ = latro.rollout(prompts, answers, bare)
+        return (rows.tokens, rows.valid, rows.rationale_mask, rows.answer_mask), finished
+
+    def chunks(arrays):
+        for i in range(0, N * K, CHUNK_ROWS):
+            yield tuple(jnp.asarray(a[i:i + CHUNK_ROWS]) for a in arrays)
+
+    def score(params, arrays):
+        parts = [spans(params, *c) for c in chunks(arrays)]
+        return tuple(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(2))
+
+    def estimate(seed):
+        arrays, finished = rollout(start, seed)
+        z_logp, y_logp = score(start, arrays)
+        ref_z_logp, _ = score(latro.ref_params, arrays)
+        rewards = objectives.latro_rewards(
+            *(x.reshape(N, K) for x in (y_logp, z_logp, ref_z_logp)), finished.reshape(N, K),
+            beta=cfg.beta, nonstop_penalty=cfg.nonstop_penalty)
+        advantages = np.asarray(objectives.rloo_advantages(rewards)).reshape(-1)
+        total = None
+        for i, c in enumerate(chunks((*arrays, advantages))):
+            g = jax.tree.map(lambda x: x * len(c[0]) / (N * K), grad(start, *c))
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        return total
+
+    def measure(params, seeds=(7, 8)):
+        """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""
+        out = []
+        for seed in seeds:
+            arrays, finished = rollout(params, seed)
+            _, y_logp = score(start, arrays)
+            reward = np.where(finished, y_logp, cfg.nonstop_penalty * y_logp.mean())
+            out.append((reward.mean(), (reward > -2).mean()))
+        return np.mean(out, axis=0)
+
+    flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+    g1, g2 = estimate(101), estimate(202)
+    a, b = flat(g1), flat(g2)
+    cos = float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+    print(f"{N} questions x {K} rationales = {N * K} rows per estimate")
+    print(f"gradient norms {float(jnp.linalg.norm(a)):.2f}, {float(jnp.linalg.norm(b)):.2f}; "
+          f"cosine of two independent estimates {cos:.3f}; "
+          f"signal/noise of one estimate {np.sqrt(max(cos, 0) / (1 - cos)):.2f}")
+    mean = jax.tree.map(lambda x, y: (x + y) / 2, g1, g2)
+    base = measure(start)
+    print(f"{'step':<18}{'E[R`] (fixed scorer)':>24}{'share R` > -2':>18}")
+    print(f"{'none':<18}{base[0]:>24.3f}{base[1]:>18.3f}")
+    for kind, sizes, direction in (("gradient", FLAGS.sgd_steps, lambda g: g),
+                                   ("sign", FLAGS.sign_steps, jnp.sign)):
+        for eta in map(float, sizes):
+            moved = jax.tree.map(lambda w, g: w - eta * direction(g), start, mean)
+            r, share = measure(moved)
+            print(f"{kind + ' ' + format(eta, 'g'):<18}{r:>24.3f}{share:>18.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
