@@ -37,7 +37,7 @@ flags.DEFINE_list("sgd_steps", ["3e-4", "1e-3", "3e-3"], "Step sizes of plain gr
 flags.DEFINE_list("sign_steps", ["1e-4", "3e-4", "1e-3"], "Step sizes of sign steps.")
 flags.mark_flag_as_required("model")
 
-CHUNK_ROWS = 256  # rows per jitted scoring / gradient call
+CHUNK_ROWS = 256  # rows per micro-batch of the scoring and gradient passes
 
 
 def main(_):
@@ -47,7 +47,7 @@ def main(_):
     from flax import nnx
 
     from latro_jax import models, objectives
-    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops
+    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops, _loss_fn
     from latro_jax.data import PromptFormatter, get_task, load_examples
     from latro_jax.data.char_tokenizer import build_char_tokenizer
     from latro_jax.train import OptimConfig
@@ -61,59 +61,43 @@ def main(_):
     bare = [fmt.completion_ids(e.answer) for e in questions]
     N, K = len(prompts), FLAGS.samples
     cfg = LatroConfig(num_samples=K, beta=FLAGS.beta, sft_coef=0.0,
-                      max_rationale_tokens=FLAGS.max_rationale_tokens)
+                      max_rationale_tokens=FLAGS.max_rationale_tokens,
+                      microbatches=max(1, N * K // CHUNK_ROWS))
     latro = LatroTrainer(models.load_hf(FLAGS.model), cfg, OptimConfig(total_steps=1),
                          Stops(fmt.stop_ids, fmt.stop_phrases), pad_id=fmt.pad_id)
-    graphdef, start = nnx.split(latro.trainer.model())
-
-    @jax.jit
-    def spans(params, tokens, valid, z_mask, y_mask):
-        logp = objectives.token_logprobs(nnx.merge(graphdef, params), tokens, valid)
-        return objectives.span_logprob(logp, z_mask), objectives.span_logprob(logp, y_mask)
-
-    @jax.jit
-    def grad(params, tokens, valid, z_mask, y_mask, advantages):
-        def loss(p):
-            z_logp, y_logp = spans(p, tokens, valid, z_mask, y_mask)
-            return objectives.latro_loss(z_logp, y_logp, advantages, sft_coef=0.0)
-        return jax.grad(loss)(params)
+    graphdef, start = latro.trainer.graphdef, latro.trainer.state.params
+    loss = _loss_fn(cfg)  # the trainer's own loss: micro-batch contributions sum to the batch's
+    grad = jax.jit(lambda params, mb: jax.grad(
+        lambda p: loss(nnx.merge(graphdef, p), mb, {"rows": jnp.float32(N * K)})[0])(params))
 
     def rollout(params, seed):
-        """Rows sampled from `params`: (arrays, finished). The trainer only samples here (no
-        update), so pointing its state at other parameters is safe."""
+        """Rows sampled from `params`: (arrays, finished). The trainer only samples and scores
+        here (no update), so pointing its state at other parameters is safe."""
         latro.trainer.state = latro.trainer.state.replace(params=params)
         latro.seed = seed
         rows, finished, _, _ = latro.rollout(prompts, answers, bare)
-        return (rows.tokens, rows.valid, rows.rationale_mask, rows.answer_mask), finished
-
-    def chunks(arrays):
-        for i in range(0, N * K, CHUNK_ROWS):
-            yield tuple(jnp.asarray(a[i:i + CHUNK_ROWS]) for a in arrays)
-
-    def score(params, arrays):
-        parts = [spans(params, *c) for c in chunks(arrays)]
-        return tuple(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(2))
+        arrays = dict(tokens=rows.tokens, valid=rows.valid, rationale_mask=rows.rationale_mask,
+                      answer_mask=rows.answer_mask)
+        return arrays, finished
 
     def estimate(seed):
         arrays, finished = rollout(start, seed)
-        z_logp, y_logp = score(start, arrays)
-        ref_z_logp, _ = score(latro.ref_params, arrays)
+        z_logp, y_logp = latro._score_rows(start, arrays)
+        ref_z_logp, _ = latro._score_rows(latro.ref_params, arrays)
         rewards = objectives.latro_rewards(
             *(x.reshape(N, K) for x in (y_logp, z_logp, ref_z_logp)), finished.reshape(N, K),
             beta=cfg.beta, nonstop_penalty=cfg.nonstop_penalty)
         advantages = np.asarray(objectives.rloo_advantages(rewards)).reshape(-1)
-        total = None
-        for i, c in enumerate(chunks((*arrays, advantages))):
-            g = jax.tree.map(lambda x: x * len(c[0]) / (N * K), grad(start, *c))
-            total = g if total is None else jax.tree.map(jnp.add, total, g)
-        return total
+        placed = latro.trainer.shard_rows({**arrays, "advantages": advantages})
+        grads = [grad(start, {k: v[m] for k, v in placed.items()}) for m in range(cfg.microbatches)]
+        return jax.tree.map(lambda *g: sum(g), *grads)
 
     def measure(params, seeds=(7, 8)):
         """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""
         out = []
         for seed in seeds:
             arrays, finished = rollout(params, seed)
-            _, y_logp = score(start, arrays)
+            _, y_logp = latro._score_rows(start, arrays)
             reward = np.where(finished, y_logp, cfg.nonstop_penalty * y_logp.mean())
             out.append((reward.mean(), (reward > -2).mean()))
         return np.mean(out, axis=0)
