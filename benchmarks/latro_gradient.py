@@ -26,12 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF folder of the warm start (a character-level demo model).")
+flags.DEFINE_string("model", None, "HF folder of the warm start, tokenizer included (the demo's SFT export).")
 flags.DEFINE_integer("questions", 64, "Training questions in the fixed set.")
 flags.DEFINE_integer("samples", 32, "Rationales per question (K) in each rollout.")
-flags.DEFINE_integer("num_steps", 2, "Synthetic task: steps per problem (the demo's: 2).")
-flags.DEFINE_integer("max_operand", 5, "Synthetic task: largest operand (the demo's: 5).")
-flags.DEFINE_integer("max_rationale_tokens", 40, "L, the rationale length limit.")
+flags.DEFINE_integer("max_rationale_tokens", 36, "L, the rationale length limit (the demo's: 36).")
 flags.DEFINE_float("beta", 0.05, "KL weight in the reward.")
 flags.DEFINE_list("sgd_steps", ["3e-4", "1e-3", "3e-3"], "Step sizes of plain gradient steps.")
 flags.DEFINE_list("sign_steps", ["1e-4", "3e-4", "1e-3"], "Step sizes of sign steps.")
@@ -49,12 +47,13 @@ def main(_):
     from latro_jax import models, objectives
     from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops, _loss_fn
     from latro_jax.data import PromptFormatter, get_task, load_examples
-    from latro_jax.data.char_tokenizer import build_char_tokenizer
+    from transformers import AutoTokenizer
+
+    from configs.demo import get_config
     from latro_jax.train import OptimConfig
 
-    fmt, task = PromptFormatter(build_char_tokenizer()), get_task("synthetic")
-    synthetic = dict(seed=0, sizes={"test": 200, "train": 3000}, num_steps=FLAGS.num_steps,
-                     max_operand=FLAGS.max_operand)
+    fmt, task = PromptFormatter(AutoTokenizer.from_pretrained(FLAGS.model)), get_task("synthetic")
+    synthetic = get_config().task.synthetic.to_dict()  # the demo's problems
     questions = load_examples(task, "synthetic", "train", synthetic=synthetic)[-FLAGS.questions:]
     prompts = [fmt.prompt_ids(e.question) for e in questions]
     answers = [fmt.answer_ids(e.answer) for e in questions]

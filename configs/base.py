@@ -18,7 +18,7 @@ def get_base() -> ml_collections.ConfigDict:
                   num_kv_heads=1, head_dim=0, max_position_embeddings=1024,
                   tie_word_embeddings=True, initializer_range=0.02),
         dtype="bfloat16", param_dtype="float32", remat="full")
-    c.tokenizer = dict(path="", char=False)  # path defaults to model.path
+    c.tokenizer = dict(path="", build="")  # path defaults to model.path; build: "", "char", "words"
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", config_name="",
                   train_split="train", eval_split="test", val_split="", sft_examples=7473)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)

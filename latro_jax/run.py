@@ -21,11 +21,12 @@ from latro_jax import checkpoint, models, sharding
 from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops
 from latro_jax.algorithms.sft import SftTrainer
 from latro_jax.data import BatchIterator, PromptFormatter, get_task, load_examples, select
-from latro_jax.data.char_tokenizer import build_char_tokenizer
+from latro_jax.data.task_tokenizers import build_char_tokenizer, build_word_tokenizer
 from latro_jax.evaluate import EvalConfig, evaluate
 from latro_jax.train import OptimConfig
 
 STAGES = ("sft", "latro")
+TOKENIZER_BUILDS = ("", "char", "words")  # "": load config.tokenizer.path
 
 
 class ConfigError(ValueError):
@@ -88,13 +89,13 @@ def build(config) -> Job:
               for stage in stages}
     eval_cfg = _dataclass(EvalConfig, c.eval, "eval")
 
-    tokenizer = _tokenizer(c)
-    fmt = PromptFormatter(tokenizer)
     task = get_task(c.task.name)
     synthetic = c.task.synthetic.to_dict() if "synthetic" in c.task else None
     load = functools.partial(load_examples, task, c.task.source, synthetic=synthetic,
                              config_name=c.task.config_name or None)
     train = load(c.task.train_split)
+    tokenizer = _tokenizer(c, train)
+    fmt = PromptFormatter(tokenizer)
     eval_examples = load(c.task.eval_split, limit=c.eval.limit or None)
     val_examples = []
     if c.eval.every:
@@ -115,10 +116,17 @@ def build(config) -> Job:
                val_examples, model, stages, optims, latro, eval_cfg)
 
 
-def _tokenizer(c):
+def _tokenizer(c, train: list):
+    """The tokenizer folder at config.tokenizer.path (default model.path), or one built in code:
+    build="char" (one token per character), "words" (words whole, digits single; learned from
+    the training split's questions and rationales)."""
     import transformers
-    if c.tokenizer.char:
+    if c.tokenizer.build not in TOKENIZER_BUILDS:
+        raise ConfigError(f"config.tokenizer.build={c.tokenizer.build!r}: choose one of {TOKENIZER_BUILDS}")
+    if c.tokenizer.build == "char":
         return build_char_tokenizer()
+    if c.tokenizer.build == "words":
+        return build_word_tokenizer([e.question for e in train] + [e.rationale for e in train if e.rationale])
     path = c.tokenizer.path or c.model.path
     if not path:
         raise ConfigError("config.tokenizer.path (or config.model.path) must name a tokenizer folder")

@@ -110,6 +110,51 @@ def test_synthetic_task_is_deterministic_and_its_rationales_compute_the_answer()
         assert not task.score(ex.rationale.replace(f"is {value}.", f"is {value + 1}."), ex.gold)
 
 
+def test_synthetic_terse_rationales_keep_the_problems_and_state_the_answer():
+    stepwise = generate_splits(3, {"test": 30, "train": 600}, num_steps=3, max_operand=9)
+    mixed = generate_splits(3, {"test": 30, "train": 600}, num_steps=3, max_operand=9,
+                            stepwise_share=0.4)
+    task, terse = get_task("synthetic"), 0
+    for a, b in zip(stepwise["test"] + stepwise["train"], mixed["test"] + mixed["train"]):
+        assert (a["question"], a["answer"]) == (b["question"], b["answer"])
+        if a["rationale"] != b["rationale"]:
+            terse += 1
+            assert b["rationale"] == f"Total: {a['answer']}. The answer is {a['answer']}."
+            assert task.score(b["rationale"], b["answer"])
+        else:
+            assert len(re.findall(r"\d+[+-]\d+=\d+\.", b["rationale"])) == 3
+    assert 0.5 < terse / 630 < 0.7  # 1 - stepwise_share of the rationales
+    with pytest.raises(ValueError, match="stepwise_share"):
+        generate_splits(3, {"test": 3}, stepwise_share=1.5)
+
+
+def test_word_tokenizer_keeps_words_whole_digits_single_and_round_trips(tmp_path):
+    from latro_jax.data.task_tokenizers import build_char_tokenizer, build_word_tokenizer
+    rows = generate_splits(0, {"train": 300}, num_steps=3, max_operand=9, stepwise_share=0.5)["train"]
+    texts = [r["question"] for r in rows] + [r["rationale"] for r in rows]
+    tok = build_word_tokenizer(texts)
+    assert tok.get_vocab() == build_word_tokenizer(texts).get_vocab()  # deterministic
+    pieces = lambda text: [tok.decode([i]) for i in tok(text, add_special_tokens=False).input_ids]
+    assert pieces("Ann has 12 apples. 12+3=15. The answer is 15.") == [
+        "Ann", " has", " 1", "2", " apples", ".", " 1", "2", "+", "3", "=", "1", "5", ".",
+        " The", " answer", " is", " 1", "5", "."]
+    unseen = "Zed owns 40 kiwis!\nAnswer: 7"  # outside the learned words: characters
+    for text in texts[:50] + [unseen]:
+        ids = tok(text).input_ids
+        assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.unk_token_id not in tok(unseen).input_ids
+    chars = build_char_tokenizer()
+    ratio = np.mean([len(chars(q).input_ids) / len(tok(q).input_ids) for q in texts[:300]])
+    assert ratio > 3  # questions are ~3.5x shorter than in characters
+    fmt = PromptFormatter(tok)
+    ids = fmt.completion_ids(rows[0]["rationale"])
+    assert any(ids[i:i + len(p)] == list(p) for p in fmt.stop_phrases for i in range(len(ids)))
+    assert fmt.answer_ids("15")[:-1] == tok(" 15", add_special_tokens=False).input_ids
+    tok.save_pretrained(tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(texts[0]).input_ids == tok(texts[0]).input_ids
+
+
 def test_iteration_resumes_exactly_and_hosts_get_disjoint_covering_shares():
     it = BatchIterator(103, 8, seed=3)
     first = [it.next() for _ in range(5)]

@@ -45,6 +45,7 @@ def full_run(tmp_path_factory):
     ("--config.task.source=/nonexistent/gsm8k.jsonl", "/nonexistent/gsm8k.jsonl: no such data file"),
     ("--config.latro.batch_size=3", "12 rationales is not divisible by microbatches (1) x data-parallel devices (8)"),
     ("--config.latro.no_such_field=1", "no_such_field"),
+    ("--config.tokenizer.build=bpe", "config.tokenizer.build='bpe': choose one of"),
 ])
 def test_bad_config_values_exit_nonzero_with_one_message_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
