@@ -7,7 +7,7 @@ Stages: SFT warm start on 1,500 problems whose gold rationales are mostly terse 
 40% are worked step by step), then LaTRO on answer-only problems; greedy and maj@4 accuracy on
 200 held-out problems before and after each stage (results.json), training curves
 (training.png), and the final model in <workdir>/hf. The warm start mostly answers tersely and
-is mostly wrong; LaTRO finds that working step by step makes the gold answer likely."""
+is often wrong; LaTRO finds that working step by step makes the gold answer likely."""
 
 from configs.base import get_base, optim
 
