@@ -29,8 +29,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF folder of the warm start, tokenizer included (the demo's SFT export).")
 flags.DEFINE_integer("questions", 64, "Training questions in the fixed set.")
 flags.DEFINE_integer("samples", 32, "Rationales per question (K) in each rollout.")
-flags.DEFINE_integer("max_rationale_tokens", 36, "L, the rationale length limit (the demo's: 36).")
-flags.DEFINE_float("beta", 0.05, "KL weight in the reward.")
+flags.DEFINE_integer("max_rationale_tokens", None, "L, the rationale length limit (default: the demo's).")
+flags.DEFINE_float("beta", None, "KL weight in the reward (default: the demo's).")
 flags.DEFINE_list("sgd_steps", ["3e-4", "1e-3", "3e-3"], "Step sizes of plain gradient steps.")
 flags.DEFINE_list("sign_steps", ["1e-4", "3e-4", "1e-3"], "Step sizes of sign steps.")
 flags.mark_flag_as_required("model")
@@ -44,23 +44,25 @@ def main(_):
     import numpy as np
     from flax import nnx
 
-    from latro_jax import models, objectives
-    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops, _loss_fn
-    from latro_jax.data import PromptFormatter, get_task, load_examples
     from transformers import AutoTokenizer
 
     from configs.demo import get_config
+    from latro_jax import models, objectives
+    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops, _loss_fn
+    from latro_jax.data import PromptFormatter, get_task, load_examples
     from latro_jax.train import OptimConfig
 
+    demo = get_config()
     fmt, task = PromptFormatter(AutoTokenizer.from_pretrained(FLAGS.model)), get_task("synthetic")
-    synthetic = get_config().task.synthetic.to_dict()  # the demo's problems
+    synthetic = demo.task.synthetic.to_dict()  # the demo's problems
     questions = load_examples(task, "synthetic", "train", synthetic=synthetic)[-FLAGS.questions:]
     prompts = [fmt.prompt_ids(e.question) for e in questions]
     answers = [fmt.answer_ids(e.answer) for e in questions]
     bare = [fmt.completion_ids(e.answer) for e in questions]
     N, K = len(prompts), FLAGS.samples
-    cfg = LatroConfig(num_samples=K, beta=FLAGS.beta, sft_coef=0.0,
-                      max_rationale_tokens=FLAGS.max_rationale_tokens,
+    beta = demo.latro.beta if FLAGS.beta is None else FLAGS.beta
+    cfg = LatroConfig(num_samples=K, beta=beta, sft_coef=0.0,
+                      max_rationale_tokens=FLAGS.max_rationale_tokens or demo.latro.max_rationale_tokens,
                       microbatches=max(1, N * K // CHUNK_ROWS))
     latro = LatroTrainer(models.load_hf(FLAGS.model), cfg, OptimConfig(total_steps=1),
                          Stops(fmt.stop_ids, fmt.stop_phrases), pad_id=fmt.pad_id)

@@ -19,7 +19,7 @@ def get_config():
                         num_heads=4, num_kv_heads=2, head_dim=24, max_position_embeddings=256,
                         tie_word_embeddings=True, initializer_range=0.02)
     c.model.update(dtype="float32", param_dtype="float32", remat="none")
-    c.tokenizer.build = "words"  # words whole, digits single: 3.5x shorter rows than characters
+    c.tokenizer.build = "words"  # words whole, digits single: rows of 56-64 positions, not 160
     c.task.update(name="synthetic", source="synthetic", eval_split="test", sft_examples=1500)
     c.task.synthetic = dict(seed=0, sizes=dict(test=200, train=6000), num_steps=3, max_operand=9,
                             stepwise_share=0.4)

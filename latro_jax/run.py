@@ -88,6 +88,8 @@ def build(config) -> Job:
     optims = {stage: _dataclass(OptimConfig, c[stage].optim, f"{stage}.optim", total_steps=c[stage].steps)
               for stage in stages}
     eval_cfg = _dataclass(EvalConfig, c.eval, "eval")
+    if c.tokenizer.build not in TOKENIZER_BUILDS:
+        raise ConfigError(f"config.tokenizer.build={c.tokenizer.build!r}: choose one of {TOKENIZER_BUILDS}")
 
     task = get_task(c.task.name)
     synthetic = c.task.synthetic.to_dict() if "synthetic" in c.task else None
@@ -121,8 +123,6 @@ def _tokenizer(c, train: list):
     build="char" (one token per character), "words" (words whole, digits single; learned from
     the training split's questions and rationales)."""
     import transformers
-    if c.tokenizer.build not in TOKENIZER_BUILDS:
-        raise ConfigError(f"config.tokenizer.build={c.tokenizer.build!r}: choose one of {TOKENIZER_BUILDS}")
     if c.tokenizer.build == "char":
         return build_char_tokenizer()
     if c.tokenizer.build == "words":
