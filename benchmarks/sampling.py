@@ -7,7 +7,10 @@ r"""Sampler throughput: latro_jax `sampling.generate` vs transformers `generate`
 Both load the same randomly initialised Llama from the same HF folder and sample the same
 batch (prompts x samples rows, fixed prompt length, exactly max_new tokens: no stop, sampling
 at temperature 1.0, top-k off, top-p 1.0). Times exclude compilation (one warm-up call) and
-take the best of --repeats calls. Prints tokens/s of each and the ratio.
+take the best of --repeats calls. Prints tokens/s of each and the ratio, and a ceiling: the
+tokens/s of the decode steps' weight matmuls alone (same shapes, dtype and rows, f32
+accumulation; no prefill, attention, norms or sampling), the most any sampler built on XLA's
+matmuls could reach on this machine.
 """
 
 from __future__ import annotations
@@ -71,6 +74,37 @@ def time_latro_jax(folder: str, cfg: dict, prompts) -> float:
     return best_time(run, FLAGS.repeats)
 
 
+def time_matmul_ceiling(cfg: dict) -> float:
+    """Seconds for new_tokens decode steps of only the weight matmuls: per layer x @ W_qkv,
+    (attention-sized slice) @ W_o, x @ W_gate_up, (gate * up) @ W_down; then x @ W_lm_head."""
+    import jax
+    import jax.numpy as jnp
+    dtype = jnp.dtype(cfg["dtype"])
+    hidden, inter, rows = cfg["hidden"], cfg["intermediate"], cfg["prompts"] * cfg["samples"]
+    head_dim = hidden // cfg["heads"]
+    q_width = cfg["heads"] * head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 4 * cfg["layers"] + 1))
+    init = lambda shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)
+    layers = [dict(qkv=init((hidden, q_width + 2 * cfg["kv_heads"] * head_dim)),
+                   o=init((q_width, hidden)), gate_up=init((hidden, 2 * inter)),
+                   down=init((inter, hidden))) for _ in range(cfg["layers"])]
+    lm_head = init((hidden, cfg["vocab"]))
+    mm = lambda x, w: jnp.dot(x.astype(dtype), w, preferred_element_type=jnp.float32)
+
+    @jax.jit
+    def decode(x):
+        def step(_, x):
+            for w in layers:
+                x = x + mm(mm(x, w["qkv"])[:, :q_width], w["o"])
+                gate_up = mm(x, w["gate_up"])
+                x = x + mm(gate_up[:, :inter] * gate_up[:, inter:], w["down"])
+            return x + 1e-3 * mm(x, lm_head)[:, :hidden]  # the next step depends on the logits
+        return jax.lax.fori_loop(0, cfg["new_tokens"], step, x)
+
+    x = jnp.ones((rows, hidden), jnp.float32)
+    return best_time(lambda: decode(x).block_until_ready(), FLAGS.repeats)
+
+
 def time_transformers(folder: str, cfg: dict, prompts) -> float:
     import torch
     import transformers
@@ -107,12 +141,16 @@ def main(_):
         make_hf_folder(cfg, folder)
         ours = time_latro_jax(folder, cfg, prompts)
         theirs = None if FLAGS.skip_transformers else time_transformers(folder, cfg, prompts)
+    ceiling = time_matmul_ceiling(cfg)
     tokens = rows * cfg["new_tokens"]
-    print(f"{'implementation':<24}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'latro_jax':<24}{ours:>10.3f}{tokens / ours:>12.1f}")
+    print(f"{'implementation':<32}{'seconds':>10}{'tokens/s':>12}")
+    print(f"{'latro_jax':<32}{ours:>10.3f}{tokens / ours:>12.1f}")
     if theirs is not None:
-        print(f"{'transformers generate':<24}{theirs:>10.3f}{tokens / theirs:>12.1f}")
-        print(f"ratio latro_jax / transformers: {theirs / ours:.2f}x")
+        print(f"{'transformers generate':<32}{theirs:>10.3f}{tokens / theirs:>12.1f}")
+    print(f"{'ceiling: weight matmuls only':<32}{ceiling:>10.3f}{tokens / ceiling:>12.1f}")
+    if theirs is not None:
+        print(f"ratio latro_jax / transformers: {theirs / ours:.2f}x "
+              f"(ceiling / transformers: {theirs / ceiling:.2f}x)")
 
 
 if __name__ == "__main__":
