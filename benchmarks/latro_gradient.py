@@ -18,6 +18,7 @@ likely (R' > -2), each next to the same measurement of the warm start with the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -47,8 +48,8 @@ def main(_):
     from transformers import AutoTokenizer
 
     from configs.demo import get_config
-    from latro_jax import models, objectives
-    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops, _loss_fn
+    from latro_jax import models
+    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops
     from latro_jax.data import PromptFormatter, get_task, load_examples
     from latro_jax.train import OptimConfig
 
@@ -67,29 +68,22 @@ def main(_):
     latro = LatroTrainer(models.load_hf(FLAGS.model), cfg, OptimConfig(total_steps=1),
                          Stops(fmt.stop_ids, fmt.stop_phrases), pad_id=fmt.pad_id)
     graphdef, start = latro.trainer.graphdef, latro.trainer.state.params
-    loss = _loss_fn(cfg)  # the trainer's own loss: micro-batch contributions sum to the batch's
+    loss = latro.trainer.loss_fn  # the trainer's own: micro-batch contributions sum to the batch's
     grad = jax.jit(lambda params, mb: jax.grad(
         lambda p: loss(nnx.merge(graphdef, p), mb, {"rows": jnp.float32(N * K)})[0])(params))
 
     def rollout(params, seed):
-        """Rows sampled from `params`: (arrays, finished). The trainer only samples and scores
-        here (no update), so pointing its state at other parameters is safe."""
+        """(rows, finished) sampled from `params`. The trainer only samples and scores here (no
+        update), so pointing its state at other parameters is safe."""
         latro.trainer.state = latro.trainer.state.replace(params=params)
         latro.seed = seed
         rows, finished, _, _ = latro.rollout(prompts, answers, bare)
-        arrays = dict(tokens=rows.tokens, valid=rows.valid, rationale_mask=rows.rationale_mask,
-                      answer_mask=rows.answer_mask)
-        return arrays, finished
+        return rows, finished
 
     def estimate(seed):
-        arrays, finished = rollout(start, seed)
-        z_logp, y_logp = latro._score_rows(start, arrays)
-        ref_z_logp, _ = latro._score_rows(latro.ref_params, arrays)
-        rewards = objectives.latro_rewards(
-            *(x.reshape(N, K) for x in (y_logp, z_logp, ref_z_logp)), finished.reshape(N, K),
-            beta=cfg.beta, nonstop_penalty=cfg.nonstop_penalty)
-        advantages = np.asarray(objectives.rloo_advantages(rewards)).reshape(-1)
-        placed = latro.trainer.shard_rows({**arrays, "advantages": advantages})
+        """The gradient of the policy part of the LaTRO loss on one rollout from the warm start."""
+        scored = latro.score(*rollout(start, seed))
+        placed = latro.trainer.shard_rows(scored.batch)
         grads = [grad(start, {k: v[m] for k, v in placed.items()}) for m in range(cfg.microbatches)]
         return jax.tree.map(lambda *g: sum(g), *grads)
 
@@ -97,8 +91,8 @@ def main(_):
         """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""
         out = []
         for seed in seeds:
-            arrays, finished = rollout(params, seed)
-            _, y_logp = latro._score_rows(start, arrays)
+            rows, finished = rollout(params, seed)
+            _, y_logp = latro.score_rows(start, dataclasses.asdict(rows))
             reward = np.where(finished, y_logp, cfg.nonstop_penalty * y_logp.mean())
             out.append((reward.mean(), (reward > -2).mean()))
         return np.mean(out, axis=0)

@@ -56,7 +56,7 @@ def _params(trainer):
 
 def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
     optim = OptimConfig(learning_rate=1e-2, eps=1e-3, total_steps=10, schedule="constant")
-    loss = latro._loss_fn(LatroConfig(num_samples=4))
+    loss = latro.make_loss(LatroConfig(num_samples=4))
     batch = _fixed_latro_batch()
     one = Trainer(models.init_model(TINY, seed=1), optim, loss, microbatches=1)
     four = Trainer(models.init_model(TINY, seed=1), optim, loss, microbatches=4)

@@ -63,7 +63,22 @@ def _score_fn(graphdef, chunk: int):
     return score
 
 
-def _loss_fn(cfg: LatroConfig):
+@dataclasses.dataclass
+class ScoredRollout:
+    """A rollout's rows scored under the policy and the reference: `batch` (tokens, valid,
+    rationale_mask, answer_mask, advantages; [N*K, ...]) is what a step trains on; the rest are
+    [N, K]: log pi(z|x), log pi(y|x+z), log pi_0(z|x), rewards."""
+
+    batch: dict[str, np.ndarray]
+    z_logp: np.ndarray
+    y_logp: np.ndarray
+    ref_z_logp: np.ndarray
+    rewards: np.ndarray
+
+
+def make_loss(cfg: LatroConfig):
+    """The trainer's loss_fn: the LaTRO surrogate of a micro-batch, weighted by its share of
+    the batch's rows (scalars["rows"]), so micro-batch contributions sum to the batch loss."""
     def loss(model: Transformer, mb: dict, scalars: dict):
         logp = objectives.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=cfg.logprob_chunk)
         z_logp = objectives.span_logprob(logp, mb["rationale_mask"])
@@ -79,7 +94,7 @@ class LatroTrainer:
     def __init__(self, model: Transformer, cfg: LatroConfig, optim: OptimConfig, stops: Stops, *,
                  pad_id: int = 0, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
         self.cfg, self.stops, self.pad_id, self.mesh, self.seed = cfg, stops, pad_id, mesh, seed
-        self.trainer = Trainer(model, optim, _loss_fn(cfg), microbatches=cfg.microbatches, mesh=mesh)
+        self.trainer = Trainer(model, optim, make_loss(cfg), microbatches=cfg.microbatches, mesh=mesh)
         self.ref_params = jax.tree.map(jnp.copy, self.trainer.state.params)
         self._score = _score_fn(self.trainer.graphdef, cfg.logprob_chunk)
 
@@ -124,26 +139,36 @@ class LatroTrainer:
         t0 = time.perf_counter()
         rows, finished, z_lengths, sampled_tokens = self.rollout(prompts, answers, bare_answers)
         t1 = time.perf_counter()
-        arrays = dict(tokens=rows.tokens, valid=rows.valid, rationale_mask=rows.rationale_mask,
-                      answer_mask=rows.answer_mask)
-        z_logp, y_logp = self._score_rows(self.trainer.state.params, arrays)
-        ref_z_logp, _ = self._score_rows(self.ref_params, arrays)
-        z_logp, y_logp, ref_z_logp = (x.reshape(N, K) for x in (z_logp, y_logp, ref_z_logp))
-        rewards = np.asarray(objectives.latro_rewards(
-            y_logp, z_logp, ref_z_logp, finished.reshape(N, K), beta=cfg.beta,
-            nonstop_penalty=cfg.nonstop_penalty))
-        advantages = np.asarray(objectives.rloo_advantages(rewards))
-        metrics = self.trainer.step({**arrays, "advantages": advantages.reshape(-1)}, {"rows": N * K})
+        scored = self.score(rows, finished)
+        metrics = self.trainer.step(scored.batch, {"rows": N * K})
         t2 = time.perf_counter()
         return {**metrics,
-                "reward": float(rewards.mean()), "answer_logp": float(y_logp.mean()),
-                "kl": float((z_logp - ref_z_logp).mean()), "finished": float(finished.mean()),
-                "rationale_length": float(z_lengths.mean()), "advantage_std": float(advantages.std()),
+                "reward": float(scored.rewards.mean()), "answer_logp": float(scored.y_logp.mean()),
+                "kl": float((scored.z_logp - scored.ref_z_logp).mean()),
+                "finished": float(finished.mean()), "rationale_length": float(z_lengths.mean()),
+                "advantage_std": float(scored.batch["advantages"].std()),
                 "sample_tokens_per_s": sampled_tokens / (t1 - t0),
                 "update_tokens_per_s": float(rows.valid.sum()) / (t2 - t1)}
 
-    def _score_rows(self, params, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(log pi(z|x), log pi(y|x+z)) of every row, one micro-batch at a time."""
+    def score(self, rows: objectives.Rows, finished: np.ndarray) -> ScoredRollout:
+        """Score a rollout's rows (from `rollout`) under the current policy and the reference:
+        rewards R = log pi(y|x+z) - beta * (log pi(z|x) - log pi_0(z|x)) (non-stop penalty for
+        unfinished z), and their RLOO advantages per question."""
+        cfg, K = self.cfg, self.cfg.num_samples
+        arrays = dataclasses.asdict(rows)
+        z_logp, y_logp = self.score_rows(self.trainer.state.params, arrays)
+        ref_z_logp, _ = self.score_rows(self.ref_params, arrays)
+        z_logp, y_logp, ref_z_logp = (x.reshape(-1, K) for x in (z_logp, y_logp, ref_z_logp))
+        rewards = np.asarray(objectives.latro_rewards(
+            y_logp, z_logp, ref_z_logp, finished.reshape(-1, K), beta=cfg.beta,
+            nonstop_penalty=cfg.nonstop_penalty))
+        advantages = np.asarray(objectives.rloo_advantages(rewards)).reshape(-1)
+        return ScoredRollout(batch={**arrays, "advantages": advantages}, z_logp=z_logp,
+                             y_logp=y_logp, ref_z_logp=ref_z_logp, rewards=rewards)
+
+    def score_rows(self, params, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(log pi(z|x), log pi(y|x+z)) of every row under `params` (the policy's or
+        ref_params), one micro-batch at a time."""
         placed = self.trainer.shard_rows(arrays)
         parts = [self._score(params, *(placed[k][m] for k in arrays))
                  for m in range(self.cfg.microbatches)]
