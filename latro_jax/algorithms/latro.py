@@ -54,6 +54,9 @@ class Stops:
     phrases: tuple[tuple[int, ...], ...] = ()
 
 
+_ROW_ARRAYS = ("tokens", "valid", "rationale_mask", "answer_mask")
+
+
 def _score_fn(graphdef, chunk: int):
     @jax.jit
     def score(params, tokens, valid, rationale_mask, answer_mask):
@@ -168,8 +171,9 @@ class LatroTrainer:
 
     def score_rows(self, params, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(log pi(z|x), log pi(y|x+z)) of every row under `params` (the policy's or
-        ref_params), one micro-batch at a time."""
-        placed = self.trainer.shard_rows(arrays)
-        parts = [self._score(params, *(placed[k][m] for k in arrays))
+        ref_params), one micro-batch at a time. `arrays` holds at least tokens, valid,
+        rationale_mask and answer_mask (other entries, e.g. advantages, are ignored)."""
+        placed = self.trainer.shard_rows({k: arrays[k] for k in _ROW_ARRAYS})
+        parts = [self._score(params, **{k: v[m] for k, v in placed.items()})
                  for m in range(self.cfg.microbatches)]
         return tuple(np.concatenate([sharding.to_host(p[i]) for p in parts]) for i in range(2))
