@@ -43,8 +43,6 @@ def main(_):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-
     from transformers import AutoTokenizer
 
     from configs.demo import get_config
@@ -67,10 +65,7 @@ def main(_):
                       microbatches=max(1, N * K // CHUNK_ROWS))
     latro = LatroTrainer(models.load_hf(FLAGS.model), cfg, OptimConfig(total_steps=1),
                          Stops(fmt.stop_ids, fmt.stop_phrases), pad_id=fmt.pad_id)
-    graphdef, start = latro.trainer.graphdef, latro.trainer.state.params
-    loss = latro.trainer.loss_fn  # the trainer's own: micro-batch contributions sum to the batch's
-    grad = jax.jit(lambda params, mb: jax.grad(
-        lambda p: loss(nnx.merge(graphdef, p), mb, {"rows": jnp.float32(N * K)})[0])(params))
+    start = latro.trainer.state.params
 
     def rollout(params, seed):
         """(rows, finished) sampled from `params`. The trainer only samples and scores here (no
@@ -83,9 +78,7 @@ def main(_):
     def estimate(seed):
         """The gradient of the policy part of the LaTRO loss on one rollout from the warm start."""
         scored = latro.score(*rollout(start, seed))
-        placed = latro.trainer.shard_rows(scored.batch)
-        grads = [grad(start, {k: v[m] for k, v in placed.items()}) for m in range(cfg.microbatches)]
-        return jax.tree.map(lambda *g: sum(g), *grads)
+        return latro.trainer.gradients(scored.batch, {"rows": N * K})
 
     def measure(params, seeds=(7, 8)):
         """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""

@@ -105,6 +105,8 @@ class Trainer:
         self.state = jax.device_put(state, state_shardings)
         self._step = jax.jit(self._step_impl, donate_argnums=(0,),
                              out_shardings=(state_shardings, None))
+        self._gradients = jax.jit(lambda params, batch, scalars:
+                                  self._accumulate(params, batch, scalars)[0])
 
     def load_state(self, params, opt_state, step: int) -> None:
         """Replace the state with restored values, placed on the current state's shardings."""
@@ -139,20 +141,30 @@ class Trainer:
         self.state, metrics = self._step(self.state, self.shard_rows(batch), scalars)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
-    def _step_impl(self, state: TrainState, batch: dict, scalars: dict):
+    def gradients(self, batch: dict[str, np.ndarray], scalars: dict[str, float]):
+        """Gradients of the batch loss at the current parameters (summed over micro-batches, as
+        a step computes them), without an update."""
+        scalars = {k: jnp.float32(v) for k, v in scalars.items()}
+        return self._gradients(self.state.params, self.shard_rows(batch), scalars)
+
+    def _accumulate(self, params, batch: dict, scalars: dict):
+        """(grads, loss, aux) of the batch, summed over its micro-batches with lax.scan."""
         def loss_of(params, microbatch):
             return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, scalars)
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
         def accumulate(carry, microbatch):
-            (loss, aux), grads = grad_fn(state.params, microbatch)
+            (loss, aux), grads = grad_fn(params, microbatch)
             return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        (loss_shape, aux_shape), grad_shape = jax.eval_shape(grad_fn, state.params, first)
+        (loss_shape, aux_shape), grad_shape = jax.eval_shape(grad_fn, params, first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shape, loss_shape, aux_shape))
-        (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, batch)
+        return jax.lax.scan(accumulate, zeros, batch)[0]
+
+    def _step_impl(self, state: TrainState, batch: dict, scalars: dict):
+        grads, loss, aux = self._accumulate(state.params, batch, scalars)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
