@@ -46,9 +46,10 @@ def main(_):
     from transformers import AutoTokenizer
 
     from configs.demo import get_config
-    from latro_jax import models
-    from latro_jax.algorithms.latro import LatroConfig, LatroTrainer, Stops
+    from latro_jax import models, run
+    from latro_jax.algorithms import Context, Latro, LatroConfig, Learner
     from latro_jax.data import PromptFormatter, get_task, load_examples
+    from latro_jax.rollout import Stops
     from latro_jax.train import OptimConfig
 
     demo = get_config()
@@ -61,32 +62,30 @@ def main(_):
     N, K = len(prompts), FLAGS.samples
     beta = demo.latro.beta if FLAGS.beta is None else FLAGS.beta
     cfg = LatroConfig(num_samples=K, beta=beta, sft_coef=0.0,
-                      max_rationale_tokens=FLAGS.max_rationale_tokens or demo.latro.max_rationale_tokens,
-                      microbatches=max(1, N * K // CHUNK_ROWS))
-    latro = LatroTrainer(models.load_hf(FLAGS.model), cfg, OptimConfig(total_steps=1),
-                         Stops(fmt.stop_ids, fmt.stop_phrases), pad_id=fmt.pad_id)
-    start = latro.trainer.state.params
+                      max_rationale_tokens=FLAGS.max_rationale_tokens or demo.latro.max_rationale_tokens)
+    ctx = Context(task, fmt, Stops(fmt.stop_ids, fmt.stop_phrases), fmt.pad_id,
+                  microbatches=max(1, N * K // CHUNK_ROWS))
+    latro = Latro(cfg, ctx)
+    learner = Learner(latro, models.load_hf(FLAGS.model), OptimConfig(total_steps=1))
+    start = learner.policies()  # the warm start: policy and reference
 
     def rollout(params, seed):
-        """(rows, finished) sampled from `params`. The trainer only samples and scores here (no
-        update), so pointing its state at other parameters is safe."""
-        latro.trainer.state = latro.trainer.state.replace(params=params)
-        latro.seed = seed
-        rows, finished, _, _ = latro.rollout(prompts, answers, bare)
-        return rows, finished
+        """Rationales sampled from `params`, as rows (with the key of a run's first update)."""
+        return latro.sample(dataclasses.replace(start, params=params), prompts, answers, bare,
+                            run.rollout_key(seed, 0))
 
     def estimate(seed):
         """The gradient of the policy part of the LaTRO loss on one rollout from the warm start."""
-        scored = latro.score(*rollout(start, seed))
-        return latro.trainer.gradients(scored.batch, {"rows": N * K})
+        scored = latro.score(start, rollout(start.params, seed))
+        return learner.trainer.gradients(scored.arrays, scored.scalars)
 
     def measure(params, seeds=(7, 8)):
         """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""
         out = []
         for seed in seeds:
-            rows, finished = rollout(params, seed)
-            _, y_logp = latro.score_rows(start, dataclasses.asdict(rows))
-            reward = np.where(finished, y_logp, cfg.nonstop_penalty * y_logp.mean())
+            sampled = rollout(params, seed)
+            (y_logp,) = learner.scorer.span_logprobs(start.params, sampled.rows.arrays(), ("answer_mask",))
+            reward = np.where(sampled.finished, y_logp, cfg.nonstop_penalty * y_logp.mean())
             out.append((reward.mean(), (reward > -2).mean()))
         return np.mean(out, axis=0)
 
@@ -99,13 +98,13 @@ def main(_):
           f"cosine of two independent estimates {cos:.3f}; "
           f"signal/noise of one estimate {np.sqrt(max(cos, 0) / (1 - cos)):.2f}")
     mean = jax.tree.map(lambda x, y: (x + y) / 2, g1, g2)
-    base = measure(start)
+    base = measure(start.params)
     print(f"{'step':<18}{'E[R`] (fixed scorer)':>24}{'share R` > -2':>18}")
     print(f"{'none':<18}{base[0]:>24.3f}{base[1]:>18.3f}")
     for kind, sizes, direction in (("gradient", FLAGS.sgd_steps, lambda g: g),
                                    ("sign", FLAGS.sign_steps, jnp.sign)):
         for eta in map(float, sizes):
-            moved = jax.tree.map(lambda w, g: w - eta * direction(g), start, mean)
+            moved = jax.tree.map(lambda w, g: w - eta * direction(g), start.params, mean)
             r, share = measure(moved)
             print(f"{kind + ' ' + format(eta, 'g'):<18}{r:>24.3f}{share:>18.3f}", flush=True)
 

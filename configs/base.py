@@ -11,7 +11,7 @@ def optim(lr: float, schedule: str = "linear", warmup_steps: int = 0, weight_dec
 def get_base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stages = "latro"  # comma list, run in order: sft, latro
+    c.stages = "latro"  # comma list of stage sections, run in order
     c.model = dict(
         path="",  # HF folder or hub id; empty: build from `init`
         init=dict(family="llama", hidden_size=0, intermediate_size=0, num_layers=0, num_heads=1,
@@ -22,9 +22,13 @@ def get_base() -> ml_collections.ConfigDict:
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", config_name="",
                   train_split="train", eval_split="test", val_split="", sft_examples=7473)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    c.sft = dict(steps=0, batch_size=64, microbatches=1, optim=optim(1e-5))
+    # Stage sections: the stage keys (algorithm = the section name unless given, steps,
+    # batch_size = questions per update, microbatches, logprob_chunk, optim) and the algorithm's
+    # own keys (latro_jax/algorithms/<name>.py: its Config dataclass documents each one).
+    c.sft = dict(steps=1, batch_size=64, microbatches=1, optim=optim(1e-5))
     c.latro = dict(steps=117, batch_size=24, num_samples=16, beta=0.05, nonstop_penalty=2.0,
-                   sft_coef=1.0, max_rationale_tokens=500, temperature=1.0, top_k=0, top_p=1.0,
+                   sft_coef=1.0, max_rationale_tokens=500,
+                   sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
     # every: validate on task.val_split every N updates (0 = off); the checkpoint with the best
     # validation greedy accuracy is kept besides the last `checkpoint.keep`.

@@ -13,11 +13,13 @@ import os
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from latro_jax import models, sharding
 from latro_jax.models import ModelConfig, Transformer
+from latro_jax.train import TrainState
 
 _policies = ocp.checkpoint_managers.preservation_policy
 
@@ -83,6 +85,10 @@ def restore_model(directory: str, step: int | None = None, *, dtype="float32",
     return nnx.merge(graphdef, abstract)
 
 
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 class TrainCheckpoints:
     """Checkpoints of one training stage: params + model_config (exportable as above), the
     optimizer state, and `meta` (step, data position, ... as JSON). Keeps the last `keep`
@@ -95,26 +101,52 @@ class TrainCheckpoints:
                                             keep_checkpoints_without_metrics=True))
         self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies))
 
-    def save(self, step: int, model: Transformer, opt_state: Any, meta: dict[str, Any],
+    def save(self, step: int, model: Transformer, state: TrainState, meta: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
+        """Checkpoint `step` of the stage: the model (params + config), the optimizer state,
+        and `meta` plus the optimizer's own step count (which lags `step` when updates were
+        skipped)."""
+        meta = {**meta, "optimizer_steps": int(state.step)}
         self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-            **model_items(model), opt_state=ocp.args.StandardSave(opt_state),
+            **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
             meta=ocp.args.JsonSave(meta)))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, step: int, params_target: Any, opt_state_target: Any):
-        """(params, opt_state, meta) of `step`; targets give structure, dtypes and shardings."""
-        abstract = lambda tree: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The meta item (step, data position, ...) of the latest checkpoint; None without one."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """(train state, meta) of the latest checkpoint, or None when there is none. `target`
+        gives the structure, dtypes and shardings the arrays are restored to."""
+        step = self.latest_step()
+        if step is None:
+            return None
         out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(params_target))),
-            opt_state=ocp.args.StandardRestore(abstract(opt_state_target)),
+            params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target.params))),
+            opt_state=ocp.args.StandardRestore(_abstract(target.opt_state)),
             meta=ocp.args.JsonRestore()))
-        params = jax.tree.map(lambda x: x, params_target)
+        params = jax.tree.map(lambda x: x, target.params)
         nnx.replace_by_pure_dict(params, out["params"])
-        return params, out["opt_state"], out["meta"]
+        meta = out["meta"]
+        state = target.replace(step=jnp.asarray(meta.get("optimizer_steps", meta["step"]), jnp.int32),
+                               params=params, opt_state=out["opt_state"])
+        return state, meta
+
+    def restore_latest_params(self, target: Any) -> Any:
+        """The parameters (an nnx.State like `target`) of the latest checkpoint, without the
+        optimizer state: what a finished stage hands to the next one."""
+        step = self.latest_step()
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target)))))
+        params = jax.tree.map(lambda x: x, target)
+        nnx.replace_by_pure_dict(params, out["params"])
+        return params
 
     def close(self) -> None:
         self.manager.wait_until_finished()

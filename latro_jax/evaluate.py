@@ -34,6 +34,13 @@ class EvalConfig:
     budgets: tuple[int, ...] = ()  # generation budgets for the accuracy curve (greedy)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.maj_k < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} "
+                             f"must be >= 1, maj_k={self.maj_k} >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+
 
 def majority_vote(task: Task, answers: Sequence[str | None]) -> str | None:
     """The most frequent answer (by task.vote_key); ties to the first seen; None if none."""

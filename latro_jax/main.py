@@ -38,10 +38,10 @@ def main(argv):
     import jax
     if FLAGS.multi_process:
         _initialize_distributed(jax)
-    from latro_jax import checkpoint, models, run
+    from latro_jax import models, run
     from latro_jax.data import DataError
     try:
-        job = run.build(FLAGS.config)
+        job = run.build(FLAGS.config, load_model=FLAGS.mode == "train")
     except (run.ConfigError, models.ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,11 +52,10 @@ def main(argv):
             if jax.process_index() == 0:
                 print(run.results_table(results))
         else:
-            stage = job.stages[-1]
-            model = checkpoint.restore_model(os.path.join(workdir, "checkpoints", stage),
-                                             mesh=job.mesh)
+            model = run.restore_final(job, workdir)
             if FLAGS.mode == "eval":
-                print(json.dumps(run.evaluate_stage(job, model, workdir, f"{stage}-latest"), indent=2))
+                name = f"{job.stages[-1].name}-latest"
+                print(json.dumps(run.evaluate_stage(job, model, workdir, name), indent=2))
             else:
                 models.save_hf(model, os.path.join(workdir, "hf"),
                                tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)

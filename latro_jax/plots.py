@@ -10,14 +10,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES = {"sft": ("loss",), "latro": ("reward", "answer_logp", "kl", "finished")}
-
-
-def plot_run(workdir: str) -> str:
+def plot_run(workdir: str, curves: dict[str, tuple[str, ...]]) -> str:
+    """One panel per (stage, metric) of `curves` found in metrics.jsonl, and a bar chart of
+    results.json's accuracies."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     results_path = os.path.join(workdir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    panels = [(stage, key) for stage, keys in CURVES.items() for key in keys
+    panels = [(stage, key) for stage, keys in curves.items() for key in keys
               if any(r["stage"] == stage and key in r for r in rows)]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3))
     for ax, (stage, key) in zip(axes, panels):

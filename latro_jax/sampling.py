@@ -17,7 +17,7 @@ that step the cache is rebuilt from the token history (as transformers does), in
 Sampling distribution of each step: logits / T, then top-k (keep logits >= the k-th largest),
 then top-p (keep the most likely tokens until their cumulative probability reaches p; the top
 token always stays), renormalised. Greedy (T = 0) takes the argmax and reports its log-probability
-under softmax(logits). Rows are keyed by (seed, row, step), so a row's draw does not depend on
+under softmax(logits). Rows are keyed by (key, row, step), so a row's draw does not depend on
 the rest of the batch.
 """
 
@@ -143,7 +143,7 @@ def _row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Arra
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "gen_bucket", "params",
                                              "pad_id", "progress"))
 def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, stops, max_new,
-                   seed, *, num_samples, gen_bucket, params, pad_id, progress):
+                   key_data, bar_id, *, num_samples, gen_bucket, params, pad_id, progress):
     """prompts [N, P] left-padded -> (tokens, logprobs [N*K, G], lengths, finished [N*K])."""
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers()  # sliced once, outside the decode loop
@@ -155,7 +155,7 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
     cache = cache.repeat(num_samples)
     logits = jnp.repeat(logits, num_samples, axis=0)
     B = N * num_samples
-    seed_key = jax.random.key(seed)
+    seed_key = jax.random.wrap_key_data(key_data)
     width = stops.shape[1]
 
     def emit(step, logits, tok_buf, logp_buf, done, lengths):
@@ -168,7 +168,7 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
         hit = jnp.any(jnp.all((window[:, None, :] == stops[None]) | (stops[None] == -1), -1), -1)
         lengths = lengths + (~done).astype(jnp.int32)
         if progress:
-            jax.debug.callback(_progress_tick, step, ordered=True)
+            jax.debug.callback(_PROGRESS.tick, bar_id, step, ordered=True)
         return token, tok_buf, logp_buf, done | hit, lengths
 
     tok_buf = jnp.full((B, width - 1 + gen_bucket), -1, jnp.int32)
@@ -214,23 +214,41 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
     return tokens, logp_buf, lengths, done & row_live
 
 
-_BAR: list = []
+class _ProgressBars:
+    """Open tqdm bars of generate calls, by id. The compiled decode loop reports each step to
+    `tick` with its call's bar id (a traced argument, so one program serves every call)."""
+
+    def __init__(self):
+        self._bars: dict[int, tqdm] = {}
+        self._next = 0
+
+    def open(self, total: int) -> int:
+        self._next += 1
+        self._bars[self._next] = tqdm(total=total, desc="generate", unit="tok", leave=False)
+        return self._next
+
+    def tick(self, bar_id, step) -> None:
+        bar = self._bars.get(int(bar_id))
+        if bar is not None:
+            bar.update(int(step) + 1 - bar.n)
+
+    def close(self, bar_id: int) -> None:
+        self._bars.pop(bar_id).close()
 
 
-def _progress_tick(step):
-    if _BAR:
-        _BAR[0].update(int(step) + 1 - _BAR[0].n)
+_PROGRESS = _ProgressBars()
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
              stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
-             seed: int = 0, pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
-             progress: bool = False) -> GenerateOutput:
+             seed: int = 0, key: jax.Array | None = None, pad_id: int = 0,
+             mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> GenerateOutput:
     """Sample `num_samples` continuations of each prompt (ragged token-id lists).
 
     Rows stop after a token in stop_token_ids or after the last token of a stop sequence (a
-    token-id subsequence); the stop is included in the returned tokens. With `mesh`, rows are
+    token-id subsequence); the stop is included in the returned tokens. The draws depend on
+    `key` (a jax.random key; default jax.random.key(seed)) and each row's index. With `mesh`, rows are
     split over its data axes and parameters stay as the model's partition rules place them;
     in multi-process runs every process passes the same prompts and gets the full result.
     """
@@ -254,19 +272,20 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     live = rows < n * num_samples
     stops = _stop_matrix(stop_token_ids, stop_sequences)
 
+    key = jax.random.key(seed) if key is None else key
     graphdef, state = nnx.split(model)
     args = [tokens, valid, rows, live]
     if mesh is not None:
         args = [sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
-    if progress:
-        _BAR[:] = [tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)]
+    bar_id = _PROGRESS.open(max_new_tokens) if progress else 0
     try:
-        out = _generate_core(graphdef, state, *args, stops, jnp.int32(max_new_tokens),
-                             jnp.uint32(seed), num_samples=num_samples, gen_bucket=gen_bucket,
-                             params=params, pad_id=pad_id, progress=progress)
+        out = _generate_core(graphdef, state, *args, stops, np.int32(max_new_tokens),
+                             np.asarray(jax.random.key_data(key)), np.int32(bar_id),
+                             num_samples=num_samples, gen_bucket=gen_bucket, params=params,
+                             pad_id=pad_id, progress=progress)
     finally:
         if progress:
-            _BAR.pop().close()
+            _PROGRESS.close(bar_id)
     tok, logp, lengths, finished = (sharding.to_host(x) for x in out)
     rows_out = n * num_samples
     tok, logp = tok[:rows_out, :max_new_tokens], logp[:rows_out, :max_new_tokens]

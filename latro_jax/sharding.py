@@ -61,6 +61,25 @@ def put_global(arr: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+def split_microbatches(batch: dict[str, np.ndarray], microbatches: int,
+                       mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
+    """Host rows [B, ...] -> device arrays [microbatches, B / microbatches, ...], the second
+    axis split over the mesh's data axes (B must divide)."""
+    out = {}
+    for name, arr in batch.items():
+        arr = np.asarray(arr)
+        if arr.shape[0] % microbatches:
+            raise ValueError(f"batch of {arr.shape[0]} rows is not divisible into "
+                             f"{microbatches} micro-batches")
+        arr = arr.reshape(microbatches, arr.shape[0] // microbatches, *arr.shape[1:])
+        if mesh is None:
+            out[name] = jax.numpy.asarray(arr)
+        else:
+            spec = P(None, BATCH_AXES, *([None] * (arr.ndim - 2)))
+            out[name] = put_global(arr, NamedSharding(mesh, spec))
+    return out
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly multi-host sharded) array as a NumPy array on this host."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

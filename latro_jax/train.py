@@ -118,34 +118,20 @@ class Trainer:
         """The current policy as a model (shares the state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params)
 
-    def shard_rows(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host rows [B, ...] -> device arrays [microbatches, B / microbatches, ...], the second
-        axis split over the mesh's data axes."""
-        out = {}
-        for name, arr in batch.items():
-            arr = np.asarray(arr)
-            if arr.shape[0] % self.microbatches:
-                raise ValueError(f"batch of {arr.shape[0]} rows is not divisible into "
-                                 f"{self.microbatches} micro-batches")
-            arr = arr.reshape(self.microbatches, arr.shape[0] // self.microbatches, *arr.shape[1:])
-            if self.mesh is None:
-                out[name] = jnp.asarray(arr)
-            else:
-                spec = P(None, sharding.BATCH_AXES, *([None] * (arr.ndim - 2)))
-                out[name] = sharding.put_global(arr, NamedSharding(self.mesh, spec))
-        return out
-
     def step(self, batch: dict[str, np.ndarray], scalars: dict[str, float]) -> dict[str, float]:
         """One optimizer update on `batch`; returns the step's metrics as floats."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        self.state, metrics = self._step(self.state, self.shard_rows(batch), scalars)
+        self.state, metrics = self._step(self.state, self._place(batch), scalars)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def gradients(self, batch: dict[str, np.ndarray], scalars: dict[str, float]):
         """Gradients of the batch loss at the current parameters (summed over micro-batches, as
         a step computes them), without an update."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        return self._gradients(self.state.params, self.shard_rows(batch), scalars)
+        return self._gradients(self.state.params, self._place(batch), scalars)
+
+    def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return sharding.split_microbatches(batch, self.microbatches, self.mesh)
 
     def _accumulate(self, params, batch: dict, scalars: dict):
         """(grads, loss, aux) of the batch, summed over its micro-batches with lax.scan."""

@@ -40,12 +40,12 @@ def full_run(tmp_path_factory):
 
 @pytest.mark.parametrize("override,message", [
     ("--config.latro.num_samples=1", "RLOO needs K >= 2"),
-    ("--config.latro.beta=-0.1", "latro.beta=-0.1 must be >= 0"),
+    ("--config.latro.beta=-0.1", "config.latro: beta=-0.1 must be >= 0"),
     ("--config.model.init.family=gpt2", "unknown model family 'gpt2'"),
     ("--config.task.source=/nonexistent/gsm8k.jsonl", "/nonexistent/gsm8k.jsonl: no such data file"),
-    ("--config.latro.batch_size=3", "12 rationales is not divisible by microbatches (1) x data-parallel devices (8)"),
+    ("--config.latro.batch_size=3", "has 12 rows, not divisible by microbatches (1) x data-parallel devices (8)"),
     ("--config.latro.no_such_field=1", "no_such_field"),
-    ("--config.tokenizer.build=bpe", "config.tokenizer.build='bpe': choose one of"),
+    ("--config.tokenizer.build=bpe", "config.tokenizer: build='bpe': choose one of"),
 ])
 def test_bad_config_values_exit_nonzero_with_one_message_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
@@ -54,6 +54,43 @@ def test_bad_config_values_exit_nonzero_with_one_message_and_write_nothing(tmp_p
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert not workdir.exists()
+
+
+UNKNOWN_KEYS = [  # (where the key goes, the message's section)
+    ("c.bogus = 1", "config"),
+    ("c.model.bogus = 1", "config.model"), ("c.model.init.bogus = 1", "config.model.init"),
+    ("c.tokenizer.bogus = 1", "config.tokenizer"), ("c.task.bogus = 1", "config.task"),
+    ("c.task.synthetic.bogus = 1", "config.task.synthetic"), ("c.mesh.bogus = 1", "config.mesh"),
+    ("c.eval.bogus = 1", "config.eval"), ("c.checkpoint.bogus = 1", "config.checkpoint"),
+    ("c.export.bogus = 1", "config.export"), ("c.sft.bogus = 1", "config.sft"),
+    ("c.latro.bogus = 1", "config.latro"), ("c.latro.optim.bogus = 1", "config.latro.optim"),
+    ("c.latro.sampling.bogus = 1", "config.latro.sampling"),
+]
+
+
+@pytest.mark.parametrize("line,section", UNKNOWN_KEYS)
+def test_an_unknown_key_in_any_section_is_refused_naming_section_and_key(line, section):
+    from configs.tiny import get_config
+    from latro_jax import job_config, run
+    c = get_config()
+    exec(line, {"c": c})
+    with pytest.raises(job_config.ConfigError, match=rf"{section}\b.*'bogus'") as e:
+        run.build(c)
+    assert str(e.value).count("bogus") == 1 and "\n" not in str(e.value)
+
+
+def test_a_config_file_with_an_unknown_key_exits_with_one_message_and_writes_nothing(tmp_path):
+    config = tmp_path / "typo.py"
+    config.write_text("from configs.tiny import get_config as tiny\n\n\ndef get_config():\n"
+                      "    c = tiny()\n    c.latro.optim.learning_rat = 1e-3\n    return c\n")
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "latro_jax.main", f"--config={config}",
+                             f"--workdir={workdir}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 2 and not workdir.exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: config.latro.optim: unknown key 'learning_rat'; the keys of this section are "
+        "['b1', 'b2', 'eps', 'grad_clip', 'learning_rate', 'schedule', 'total_steps', "
+        "'warmup_steps', 'weight_decay']."], result.stderr[-2000:]
 
 
 def test_end_to_end_train_checkpoint_export_reload_with_transformers(full_run):
@@ -139,10 +176,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_every_shipped_config_has_valid_sections():
     import glob
     import importlib.util
-    from latro_jax import run
-    from latro_jax.algorithms.latro import LatroConfig
-    from latro_jax.evaluate import EvalConfig
-    from latro_jax.train import OptimConfig
+    from latro_jax import job_config
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
     assert len(paths) >= 12
     for path in paths:
@@ -152,17 +186,14 @@ def test_every_shipped_config_has_valid_sections():
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, ROOT)
         spec.loader.exec_module(module)
-        c = module.get_config()
-        stages = c.stages.split(",")
-        assert set(stages) <= set(run.STAGES), path
-        latro = run._dataclass(LatroConfig, c.latro, "latro")
-        run._dataclass(EvalConfig, c.eval, "eval")
-        for stage in stages:
-            run._dataclass(OptimConfig, c[stage].optim, f"{stage}.optim", total_steps=c[stage].steps)
+        c = job_config.parse(module.get_config())
         if "latro_" in path:  # the paper's recipe: SPEC 1.5
-            assert (latro.num_samples, latro.max_rationale_tokens, c.latro.batch_size) == (16, 500, 24)
-            assert c.latro.optim.learning_rate == 5e-7 and c.latro.optim.schedule == "linear"
+            (stage,) = c.stages
+            latro = stage.config
+            assert (latro.num_samples, latro.max_rationale_tokens, stage.stage.batch_size) == (16, 500, 24)
+            assert stage.stage.optim.learning_rate == 5e-7 and stage.stage.optim.schedule == "linear"
             assert latro.beta == (0.05 if "gsm8k" in path else 0.25)
+            assert latro.sampling.temperature == 1.0 and latro.sampling.top_k == 0 and latro.sampling.top_p == 1.0
 
 
 def test_resume_onto_a_different_mesh_shape(tmp_path):
@@ -178,3 +209,20 @@ def test_resume_onto_a_different_mesh_shape(tmp_path):
     rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["stage"] == "latro"] == [1, 2, 3, 4]
     assert sorted(os.listdir(workdir / "checkpoints" / "latro")) == ["2", "4"]
+
+
+def test_eval_mode_of_a_bf16_run_reproduces_its_results(tmp_path):
+    """--mode=eval restores the last stage's checkpoint with the config's compute dtype: a bf16
+    run's evaluation gives the same accuracies and, output for output, the same generations."""
+    workdir = tmp_path / "run"
+    flags = ("--config.model.dtype=bfloat16", "--config.eval.every=0")
+    trained = _run(workdir, *flags)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = _run(workdir, *flags, mode="eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.load(open(workdir / "results.json"))
+    assert json.loads(evaluated.stdout) == results["latro"]
+    outputs = lambda name: [(r["greedy"]["output"], r["maj"]["outputs"])
+                            for r in map(json.loads, open(workdir / "eval" / name / "examples.jsonl"))]
+    assert outputs("latro-latest") == outputs("latro")
+    assert len({o for _, sampled in outputs("latro") for o in sampled}) > 8  # varied generations

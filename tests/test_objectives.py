@@ -1,5 +1,6 @@
 """LaTRO / SFT objectives against independent NumPy implementations, finite differences and
-the score-function form of the gradient; truncation and row assembly on hand-written ids."""
+the score-function form of the gradient; chunked token log-probabilities against a full
+log-softmax."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from latro_jax import models, objectives
+from latro_jax import models, objectives, rollout, scoring
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -81,7 +82,7 @@ def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     expected = np.zeros(tokens.shape)
     expected[:, 1:] = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
-    got = np.asarray(objectives.token_logprobs(model, tokens, valid, chunk_size=chunk))
+    got = np.asarray(scoring.token_logprobs(model, tokens, valid, chunk_size=chunk))
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
@@ -90,7 +91,7 @@ def _rows_and_advantages():
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     rationales = [[20, 21, 22], [23], [24, 25]]
     answers = [[30, 31], [32, 33, 34], [30, 35]]
-    rows = objectives.assemble_rows(prompts, rationales, answers, prompt_width=4, length=12)
+    rows = rollout.assemble_rows(prompts, rationales, answers, prompt_width=4, length=12)
     advantages = np.array([0.7, -1.2, 0.4], np.float32)
     return rows, advantages
 
@@ -98,9 +99,9 @@ def _rows_and_advantages():
 def _loss_of(graphdef, rows, advantages, sft_coef):
     def loss(params):
         model = nnx.merge(graphdef, params)
-        logp = objectives.token_logprobs(model, rows.tokens, rows.valid, chunk_size=4)
-        z = objectives.span_logprob(logp, rows.rationale_mask)
-        y = objectives.span_logprob(logp, rows.answer_mask)
+        logp = scoring.token_logprobs(model, rows.tokens, rows.valid, chunk_size=4)
+        z = scoring.span_logprob(logp, rows.rationale_mask)
+        y = scoring.span_logprob(logp, rows.answer_mask)
         return objectives.latro_loss(z, y, advantages, sft_coef=sft_coef)
     return loss
 
@@ -129,8 +130,8 @@ def test_surrogate_gradient_equals_score_function_estimator():
 
     def span(params, b, mask):
         model = nnx.merge(graphdef, params)
-        logp = objectives.token_logprobs(model, rows.tokens[b:b + 1], rows.valid[b:b + 1])
-        return objectives.span_logprob(logp, mask[b:b + 1])[0]
+        logp = scoring.token_logprobs(model, rows.tokens[b:b + 1], rows.valid[b:b + 1])
+        return scoring.span_logprob(logp, mask[b:b + 1])[0]
 
     expected = jax.tree.map(jnp.zeros_like, params)
     for b in range(3):
@@ -139,35 +140,3 @@ def test_surrogate_gradient_equals_score_function_estimator():
         expected = jax.tree.map(lambda e, z, y: e + (-A[b] * z - c * y) / 3, expected, gz, gy)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
-
-
-# ---------------------------------------------------------------- truncation / assembly
-STOPS = dict(stop_ids=[2, 0], stop_phrases=[[50, 51, 52], [60, 61]])
-
-
-@pytest.mark.parametrize("tokens,expected", [
-    ([7, 8, 9, 50, 51, 52, 10], (3, True)),     # phrase spanning three tokens: cut at its start
-    ([7, 8, 9, 10, 11], (5, False)),            # no stop at all: unfinished, nothing cut
-    ([2, 7, 8], (0, True)),                     # EOS as the first token: empty rationale
-    ([50, 51, 52, 7], (0, True)),               # stop phrase at the first token
-    ([7, 60, 61, 8, 2], (1, True)),             # phrase before EOS
-    ([7, 8, 2, 50, 51, 52], (2, True)),         # EOS before phrase
-    ([7, 8, 50, 51], (4, False)),               # phrase cut off by the length limit: unfinished
-    ([7, 0, 0, 0], (1, True)),                  # pad ends the rationale
-    ([7, 50, 51, 60, 61], (3, True)),           # an incomplete phrase is rationale text
-])
-def test_truncate_rationale(tokens, expected):
-    assert objectives.truncate_rationale(tokens, **STOPS) == expected
-
-
-def test_assemble_rows_layout_and_masks():
-    rows = objectives.assemble_rows([[5, 6], [7, 8, 9]], [[20, 21], []], [[30], [31, 32]],
-                                    prompt_width=3, length=8, pad_id=0)
-    np.testing.assert_array_equal(rows.tokens, [[0, 5, 6, 20, 21, 30, 0, 0],
-                                                [7, 8, 9, 31, 32, 0, 0, 0]])
-    np.testing.assert_array_equal(rows.valid, rows.tokens != 0)
-    np.testing.assert_array_equal(rows.rationale_mask, [[0, 0, 0, 1, 1, 0, 0, 0], [0] * 8])
-    np.testing.assert_array_equal(rows.answer_mask, [[0, 0, 0, 0, 0, 1, 0, 0],
-                                                     [0, 0, 0, 1, 1, 0, 0, 0]])
-    with pytest.raises(ValueError, match="do not fit"):
-        objectives.assemble_rows([[5]], [[1] * 6], [[2, 3]], prompt_width=3, length=8)

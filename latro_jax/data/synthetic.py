@@ -14,10 +14,11 @@ question; the rationale styles come from a second stream, so they never change t
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
-from latro_jax.data.tasks import GSM8K, DataError, Example, answer_text
+from latro_jax.data.tasks import answer_text
 
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal")
 ITEMS = ("apples", "pens", "cards", "coins", "books", "eggs")
@@ -45,6 +46,17 @@ def make_problem(rng: random.Random, num_steps: int, max_operand: int,
             "rationale": work + " " + answer_text(str(value))}
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """The knobs of `generate_splits` (config section task.synthetic)."""
+
+    seed: int = 0
+    sizes: dict = dataclasses.field(default_factory=dict)  # split name -> number of problems
+    num_steps: int = 2
+    max_operand: int = 9
+    stepwise_share: float = 1.0
+
+
 def generate_splits(seed: int, sizes: dict[str, int], num_steps: int = 2, max_operand: int = 9,
                     stepwise_share: float = 1.0) -> dict[str, list[dict[str, Any]]]:
     """Disjoint splits of distinct problems, deterministic in (seed, sizes, knobs)."""
@@ -69,18 +81,3 @@ def generate_splits(seed: int, sizes: dict[str, int], num_steps: int = 2, max_op
                 seen.add(problem["question"])
                 rows.append({"id": f"{split}-{len(rows)}", **problem})
     return out
-
-
-class SyntheticArithmetic(GSM8K):
-    """Scored like GSM8K (the number after "The answer is")."""
-
-    name = "synthetic"
-    fields = {"question": "question", "answer": "answer", "rationale": "rationale"}
-
-    def example(self, row, where):
-        try:
-            question, gold = str(row[self.fields["question"]]), str(row[self.fields["answer"]])
-        except KeyError as e:
-            raise DataError(f"{where}: missing field {e}") from e
-        return Example(id=str(row.get("id", where)), question=question, gold=gold,
-                       rationale=row.get(self.fields["rationale"]))

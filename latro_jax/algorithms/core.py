@@ -1,0 +1,152 @@
+"""The algorithm contract: every trainer is rollout -> scored batch -> update.
+
+An algorithm is a small class (see latro.py, sft.py) with
+    name, Config            its registry name and its config dataclass (a stage section's own keys)
+    needs_reference         whether `Policies.reference` (the stage's initial weights) is kept
+    trains_on               "rationales" (examples with gold rationales) or "questions"
+    shown, curves           metrics for the progress bar and for training.png
+    rows(questions)         rows of a step with this many questions (must split over the mesh)
+    rollout(policies, examples, key)  -> anything `score` understands (sampled or gold rows)
+    score(policies, rollout)          -> ScoredBatch
+    loss(model, microbatch, scalars)  -> (loss contribution, aux); pure, jitted by the Trainer
+and takes (config, Context) in its constructor. `Learner.update` runs the three parts for every
+algorithm and times them; run.py finds algorithms by name in algorithms.ALGORITHMS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from latro_jax.data import Example, PromptFormatter, Task
+from latro_jax.models import Transformer
+from latro_jax.rollout import Stops
+from latro_jax.scoring import Scorer
+from latro_jax.train import OptimConfig, Trainer, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an algorithm works with besides parameters: the task (its 0/1 scorer, answer
+    extraction, gold answers), the prompt formatter, the stops and pad id of rows, the mesh,
+    and the stage's micro-batching (micro-batches per step, positions per log-prob chunk).
+    Algorithms used on token ids alone (tests, benchmarks) may leave task and fmt None."""
+
+    task: Task | None
+    fmt: PromptFormatter | None
+    stops: Stops
+    pad_id: int = 0
+    mesh: jax.sharding.Mesh | None = None
+    microbatches: int = 1
+    logprob_chunk: int = 128
+
+
+@dataclasses.dataclass
+class Policies:
+    """The parameters an algorithm samples and scores with, all of one model graph: the policy
+    being trained and, when the algorithm needs it, the frozen reference (the stage's initial
+    weights). `scorer` gives log-probabilities of rows under any of them."""
+
+    graphdef: Any
+    params: Any
+    reference: Any
+    scorer: Scorer
+
+    def model(self, params: Any = None) -> Transformer:
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+@dataclasses.dataclass
+class ScoredBatch:
+    """What one optimizer step learns from.
+
+    arrays:  [rows, ...] host arrays the loss reads, split into micro-batches by the Trainer
+    scalars: global values the loss divides by (so micro-batch contributions sum to the loss)
+    metrics: host metrics of this rollout (logged with the step's own)
+    details: per-row or per-question values for analysis, never sent to the step
+    skip:    nothing to learn from: no optimizer step is taken
+    """
+
+    arrays: dict[str, np.ndarray]
+    scalars: dict[str, float]
+    metrics: dict[str, float]
+    details: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    skip: bool = False
+
+
+class Algorithm(Protocol):
+    name: str
+    Config: type
+    needs_reference: bool
+    trains_on: str
+    shown: tuple[str, ...]
+    curves: tuple[str, ...]
+    ctx: Context
+
+    def rows(self, questions: int) -> int: ...
+
+    def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> Any: ...
+
+    def score(self, policies: Policies, rollout: Any) -> ScoredBatch: ...
+
+    def loss(self, model: Transformer, microbatch: dict, scalars: dict) -> tuple[jax.Array, dict]: ...
+
+
+class Learner:
+    """One algorithm's training state: the policy's train state (a jitted, sharded Trainer
+    step), the frozen reference when the algorithm needs one, and the scorer."""
+
+    def __init__(self, algorithm: Algorithm, model: Transformer, optim: OptimConfig):
+        ctx = algorithm.ctx
+        self.algorithm = algorithm
+        self.trainer = Trainer(model, optim, algorithm.loss, microbatches=ctx.microbatches, mesh=ctx.mesh)
+        self.scorer = Scorer(self.trainer.graphdef, microbatches=ctx.microbatches, mesh=ctx.mesh,
+                             chunk_size=ctx.logprob_chunk)
+        self.reference = (jax.tree.map(jnp.copy, self.trainer.state.params)
+                          if algorithm.needs_reference else None)
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.state.step)
+
+    @property
+    def state(self) -> TrainState:
+        return self.trainer.state
+
+    def load_state(self, state: TrainState) -> None:
+        """Continue from a restored train state (placed on this learner's shardings)."""
+        self.trainer.load_state(state.params, state.opt_state, int(state.step))
+
+    def model(self) -> Transformer:
+        return self.trainer.model()
+
+    def policies(self) -> Policies:
+        return Policies(self.trainer.graphdef, self.trainer.state.params, self.reference, self.scorer)
+
+    def apply(self, scored: ScoredBatch) -> dict[str, float]:
+        """One optimizer step on a scored batch (none when it says skip)."""
+        if scored.skip:
+            return {"skipped": 1.0}
+        return self.trainer.step(scored.arrays, scored.scalars)
+
+    def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
+        """rollout -> score -> step on `examples`; returns the step's and the scored batch's
+        metrics and the seconds each part took (rollout_s, score_s, step_s)."""
+        policies = self.policies()
+        t0 = time.perf_counter()
+        rollout = self.algorithm.rollout(policies, examples, key)
+        t1 = time.perf_counter()
+        scored = self.algorithm.score(policies, rollout)
+        t2 = time.perf_counter()
+        metrics = self.apply(scored)
+        t3 = time.perf_counter()
+        timing = {"rollout_s": t1 - t0, "score_s": t2 - t1, "step_s": t3 - t2}
+        if "sampled_tokens" in scored.metrics:
+            timing["sample_tokens_per_s"] = scored.metrics["sampled_tokens"] / (t1 - t0)
+        return {**metrics, **scored.metrics, **timing}

@@ -1,0 +1,99 @@
+"""Log-probabilities of rows under any parameters: the one place every algorithm scores tokens.
+
+    scorer = Scorer(graphdef, microbatches=8, mesh=mesh)
+    z_logp, y_logp = scorer.span_logprobs(params, rows.arrays(), ("rationale_mask", "answer_mask"))
+    ref_z_logp, = scorer.span_logprobs(reference_params, rows.arrays(), ("rationale_mask",))
+
+`token_logprobs` and `span_logprob` are the pure functions a loss differentiates; `Scorer` runs
+them without gradients over a batch of host rows, micro-batch by micro-batch, each micro-batch's
+rows split over the mesh's data axes, for the policy, the reference or an old policy alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from latro_jax import sharding
+from latro_jax.models import Transformer
+
+
+def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
+                   chunk_size: int = 128, temperature: float = 1.0) -> jax.Array:
+    """out[b, t] = log softmax(logits / T)[tokens[b, t]] at position t - 1, i.e. the
+    log-probability of token t given tokens < t (0 at t = 0), float32 [B, T]. T = 1 leaves the
+    logits as they are.
+
+    The LM head runs over chunks of `chunk_size` positions under `jax.checkpoint`, so neither
+    the forward nor the backward pass holds [B, T, V] logits, only [B, chunk, V] at a time.
+    """
+    hidden, _ = model.hidden_states(tokens, valid=valid)
+    B, T, H = hidden.shape
+    chunk = min(chunk_size, T - 1)
+    n_chunks = -(-(T - 1) // chunk)
+    pad = n_chunks * chunk - (T - 1)
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+    h = h.reshape(B, n_chunks, chunk, H).swapaxes(0, 1)
+    targets = targets.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_logp(h_c, t_c):
+        logits = model.logits(h_c)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
+
+    logp = jax.lax.map(lambda xs: chunk_logp(*xs), (h, targets))
+    logp = logp.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T - 1]
+    return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), logp], axis=1)
+
+
+def span_logprob(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """log pi(span) = sum_t mask[t] * token_logp[t], per row."""
+    return jnp.sum(token_logp * mask, axis=-1)
+
+
+class Scorer:
+    """Scores host rows (dicts of [B, S] arrays holding at least `tokens` and `valid`) under
+    given parameters of one model graph, without gradients."""
+
+    def __init__(self, graphdef: Any, *, microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
+                 chunk_size: int = 128):
+        self.microbatches, self.mesh = microbatches, mesh
+
+        def tokens_fn(params, tokens, valid, *, temperature):
+            return token_logprobs(nnx.merge(graphdef, params), tokens, valid,
+                                  chunk_size=chunk_size, temperature=temperature)
+
+        def spans_fn(params, tokens, valid, masks, *, temperature):
+            logp = tokens_fn(params, tokens, valid, temperature=temperature)
+            return tuple(span_logprob(logp, m) for m in masks)
+
+        self._tokens = jax.jit(tokens_fn, static_argnames="temperature")
+        self._spans = jax.jit(spans_fn, static_argnames="temperature")
+
+    def _microbatches(self, arrays: dict[str, np.ndarray], names: Sequence[str]):
+        placed = sharding.split_microbatches({k: arrays[k] for k in names}, self.microbatches, self.mesh)
+        return [{k: v[m] for k, v in placed.items()} for m in range(self.microbatches)]
+
+    def token_logprobs(self, params, arrays: dict[str, np.ndarray], *,
+                       temperature: float = 1.0) -> np.ndarray:
+        """[B, S] float32: log-probability of every token given the tokens before it."""
+        parts = [self._tokens(params, mb["tokens"], mb["valid"], temperature=float(temperature))
+                 for mb in self._microbatches(arrays, ("tokens", "valid"))]
+        return np.concatenate([sharding.to_host(p) for p in parts])
+
+    def span_logprobs(self, params, arrays: dict[str, np.ndarray], masks: Sequence[str], *,
+                      temperature: float = 1.0) -> tuple[np.ndarray, ...]:
+        """One [B] array per mask name: the sum of each row's token log-probabilities under it
+        (e.g. masks=("rationale_mask", "answer_mask") gives log pi(z|x), log pi(y|x+z))."""
+        parts = [self._spans(params, mb["tokens"], mb["valid"], tuple(mb[m] for m in masks),
+                             temperature=float(temperature))
+                 for mb in self._microbatches(arrays, ("tokens", "valid", *masks))]
+        return tuple(np.concatenate([sharding.to_host(p[i]) for p in parts]) for i in range(len(masks)))
