@@ -72,7 +72,7 @@ def main(_):
     def rollout(params, seed):
         """Rationales sampled from `params`, as rows (with the key of a run's first update)."""
         return latro.sample(dataclasses.replace(start, params=params), prompts, answers, bare,
-                            run.rollout_key(seed, 0))
+                            run.rollout_key(seed, "latro", 0))
 
     def estimate(seed):
         """The gradient of the policy part of the LaTRO loss on one rollout from the warm start."""

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import zlib
 from typing import Any
 
 import jax
@@ -228,9 +229,11 @@ def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None) -> d
     return {k: v for k, v in summary.items() if k in ("greedy", f"maj@{job.config.eval.maj_k}")}
 
 
-def rollout_key(seed: int, step: int) -> jax.Array:
-    """The random key of a stage's update `step` (sampling in its rollout)."""
-    return jax.random.key(seed * 1_000_003 + step)
+def rollout_key(seed: int, stage: str, step: int) -> jax.Array:
+    """The random key of update `step` of the stage named `stage`: key(seed) folded with the
+    stage name's CRC-32, then with the step. Independent across stages and steps, and the same
+    on resume; an algorithm splits it for the draws of one update."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode())), step)
 
 
 def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop: dict):
@@ -258,7 +261,7 @@ def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop
         with tqdm(total=cfg.steps, initial=step, desc=stage.name, disable=jax.process_index() != 0) as bar:
             while step < cfg.steps:
                 examples = select(stage.examples, batches.next())
-                metrics = learner.update(examples, rollout_key(job.config.seed, step))
+                metrics = learner.update(examples, rollout_key(job.config.seed, stage.name, step))
                 step += 1
                 skipped += int(metrics.get("skipped", 0))
                 logger.log(stage.name, step, metrics)

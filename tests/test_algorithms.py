@@ -27,7 +27,7 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     job = run.build(config)
     (stage,) = job.stages
     examples = stage.examples[:stage.config.stage.batch_size]
-    key = run.rollout_key(0, 0)
+    key = run.rollout_key(0, name, 0)
     mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)  # tiny has one KV head
     # eps = 1e-3 makes Adam's step Lipschitz in the gradient: with 1e-8 the first step is
     # sign(g), and a near-zero gradient's summation-order noise flips it by the learning rate.
