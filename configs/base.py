@@ -44,18 +44,21 @@ PAPER_TASKS = {  # SPEC 1.5: beta and number of updates per task
 }
 
 
-def paper_recipe(model_path: str, task: str, stages: str) -> ml_collections.ConfigDict:
+def paper_recipe(model_path: str, task: str, stages: str, sft_coef: float = 0.0) -> ml_collections.ConfigDict:
     """The paper's set-up for one model and task: full fine-tuning with bf16 compute and remat,
     parameters sharded over 8 devices (fsdp), 500-token greedy / maj@8 evaluation. stages
-    "latro": K = 16, L = 500, T = 1, 24 questions per update, AdamW 5e-7 linear decay.
-    stages "sft": the SFT baseline on the gold rationales."""
+    "latro": K = 16, L = 500, T = 1, 24 questions per update, AdamW 5e-7 linear decay, and
+    c_sft = 0 as the released code trains (its default, never changed by its training script;
+    SPEC 1.2) -- the *_csft1 recipes use the derivation's c_sft = 1. stages "sft": the SFT
+    baseline on the gold rationales."""
     t = PAPER_TASKS[task]
     c = get_base()
     c.stages = stages
     c.model.update(path=model_path, dtype="bfloat16", param_dtype="float32", remat="full")
     c.task.update(name=t["name"], source=t["source"], train_split="train", eval_split="test")
     c.mesh.update(data=-1, fsdp=8, tensor=1)
-    c.latro.update(steps=t["steps"], batch_size=24, num_samples=16, beta=t["beta"], microbatches=8)
+    c.latro.update(steps=t["steps"], batch_size=24, num_samples=16, beta=t["beta"], sft_coef=sft_coef,
+                   microbatches=8)
     c.sft.update(steps=300, batch_size=64, microbatches=4, optim=optim(1e-6, "cosine", warmup_steps=30))
     c.eval.update(max_new_tokens=500, maj_k=8)
     return c

@@ -1,4 +1,6 @@
-"""LaTRO on ARC-Challenge with Mistral-7B-Instruct-v0.3 (SPEC 1.5; see configs/base.py:paper_recipe).
+"""LaTRO on ARC-Challenge with Mistral-7B-Instruct-v0.3 (SPEC 1.5; see configs/base.py:paper_recipe), with
+c_sft = 0 as the released code trains (configs/latro_arc_mistral7b_csft1.py: the derivation's
+c_sft = 1).
 
     python -m latro_jax.main --config=configs/latro_arc_mistral7b.py --workdir=... \\
         --config.model.path=/data/Mistral-7B-Instruct-v0.3

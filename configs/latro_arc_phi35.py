@@ -1,4 +1,6 @@
-"""LaTRO on ARC-Challenge with Phi-3.5-mini-instruct (SPEC 1.5; see configs/base.py:paper_recipe).
+"""LaTRO on ARC-Challenge with Phi-3.5-mini-instruct (SPEC 1.5; see configs/base.py:paper_recipe), with
+c_sft = 0 as the released code trains (configs/latro_arc_phi35_csft1.py: the derivation's
+c_sft = 1).
 
     python -m latro_jax.main --config=configs/latro_arc_phi35.py --workdir=... \\
         --config.model.path=/data/Phi-3.5-mini-instruct

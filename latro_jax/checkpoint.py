@@ -99,6 +99,7 @@ class TrainCheckpoints:
         if best_metric:
             policies.append(_policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
                                             keep_checkpoints_without_metrics=True))
+        self.directory = os.path.abspath(directory)
         self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies))
 
     def save(self, step: int, model: Transformer, state: TrainState, meta: dict[str, Any],

@@ -128,7 +128,8 @@ def main(argv):
     tokenizer_dir = FLAGS.tokenizer or FLAGS.hf
     if not tokenizer_dir:
         raise ValueError("--tokenizer is required with --ckpt (a folder with the tokenizer files)")
-    fmt = PromptFormatter(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
+    fmt = PromptFormatter(transformers.AutoTokenizer.from_pretrained(tokenizer_dir),
+                          eos_ids=model.config.eos_token_id)
     task = get_task(FLAGS.task)
     examples = load_examples(task, FLAGS.data, FLAGS.split, limit=FLAGS.limit)
     cfg = EvalConfig(max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,

@@ -33,14 +33,18 @@ class Stops:
 
 def truncate(tokens: Sequence[int], stops: Stops) -> tuple[int, bool]:
     """(length of z, stopped): z = tokens[:length] ends before the FIRST of a stop id (EOS,
-    end-of-turn, pad) or the start of any stop phrase (token-id sequence); the stop itself is
-    not part of z. stopped is False when no stop occurs (an unfinished rationale)."""
+    end-of-turn, pad) or the START of any stop phrase (token-id sequence) that occurs whole
+    before it -- the earliest start over all phrases, so "So, the answer is" is cut before
+    "So" although it contains " the answer is" (SPEC 1.3). The stop is not part of z; stopped
+    is False when no stop occurs (an unfinished rationale)."""
     tokens = list(tokens)
     stop_ids = set(stops.ids)
-    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
-    for phrase in map(list, stops.phrases):
-        n = len(phrase)
-        cut = next((i for i in range(cut - n + 1) if tokens[i:i + n] == phrase), cut)
+    end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    by_first: dict[int, list[list[int]]] = {}
+    for phrase in stops.phrases:
+        by_first.setdefault(phrase[0], []).append(list(phrase))
+    cut = next((i for i in range(end) for phrase in by_first.get(tokens[i], ())
+                if i + len(phrase) <= end and tokens[i:i + len(phrase)] == phrase), end)
     return cut, cut < len(tokens)
 
 
@@ -103,12 +107,13 @@ def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
 class Rollout:
     """K sampled rationales per prompt, cut at their stops, as rows [x | z | y].
 
-    rows: Rows [N*K, S]; finished [N*K] bool; lengths [N*K] (tokens of z);
-    sampled_tokens: tokens the sampler generated (stops included), for throughput."""
+    rows: Rows [N*K, S]; finished [N*K] bool; lengths [N*K] (tokens of z); samples: the ids
+    the sampler generated per row (stop included); sampled_tokens: their total, for throughput."""
 
     rows: Rows
     finished: np.ndarray
     lengths: np.ndarray
+    samples: list[list[int]]
     sampled_tokens: int
 
 
@@ -125,12 +130,14 @@ def sample_rows(model: Transformer, prompts: Sequence[Sequence[int]],
         model, prompts, max_new_tokens, temperature=sampling_params.temperature,
         top_k=sampling_params.top_k, top_p=sampling_params.top_p, num_samples=K,
         stop_token_ids=stops.ids, stop_sequences=stops.phrases, key=key, pad_id=pad_id, mesh=mesh)
-    cut = [truncate(out.token_array[r, :out.lengths[r]], stops) for r in range(len(out.lengths))]
-    rationales = [out.token_array[r, :n].tolist() for r, (n, _) in enumerate(cut)]
+    samples = [out.token_array[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
+    cut = [truncate(sample, stops) for sample in samples]
+    rationales = [sample[:n] for sample, (n, _) in zip(samples, cut)]
     bare_answers = answers if bare_answers is None else bare_answers
     row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(rationales)]
     width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)))
     rows = assemble_rows([p for p in prompts for _ in range(K)], rationales, row_answers,
                          prompt_width=width, length=length, pad_id=pad_id)
     return Rollout(rows=rows, finished=np.array([stopped for _, stopped in cut]),
-                   lengths=np.array([n for n, _ in cut]), sampled_tokens=int(out.lengths.sum()))
+                   lengths=np.array([n for n, _ in cut]), samples=samples,
+                   sampled_tokens=int(out.lengths.sum()))

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import zlib
 from typing import Any
 
@@ -76,7 +77,7 @@ def build(raw_config, *, load_model: bool = True) -> Job:
 
     train = load(c.task.train_split)
     tokenizer = _tokenizer(c, train)
-    fmt = PromptFormatter(tokenizer)
+    fmt = PromptFormatter(tokenizer, eos_ids=_model_eos_ids(c))
     eval_examples = load(c.task.eval_split, c.eval.limit or None)
     val_examples = []
     if c.eval.every:
@@ -133,6 +134,14 @@ def _tokenizer(c: JobConfig, train: list):
         return transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"config.tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
+
+
+def _model_eos_ids(c: JobConfig) -> tuple[int, ...]:
+    """The end ids of the model folder (config.json and generation_config.json), read without
+    loading weights; () for a model built from scratch (its EOS is the tokenizer's)."""
+    if not c.model.path:
+        return ()
+    return models.read_config(models.hf_io.resolve_model_dir(c.model.path)).eos_token_id
 
 
 def _model(c: JobConfig, mesh, vocab_size: int, fmt: PromptFormatter) -> models.Transformer:
@@ -258,6 +267,7 @@ def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop
             learner.load_state(state)
             batches.restore(meta["data"])
             step, skipped = meta["step"], meta.get("skipped", 0)
+            _say(f"{stage.name}: resuming after update {step} of {cfg.steps} from {ckpts.directory}")
         with tqdm(total=cfg.steps, initial=step, desc=stage.name, disable=jax.process_index() != 0) as bar:
             while step < cfg.steps:
                 examples = select(stage.examples, batches.next())
@@ -283,6 +293,12 @@ def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop
         return learner.model()
     finally:
         ckpts.close()
+
+
+def _say(message: str) -> None:
+    """A one-line notice on stderr (process 0), above any progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message, file=sys.stderr)
 
 
 def _write_json(path: str, obj) -> None:

@@ -25,7 +25,8 @@ from latro_jax.models import Transformer
 def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
                    chunk_size: int = 128, temperature: float = 1.0) -> jax.Array:
     """out[b, t] = log softmax(logits / T)[tokens[b, t]] at position t - 1, i.e. the
-    log-probability of token t given tokens < t (0 at t = 0), float32 [B, T]. T = 1 leaves the
+    log-probability of token t given tokens < t (0 at t = 0), float32 [B, T] (float64 for a
+    float64 model). T = 1 leaves the
     logits as they are.
 
     The LM head runs over chunks of `chunk_size` positions under `jax.checkpoint`, so neither
@@ -51,7 +52,7 @@ def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
 
     logp = jax.lax.map(lambda xs: chunk_logp(*xs), (h, targets))
     logp = logp.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T - 1]
-    return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), logp], axis=1)
+    return jnp.concatenate([jnp.zeros((B, 1), logp.dtype), logp], axis=1)
 
 
 def span_logprob(token_logp: jax.Array, mask: jax.Array) -> jax.Array:

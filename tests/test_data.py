@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import transformers
 
-from hf_models import SHARED, STORIES_HF
-from latro_jax.data import (BatchIterator, DataError, PromptFormatter, get_task, load_examples)
+from hf_models import SHARED, STORIES_HF, gpt2_tokenizer
+from latro_jax.data import (STOP_PHRASES, BatchIterator, DataError, PromptFormatter, get_task,
+                            load_examples)
 from latro_jax.data.synthetic import generate_splits
 
 GSM8K = os.path.join(SHARED, "data", "gsm8k")
@@ -52,6 +53,8 @@ def test_gsm8k_gold_solutions_score_correct_and_wrong_numbers_do_not(gsm8k):
     ("The answer is $.75 each, so 3", ".75"),            # first number after the last phrase
     ("no digits at all", None),
     ("The answer is unclear but 4 + 5 = 9", "4"),
+    ("9 * 2 = 18. The answer is eighteen.", "18"),       # nothing after the phrase: last number
+    ("It is 3, so 3 * 4 = 12. The answer is", "12"),
 ])
 def test_gsm8k_extraction_edge_cases(text, expected):
     assert get_task("gsm8k").extract(text) == expected
@@ -81,6 +84,16 @@ def test_arc_gold_text_scores_and_other_options_do_not(arc):
     label_sets = {tuple(r["choices"]["label"]) for r in rows}
     assert ("1", "2", "3", "4") in label_sets and ("A", "B", "C", "D", "E") in label_sets
     assert sizes == {3, 4, 5}
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is:\nwet palms", "The answer is:\n\n**wet palms**", "Rubbing hands.\nThe answer is: wet palms",
+    "So the answer is (wet palms).", "The answer is\n\n- wet palms\n\nbecause friction heats them.",
+])
+def test_arc_answer_on_the_line_after_the_phrase_is_scored(text):
+    task = get_task("arc_challenge")
+    assert task.score(text, "wet palms"), task.extract(text)
+    assert not task.score(text.replace("wet palms", "dry palms"), "wet palms")
 
 
 def test_arc_fallback_uses_the_last_segment():
@@ -213,3 +226,38 @@ def test_plain_text_prompts_without_chat_template():
     fmt = PromptFormatter(tok)
     assert not fmt.chat and fmt.prompt_ids("Tom has 3 apples.") == tok("Tom has 3 apples.").input_ids
     assert fmt.answer_ids("The answer is 5.")[-1] == tok.eos_token_id == fmt.end_id
+
+
+POSITIONS = {  # text before the phrase
+    "start of text": "",
+    "after '. '": "Add 3 and 4 to get 7. ",
+    "start of a line": "Add 3 and 4 to get 7.\n",
+    "after a blank line": "Add 3 and 4 to get 7.\n\n",
+}
+
+
+@pytest.fixture(scope="module", params=["phi-3-mini", "gpt2", "smollm2"])
+def real_tokenizer(request):
+    if request.param == "smollm2":
+        return transformers.AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2_dir"))
+    if request.param == "gpt2":
+        return gpt2_tokenizer()
+    return transformers.AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+
+
+@pytest.mark.parametrize("phrase", STOP_PHRASES)
+def test_every_stop_phrase_is_cut_at_its_start_in_every_position(real_tokenizer, phrase):
+    """SPEC 1.3 on real tokenizers (SentencePiece: Phi-3; byte-level BPE: GPT-2, SmolLM2): the
+    phrase as the tokenizer spells it at the start of the text, after a space, at the start of
+    a line and after a blank line ends the rationale at the phrase's first character. Phrases
+    that contain another ("So, the answer is" holds " the answer is") are cut at their own
+    start."""
+    from latro_jax.rollout import Stops, truncate
+    fmt = PromptFormatter(real_tokenizer)
+    stops = Stops(fmt.stop_ids, fmt.stop_phrases)
+    for position, before in POSITIONS.items():
+        text = before + phrase.lstrip(" \n") + " 42."
+        ids = real_tokenizer(text, add_special_tokens=False).input_ids
+        cut, finished = truncate(ids, stops)
+        assert finished, (position, text)
+        assert real_tokenizer.decode(ids[:cut]).rstrip() == before.rstrip(), (position, text, ids[:cut])

@@ -57,3 +57,41 @@ def test_evaluate_command_line_on_an_hf_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.load(open(out / "summary.json"))
     assert summary["task"] == "arc_challenge" and summary["examples"] == 3 and "maj@2" in summary
+
+
+SCRIPT = {  # gold -> (greedy output, maj@3 samples); the expected verdicts are in the comments
+    "3": ("The answer is 3.", ["The answer is 4.", "The answer is 3.", "The answer is 4."]),  # ok / vote 4
+    "5": ("The answer is 6.", ["The answer is 5.", "no number here", "The answer is 6."]),   # wrong / tie -> 5
+    "7": ("2+5=7. The answer is 7.", ["The answer is 7.", "7.0", "The answer is 8."]),      # ok / 7 = 7.0
+    "9": ("", ["The answer is 1.", "The answer is 9.", "It is 9"]),                          # wrong / 9
+}
+
+
+def test_accuracies_count_scripted_outputs_as_the_definitions_say(monkeypatch, tmp_path):
+    """evaluate() on scripted generations (sampling.generate replaced): greedy = 2/4, maj@3 =
+    3/4 (a tie goes to the answer seen first; 7 and 7.0 are one answer; an output without a
+    number does not vote). Scoring maj@k on the greedy output would give 2/4, ties to the
+    last seen 2/4."""
+    from latro_jax import evaluate as evaluate_module
+    from latro_jax.data import Example
+    from latro_jax.sampling import GenerateOutput
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
+    fmt = PromptFormatter(tok)
+    examples = [Example(id=f"q{g}", question=f"Question {g}?", gold=g) for g in SCRIPT]
+    by_prompt = {tuple(fmt.prompt_ids(e.question)): e.gold for e in examples}
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+    def scripted(model, prompts, max_new_tokens, *, temperature=0.0, num_samples=1, **_):
+        golds = [by_prompt[tuple(p)] for p in prompts]
+        texts = [[SCRIPT[g][0]] if temperature == 0 else SCRIPT[g][1] for g in golds]
+        assert all(len(t) == num_samples for t in texts)
+        tokens = [[ids(t) for t in row] for row in texts]
+        return GenerateOutput(tokens=tokens, logprobs=None, token_array=None, logprob_array=None,
+                              lengths=None, finished=None)
+
+    monkeypatch.setattr(evaluate_module.sampling, "generate", scripted)
+    summary = evaluate(None, get_task("gsm8k"), examples, fmt, EvalConfig(maj_k=3, batch_size=3),
+                       out_dir=str(tmp_path), progress=False)
+    assert summary["greedy"] == 0.5 and summary["maj@3"] == 0.75
+    votes = [json.loads(line)["maj"]["vote"] for line in open(tmp_path / "examples.jsonl")]
+    assert votes == ["4", "5", "7", "9"]

@@ -107,36 +107,45 @@ def _loss_of(graphdef, rows, advantages, sft_coef):
 
 
 def test_loss_gradient_matches_finite_differences():
-    graphdef, params = nnx.split(_tiny_model(seed=1))
-    rows, A = _rows_and_advantages()
-    loss = _loss_of(graphdef, rows, A, sft_coef=1.0)
-    grads = jax.grad(loss)(params)
-    rng = np.random.RandomState(3)
-    for trial in range(3):
-        direction = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape), p.dtype), params)
-        eps = 1e-3
-        shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
-        fd = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * eps)
-        ad = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
-        assert abs(fd - ad) <= 1e-2 * max(1.0, abs(ad)), (trial, fd, ad)
+    """In float64 (model, log-probs and loss), so the central difference's own rounding noise
+    (~1e-13) is far below the 1e-6 relative tolerance."""
+    with jax.enable_x64(True):
+        graphdef, params = nnx.split(_tiny_model(seed=1, dtype="float64"))
+        assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float64")}
+        rows, A = _rows_and_advantages()
+        loss = _loss_of(graphdef, rows, A.astype(np.float64), sft_coef=1.0)
+        assert loss(params).dtype == jnp.float64
+        grads = jax.grad(loss)(params)
+        rng = np.random.RandomState(3)
+        for trial in range(3):
+            direction = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape), p.dtype), params)
+            eps = 1e-5
+            shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
+            fd = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * eps)
+            ad = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+            assert abs(fd - ad) <= 1e-6 * max(1.0, abs(ad)), (trial, fd, ad)
 
 
 def test_surrogate_gradient_equals_score_function_estimator():
-    """grad loss = 1/(NK) * sum_k [ -A_k grad log pi(z_k|x) - c grad log pi(y|x+z_k) ]."""
+    """grad loss = 1/(NK) * sum_k [ -A_k grad log pi(z_k|x) - c grad log pi(y|x+z_k) ], the
+    right side from each row alone, its log-probabilities from the model's full logits
+    (log_softmax over the whole vocabulary, no chunking, no masks) and the spans' positions."""
     graphdef, params = nnx.split(_tiny_model(seed=2))
     rows, A = _rows_and_advantages()
     c = 0.6
     got = jax.grad(_loss_of(graphdef, rows, A, sft_coef=c))(params)
+    spans = [([5, 6, 7], [20, 21, 22], [30, 31]), ([8, 9], [23], [32, 33, 34]), ([10, 11, 12, 13], [24, 25], [30, 35])]
 
-    def span(params, b, mask):
-        model = nnx.merge(graphdef, params)
-        logp = scoring.token_logprobs(model, rows.tokens[b:b + 1], rows.valid[b:b + 1])
-        return scoring.span_logprob(logp, mask[b:b + 1])[0]
+    def span(params, b, part):
+        x, z, y = spans[b]
+        seq = np.array([x + z + y], np.int32)
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, params)(seq)[0], axis=-1)
+        start, end = (len(x), len(x) + len(z)) if part == "z" else (len(x) + len(z), len(seq[0]))
+        return sum(logp[t - 1, seq[0, t]] for t in range(start, end))
 
     expected = jax.tree.map(jnp.zeros_like, params)
     for b in range(3):
-        gz = jax.grad(span)(params, b, rows.rationale_mask)
-        gy = jax.grad(span)(params, b, rows.answer_mask)
+        gz, gy = jax.grad(span)(params, b, "z"), jax.grad(span)(params, b, "y")
         expected = jax.tree.map(lambda e, z, y: e + (-A[b] * z - c * y) / 3, expected, gz, gy)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)

@@ -36,3 +36,12 @@ def test_assemble_rows_layout_and_masks():
                                                      [0, 0, 0, 1, 1, 0, 0, 0]])
     with pytest.raises(ValueError, match="do not fit"):
         rollout.assemble_rows([[5]], [[1] * 6], [[2, 3]], prompt_width=3, length=8)
+
+
+def test_overlapping_phrases_cut_at_the_earliest_start():
+    """ " the answer is" (60, 61) sits inside "So, the answer is" (55, 56, 60, 61): the cut is
+    before "So", whichever phrase is listed first."""
+    stops = Stops(ids=(2,), phrases=((60, 61), (55, 56, 60, 61)))
+    assert rollout.truncate([7, 8, 55, 56, 60, 61, 9], stops) == (2, True)
+    assert rollout.truncate([7, 8, 55, 56, 60, 61, 9], Stops((2,), stops.phrases[::-1])) == (2, True)
+    assert rollout.truncate([7, 60, 61, 55, 56, 60, 61], stops) == (1, True)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 from flax import nnx
 
@@ -142,27 +143,77 @@ def test_rollout_scores_the_bare_answer_after_an_empty_rationale():
         assert rows.rationale_mask[r].sum() == n
 
 
-def test_latro_updates_raise_answer_likelihood_on_a_toy_task():
-    """stories260K (real weights), questions from story openings, gold answer
-    "The answer is 7." (+ EOS): a few updates raise log pi(y | x + z) clearly."""
+def _stories_task():
+    """stories260K questions from story openings, gold y = "The answer is 7." + EOS; rationales
+    end at EOS or at a "." token (so most of 16 tokens finish)."""
     tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
     openings = ["Once upon a time", "One day, a little dog", "Tom and Sue went to", "The sun was"]
     prompts = [tok(o).input_ids for o in openings]
     answer = tok("The answer is 7.", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    stops = Stops(ids=(tok.eos_token_id,),
-                  phrases=(tuple(tok("The answer is", add_special_tokens=False).input_ids),))
-    learner = Learner(_latro(LatroConfig(num_samples=4, max_rationale_tokens=12, beta=0.05), stops),
-                      models.load_hf(STORIES_HF),
-                      OptimConfig(learning_rate=3e-3, schedule="constant", total_steps=100))
-    history = [_latro_update(learner, prompts, [answer] * 4, jax.random.key(step)) for step in range(6)]
-    first, last = history[0], history[-1]
-    assert np.isfinite([h["loss"] for h in history]).all()
-    # measured: -76.2 -> -11.8 over 6 updates
-    assert last["answer_logp"] > first["answer_logp"] + 20, [h["answer_logp"] for h in history]
-    # at the first update pi_theta = pi_0 and every rationale is unfinished, so all rewards of a
-    # question are equal (zero advantages); afterwards the KL term separates them
-    assert first["advantage_std"] == 0 and history[1]["advantage_std"] > 0
-    assert first["kl"] == 0 and history[1]["kl"] > 0
+    period = tok.convert_tokens_to_ids(".")
+    return tok, prompts, [answer] * 4, Stops(ids=(tok.eos_token_id, period))
+
+
+def test_latro_self_reward_alone_raises_answer_likelihood():
+    """c_sft = 0 and beta = 0: only the self-reward's RLOO advantages move the policy. With
+    rationales that finish (at "."), 10 updates of 4 questions x 8 rationales raise the mean
+    log pi(y | x + z). Measured: -76.5 -> -69.1 (mean of the last 3 updates), finished 0.6."""
+    tok, prompts, answers, stops = _stories_task()
+    cfg = LatroConfig(num_samples=8, max_rationale_tokens=16, beta=0.0, sft_coef=0.0, nonstop_penalty=1.0)
+    learner = Learner(_latro(cfg, stops), models.load_hf(STORIES_HF),
+                      OptimConfig(learning_rate=3e-4, schedule="constant", total_steps=100))
+    history = [_latro_update(learner, prompts, answers, jax.random.key(step)) for step in range(10)]
+    first = history[0]
+    last = np.mean([h["answer_logp"] for h in history[-3:]])
+    assert 0.3 < first["finished"] < 0.9 and first["advantage_std"] > 0  # the reward reaches A at once
+    assert last > first["answer_logp"] + 0.05 * abs(first["answer_logp"]), [h["answer_logp"] for h in history]
+
+
+def _torch_logps(model, sequence):
+    """log pi(sequence[t] | sequence[:t]) for t >= 1, from a transformers model (float64)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
+    return np.concatenate([[0.0], logp.numpy()])
+
+
+def test_latro_update_wiring_against_transformers_scores_and_numpy(tmp_path):
+    """One LaTRO update after a first one (so policy != reference), 2 micro-batches, finished
+    and unfinished rationales: every row holds [x | z | y] with z the sample before its stop;
+    log pi(z|x), log pi(y|x+z) under the policy and log pi_0(z|x) come from transformers; the
+    rewards (non-stop penalty = gamma x the GLOBAL batch mean), RLOO advantages and the loss are
+    redone in NumPy; the learner's scored batch and step agree."""
+    tok, prompts, answers, stops = _stories_task()
+    cfg = LatroConfig(num_samples=4, max_rationale_tokens=10, beta=0.1, nonstop_penalty=2.0, sft_coef=0.5)
+    learner = Learner(_latro(cfg, stops, microbatches=2), models.load_hf(STORIES_HF),
+                      OptimConfig(learning_rate=1e-3, schedule="constant", total_steps=10))
+    _latro_update(learner, prompts, answers, jax.random.key(0))
+    models.save_hf(learner.model(), str(tmp_path / "policy"))
+    policy = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(STORIES_HF).eval()
+    policies = learner.policies()
+    out = learner.algorithm.sample(policies, prompts, answers, None, jax.random.key(1))
+    scored = learner.algorithm.score(policies, out)
+    z_logp, y_logp, ref_z_logp, finished = [], [], [], []
+    for r, sample in enumerate(out.samples):
+        stop = next((i for i, t in enumerate(sample) if t in stops.ids), None)
+        z = sample if stop is None else sample[:stop]
+        x, y = prompts[r // 4], answers[r // 4]
+        assert out.rows.tokens[r][out.rows.valid[r]].tolist() == x + z + y, r
+        lp, ref_lp = _torch_logps(policy, x + z + y), _torch_logps(reference, x + z + y)
+        z_logp.append(lp[len(x):len(x) + len(z)].sum())
+        ref_z_logp.append(ref_lp[len(x):len(x) + len(z)].sum())
+        y_logp.append(lp[len(x) + len(z):].sum())
+        finished.append(stop is not None)
+    z_logp, y_logp, ref_z_logp, finished = map(np.array, (z_logp, y_logp, ref_z_logp, finished))
+    assert 0 < finished.mean() < 1, finished
+    answer = np.where(finished, y_logp, 2.0 * y_logp.mean())
+    rewards = (answer - 0.1 * (z_logp - ref_z_logp)).reshape(-1, 4)
+    advantages = (rewards - (rewards.sum(1, keepdims=True) - rewards) / 3).reshape(-1)
+    np.testing.assert_allclose(scored.details["rewards"], rewards, atol=2e-3)
+    np.testing.assert_allclose(scored.arrays["advantages"], advantages, atol=2e-3)
+    loss = np.mean(-advantages * z_logp - 0.5 * y_logp)
+    assert learner.apply(scored)["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-3)
 
 
 def test_sft_steps_lower_completion_nll_and_accumulate_exactly():

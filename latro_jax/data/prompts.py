@@ -18,11 +18,29 @@ def continuation_ids(tokenizer, prefix: str, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def phrase_variants(tokenizer, phrase: str) -> set[tuple[int, ...]]:
+    """The token ids of `phrase` in every position a tokenizer spells differently: at the start
+    of the text, after a space, at the start of a line, after a blank line. (SentencePiece marks
+    a word start; byte-level BPE folds a leading space into the word: " Answer:" is not
+    "Answer:" with a space token before it.)"""
+    core = phrase.lstrip(" \n")
+    variants = (tokenizer(core, add_special_tokens=False).input_ids,
+                continuation_ids(tokenizer, "x.", " " + core),
+                continuation_ids(tokenizer, "x.\n", core),
+                continuation_ids(tokenizer, "x.\n\n", core))
+    return {tuple(v) for v in variants if v}
+
+
 class PromptFormatter:
-    """Question text -> prompt ids; answer / rationale text -> ids ending in the end token."""
+    """Question text -> prompt ids; answer / rationale text -> ids ending in the end token.
+
+    stop_ids: every id that ends a generation -- the end-of-turn token of the chat template,
+    the tokenizer's EOS and pad, and `eos_ids` (the model's own end ids: config.json and
+    generation_config.json). stop_phrases: the SPEC 1.3 phrases in each position's
+    tokenization (phrase_variants)."""
 
     def __init__(self, tokenizer, *, chat_template: bool | None = None,
-                 stop_phrases: Sequence[str] = STOP_PHRASES):
+                 stop_phrases: Sequence[str] = STOP_PHRASES, eos_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.chat = bool(tokenizer.chat_template) if chat_template is None else chat_template
         if self.chat and not tokenizer.chat_template:
@@ -31,14 +49,9 @@ class PromptFormatter:
         if self.end_id is None:
             raise ValueError("the tokenizer has no eos token; set one (it ends answers and rationales)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
-        self.stop_ids = tuple(sorted({self.end_id, tokenizer.eos_token_id, self.pad_id} - {None}))
-        phrases = set()
-        for phrase in stop_phrases:  # each phrase as it tokenizes mid-text and at a start
-            for ids in (continuation_ids(tokenizer, "x.", phrase),
-                        tokenizer(phrase, add_special_tokens=False).input_ids):
-                if ids:
-                    phrases.add(tuple(ids))
-        self.stop_phrases = tuple(sorted(phrases))
+        ends = {self.end_id, tokenizer.eos_token_id, self.pad_id, *map(int, eos_ids)}
+        self.stop_ids = tuple(sorted(ends - {None}))
+        self.stop_phrases = tuple(sorted(set().union(*(phrase_variants(tokenizer, p) for p in stop_phrases))))
 
     def _end_of_turn_id(self) -> int:
         """The first special token the template puts after an assistant message."""

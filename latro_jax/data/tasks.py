@@ -103,14 +103,11 @@ class GSM8K(Task):
                        gold=gold, rationale=rationale)
 
     def extract(self, text):
-        """The first number after the LAST "The answer is", else the last number in the text."""
-        if ANSWER_PHRASE in text:
-            numbers = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1])
-            found = numbers[0] if numbers else None
-        else:
-            numbers = NUMBER.findall(text)
-            found = numbers[-1] if numbers else None
-        return None if found is None else found.replace(",", "")
+        """The first number after the LAST "The answer is"; when none follows it (or the phrase
+        is absent), the last number in the text ("9 * 2 = 18. The answer is eighteen." -> 18)."""
+        after = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1]) if ANSWER_PHRASE in text else []
+        numbers = after[:1] or NUMBER.findall(text)[-1:]
+        return numbers[0].replace(",", "") if numbers else None
 
     def vote_key(self, extracted):
         value = _to_float(extracted)
@@ -122,7 +119,7 @@ class GSM8K(Task):
 
 
 # ---------------------------------------------------------------- ARC-Challenge
-_ARC_STRIP = " :[]()\"'."
+_ARC_STRIP = " :[]()\"'.*"  # SPEC 1.4's characters, plus markdown emphasis
 _SENTENCE_END = re.compile(r"(?<=\.)\s+")
 
 
@@ -149,14 +146,15 @@ class ARCChallenge(Task):
         return Example(id=str(row.get("id", where)), question=prompt, gold=str(texts[labels.index(key)]))
 
     def extract(self, text):
-        """After the first line holding "the answer is": the text after the phrase to the end of
-        that line, stripped of ' :[]()". and quotes; without the phrase: the last "."-separated
-        segment. Lower-case."""
+        """After the first "the answer is": the text after the phrase up to the end of its first
+        non-empty line (the answer may sit on the next line: "The answer is:\n\n**wet palms**"),
+        stripped of ' :[]()". quotes and markdown emphasis; without the phrase: the last
+        "."-separated segment. Lower-case."""
         lowered = text.lower()
         phrase = ANSWER_PHRASE.lower()
         if phrase in lowered:
-            line = next(line for line in lowered.split("\n") if phrase in line)
-            return line.split(phrase, 1)[1].strip(_ARC_STRIP)
+            after = lowered.split(phrase, 1)[1].lstrip(_ARC_STRIP + "\n\t")
+            return after.split("\n", 1)[0].strip(_ARC_STRIP)
         segments = [s for s in lowered.split(".") if s.strip()]
         return segments[-1].strip(_ARC_STRIP) if segments else None
 

@@ -218,10 +218,20 @@ def _rope_to_hf(rope: RopeScaling) -> dict[str, Any] | None:
 
 
 def read_config(model_dir: str) -> ModelConfig:
-    """The ModelConfig of an HF model folder, with a clear error when config.json is missing."""
+    """The ModelConfig of an HF model folder, with a clear error when config.json is missing.
+    Its eos_token_id holds every end id of config.json and generation_config.json (Llama-3.1
+    lists <|end_of_text|>, <|eom_id|> and <|eot_id|> there)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{model_dir}: no config.json. Point the loader at a Hugging Face model folder "
             "(config.json + *.safetensors) or a hub id.")
-    return ModelConfig.from_hf_file(path)
+    config = ModelConfig.from_hf_file(path)
+    generation = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(generation):
+        with open(generation) as f:
+            eos = json.load(f).get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        merged = tuple(dict.fromkeys(config.eos_token_id + tuple(int(e) for e in eos)))
+        config = dataclasses.replace(config, eos_token_id=merged)
+    return config

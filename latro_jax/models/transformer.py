@@ -63,19 +63,26 @@ class KVCache:
                        valid=rep(self.valid), lengths=rep(self.lengths), index=self.index)
 
 
+def accumulation_dtype(dtype):
+    """float32 for 16- and 32-bit compute, float64 for float64 (gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _dense(din: int, dout: int, sharding: tuple, *, config: ModelConfig, dtype, param_dtype,
            rngs: nnx.Rngs) -> nnx.Linear:
     init = nnx.initializers.normal(config.initializer_range)
     return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      preferred_element_type=jnp.float32,  # callers round to their dtype
+                      preferred_element_type=accumulation_dtype(dtype),  # callers round to their dtype
                       kernel_init=nnx.with_partitioning(init, sharding), rngs=rngs)
 
 
 def _matmul(spec: str, x, kernel: nnx.Param, dtype, out_dtype=None):
-    """einsum of x and a kernel in the compute dtype, accumulated in float32 and rounded to
-    out_dtype (default: the compute dtype), as torch's bf16 Linear does. bf16 x bf16 -> f32 is
-    also the fast path of XLA's CPU matmuls (about 2x fp32; bf16 -> bf16 is slower than fp32)."""
-    y = jnp.einsum(spec, x.astype(dtype), kernel[...].astype(dtype), preferred_element_type=jnp.float32)
+    """einsum of x and a kernel in the compute dtype, accumulated in float32 (float64 for a
+    float64 model) and rounded to out_dtype (default: the compute dtype), as torch's bf16 Linear
+    does. bf16 x bf16 -> f32 is also the fast path of XLA's CPU matmuls (about 2x fp32;
+    bf16 -> bf16 is slower than fp32)."""
+    y = jnp.einsum(spec, x.astype(dtype), kernel[...].astype(dtype),
+                   preferred_element_type=accumulation_dtype(dtype))
     return y.astype(out_dtype or dtype)
 
 
@@ -88,7 +95,7 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(accumulation_dtype(x.dtype))
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
@@ -142,13 +149,14 @@ class Attention(nnx.Module):
             cache = (k_cache, v_cache)
             k, v, q = k_cache, v_cache, q.astype(k_cache.dtype)
         S = k.shape[-1]
-        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32)
+        acc = accumulation_dtype(self.dtype)
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=acc)
         scores = scores.reshape(B, c.num_kv_heads, G, T, S) * (c.head_dim ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(acc).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         probs = probs.reshape(B, c.num_kv_heads, G * T, S)
         out = jnp.einsum("bkqs,bksd->bkqd", probs, v,  # [B, KVH, G*T, D]
-                         preferred_element_type=jnp.float32).astype(v.dtype)
+                         preferred_element_type=acc).astype(v.dtype)
         out = out.reshape(B, c.num_kv_heads, G, T, c.head_dim).transpose(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)).astype(self.dtype), cache
 
@@ -220,7 +228,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on final hidden states [..., hidden] -> float32 logits [..., V]."""
         if self.config.tie_word_embeddings:
-            return _matmul("...h,vh->...v", hidden, self.embed.embedding, self.dtype, jnp.float32)
+            return _matmul("...h,vh->...v", hidden, self.embed.embedding, self.dtype,
+                           accumulation_dtype(self.dtype))
         return self.lm_head(hidden)
 
     def unstack_layers(self) -> tuple[Block, ...]:
