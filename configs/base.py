@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from latro_jax.meta_prover import R1_SUFFIX  # SPEC 2.3: the analysis code's termination text
+
 
 def optim(lr: float, schedule: str = "linear", warmup_steps: int = 0, weight_decay: float = 0.0):
     return dict(learning_rate=lr, schedule=schedule, warmup_steps=warmup_steps, b1=0.9,
@@ -19,7 +21,7 @@ def get_base() -> ml_collections.ConfigDict:
                   tie_word_embeddings=True, initializer_range=0.02),
         dtype="bfloat16", param_dtype="float32", remat="full")
     c.tokenizer = dict(path="", build="")  # path defaults to model.path; build: "", "char", "words"
-    c.task = dict(name="gsm8k", source="../shared/data/gsm8k", config_name="",
+    c.task = dict(name="gsm8k", source="../shared/data/gsm8k", eval_source="", config_name="",
                   train_split="train", eval_split="test", val_split="", sft_examples=7473)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Stage sections: the stage keys (algorithm = the section name unless given, steps,
@@ -30,9 +32,50 @@ def get_base() -> ml_collections.ConfigDict:
                    sft_coef=1.0, max_rationale_tokens=500,
                    sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
+    # Outcome-reward GRPO (SPEC 2.5; latro_jax/algorithms/mrt.py:GrpoConfig): G completions per
+    # question at T 0.9; advantage group | batch | none; clipped surrogate (clip_eps) + beta * k3 KL
+    # in the loss; aggregation token | sequence | dr_grpo; log-probs at the sampling temperature.
+    c.grpo = dict(steps=100, batch_size=16, num_samples=4, max_tokens=512,
+                  sampling=dict(temperature=0.9, top_k=0, top_p=1.0), advantage="group", clip_eps=0.2,
+                  beta=0.04, aggregation="token", logprobs_at_temperature=True, microbatches=1,
+                  logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+    # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): the GRPO keys (scaling = the std of `group`
+    # advantages) plus prefixes traces | empty (a pi_old trace cut after j ~ U{0..k-1} episodes),
+    # prefix_refresh (0: pi_old = the stage's start; N: the policy every N updates), budget
+    # full | remaining, advantage termination | mixed | group, alpha (progress bonus; SPEC: not
+    # published, the authors' re-implementation used 1.0), continuation full | episode, segment
+    # (episodes.py:SegmentConfig: rule markers | end_tokens, markers, gap, max_splits, end_texts,
+    # group_size, thinking_end) and forcing (meta_prover.py:ForcingConfig: suffix, estimator
+    # mc | likelihood, samples m, sampling, answer_tokens).
+    segment = dict(rule="end_tokens", markers=("Wait", "But wait", "Alternatively",
+                                               "Is there another way to think about this?",
+                                               "But let me double-check", "But hold on"),
+                   gap=2, max_splits=99, end_texts=(".",), group_size=1, thinking_end=())
+    forcing = dict(suffix=" The answer is", estimator="mc", samples=8,
+                   sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=16)
+    c.mrt = dict(steps=100, batch_size=16, num_samples=4, max_tokens=512,
+                 sampling=dict(temperature=0.9, top_k=0, top_p=1.0), prefixes="traces", prefix_refresh=0,
+                 budget="full", advantage="termination", alpha=1.0, continuation="full", scaling="group",
+                 clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True,
+                 segment=dict(segment), forcing=dict(forcing), microbatches=1, logprob_chunk=128,
+                 optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+    # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question, J at every
+    # prefix, filter max_prefix | nonneg | outcome (vanilla STaR), keep_per_question, then
+    # completion-only fine-tuning on the kept traces.
+    c.mrt_star = dict(steps=20, batch_size=16, num_samples=4, max_tokens=512,
+                      sampling=dict(temperature=1.0, top_k=0, top_p=1.0), filter="max_prefix",
+                      keep_per_question=1, segment=dict(segment), forcing=dict(forcing), microbatches=1,
+                      logprob_chunk=128, optim=optim(1e-6, "constant"))
     # every: validate on task.val_split every N updates (0 = off); the checkpoint with the best
     # validation greedy accuracy is kept besides the last `checkpoint.keep`.
-    c.eval = dict(max_new_tokens=500, batch_size=64, maj_k=8, temperature=1.0, limit=0, every=0)
+    # forced_budgets / regret_cutoffs (SPEC 2.4): the forced-answer accuracy curve of the greedy
+    # trace (cut at b tokens, or at the last episode end <= b with forced_at="episode") and
+    # normalised regret, both off when empty; forcing: greedy forced answers after the suffix;
+    # truncated_budgets: the score of the plain output cut at b tokens (no forcing).
+    c.eval = dict(max_new_tokens=500, batch_size=64, maj_k=8, temperature=1.0, limit=0, every=0,
+                  forced_budgets=(), forced_at="tokens", regret_cutoffs=(), truncated_budgets=(),
+                  forcing=dict(forcing, estimator="mc", samples=1, sampling=dict(temperature=0.0, top_k=0, top_p=1.0)),
+                  segment=dict(segment))
     c.checkpoint = dict(every=10, keep=3)
     c.export = dict(hf=True)
     return ml_collections.ConfigDict(c)
@@ -61,4 +104,37 @@ def paper_recipe(model_path: str, task: str, stages: str, sft_coef: float = 0.0)
                    microbatches=8)
     c.sft.update(steps=300, batch_size=64, microbatches=4, optim=optim(1e-6, "cosine", warmup_steps=30))
     c.eval.update(max_new_tokens=500, maj_k=8)
+    return c
+
+
+def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
+    """MRT-RL or its outcome-reward GRPO baseline on DeepSeek-R1-Distill-Qwen-1.5B (SPEC 2.6,
+    the paper's Table 3 where published): DeepScaleR problems, bare problem as the user turn,
+    answers in the last \\boxed{}; lr 1e-6 cosine with 10% warm-up, weight decay 0.01, 256
+    completions per update (64 problems x G = 4) at T 0.9, completions up to 16,384 tokens, bf16
+    compute, fsdp over 8 devices. Not published (our choices, SPEC 2.6): alpha 1.0 (the
+    authors' later re-implementation), m = 8 forced answers at T 0.6 / top-p 0.95 (the analysis
+    code), beta 0.04 (TRL's default then), prefixes from the starting model, the number of
+    updates. Evaluation on MATH-500: greedy pass@1 at 16,384 tokens, the forced-answer curve at
+    episode boundaries and normalised regret."""
+    c = get_base()
+    c.stages = algorithm
+    c.model.update(path="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dtype="bfloat16",
+                   param_dtype="float32", remat="full")
+    c.task.update(name="math_boxed", source="agentica-org/DeepScaleR-Preview-Dataset", train_split="train",
+                  eval_source="HuggingFaceH4/MATH-500", eval_split="test", sft_examples=0)
+    c.mesh.update(data=-1, fsdp=8, tensor=1)
+    r1_segment = dict(c.mrt.segment, rule="markers", max_splits=99, group_size=1, thinking_end=("</think>",))
+    r1_forcing = dict(suffix=R1_SUFFIX, estimator="mc", samples=8,
+                      sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=1024)
+    rl = dict(steps=300, batch_size=64, num_samples=4, max_tokens=16384,
+              sampling=dict(temperature=0.9, top_k=0, top_p=1.0), clip_eps=0.2, beta=0.04,
+              aggregation="token", microbatches=32,
+              optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
+    c.grpo.update(**rl, advantage="group")
+    c.mrt.update(**rl, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
+                 alpha=1.0, continuation="full", segment=r1_segment, forcing=r1_forcing)
+    c.eval.update(max_new_tokens=16384, batch_size=64, maj_k=0, forced_budgets=(2048, 4096, 8192, 16384),
+                  forced_at="episode", regret_cutoffs=(4096, 8192, 16384), segment=r1_segment,
+                  forcing=dict(r1_forcing, samples=1, sampling=dict(temperature=0.0, top_k=0, top_p=1.0)))
     return c

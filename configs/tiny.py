@@ -13,6 +13,12 @@ def get_config():
     c.sft.update(steps=4, batch_size=8)
     c.sft.optim.warmup_steps = 0
     c.latro.update(steps=4, batch_size=2, num_samples=4, max_rationale_tokens=12)
+    for section in ("grpo", "mrt", "mrt_star"):
+        c[section].update(steps=2, batch_size=2, num_samples=4, max_tokens=12)
+        c[section].optim.update(learning_rate=2e-3, warmup_steps=0)
+    c.mrt.forcing.update(samples=2, answer_tokens=4)
+    c.mrt_star.update(keep_per_question=4)  # 2 questions x 4 = 8 rows: one per fake device
+    c.mrt_star.forcing.update(samples=2, answer_tokens=4)
     c.eval.update(max_new_tokens=12, batch_size=8, maj_k=2, every=2)
     c.checkpoint.update(every=2, keep=2)
     return c

@@ -103,14 +103,15 @@ class TrainCheckpoints:
         self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies))
 
     def save(self, step: int, model: Transformer, state: TrainState, meta: dict[str, Any],
-             metrics: dict[str, float] | None = None) -> None:
+             metrics: dict[str, float] | None = None, extras: dict[str, Any] | None = None) -> None:
         """Checkpoint `step` of the stage: the model (params + config), the optimizer state,
-        and `meta` plus the optimizer's own step count (which lags `step` when updates were
-        skipped)."""
-        meta = {**meta, "optimizer_steps": int(state.step)}
+        `meta` plus the optimizer's own step count (which lags `step` when updates were
+        skipped), and `extras` (named pytrees of arrays, e.g. an algorithm's pi_old)."""
+        meta = {**meta, "optimizer_steps": int(state.step), "extras": sorted(extras or {})}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in (extras or {}).items()}
         self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
             **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)))
+            meta=ocp.args.JsonSave(meta), **items))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -122,22 +123,25 @@ class TrainCheckpoints:
             return None
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_latest(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """(train state, meta) of the latest checkpoint, or None when there is none. `target`
-        gives the structure, dtypes and shardings the arrays are restored to."""
+    def restore_latest(self, target: TrainState, extras: dict[str, Any] | None = None
+                       ) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
+        """(train state, meta, extras) of the latest checkpoint, or None when there is none.
+        `target` and `extras` (the live values) give the structure, dtypes and shardings the
+        arrays are restored to; extras the checkpoint does not hold are left out."""
         step = self.latest_step()
         if step is None:
             return None
+        meta = self.latest_meta()
+        wanted = {k: v for k, v in (extras or {}).items() if k in meta.get("extras", ())}
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target.params))),
             opt_state=ocp.args.StandardRestore(_abstract(target.opt_state)),
-            meta=ocp.args.JsonRestore()))
+            **{k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items()}))
         params = jax.tree.map(lambda x: x, target.params)
         nnx.replace_by_pure_dict(params, out["params"])
-        meta = out["meta"]
         state = target.replace(step=jnp.asarray(meta.get("optimizer_steps", meta["step"]), jnp.int32),
                                params=params, opt_state=out["opt_state"])
-        return state, meta
+        return state, meta, {k: out[k] for k in wanted}
 
     def restore_latest_params(self, target: Any) -> Any:
         """The parameters (an nnx.State like `target`) of the latest checkpoint, without the

@@ -1,13 +1,22 @@
-r"""Zero-shot evaluation: greedy accuracy, maj@k (self-consistency) and accuracy as a function of
-the generation budget, with per-example JSONL and a summary JSON.
+r"""Zero-shot evaluation: greedy accuracy, maj@k (self-consistency), the forced-answer accuracy
+curve over token budgets and normalised regret (SPEC 2.4), with per-example JSONL and a summary.
 
     python -m latro_jax.evaluate --hf=/path/to/hf_model --task=gsm8k \
         --data=../shared/data/gsm8k --split=test --maj_k=8 --out=/tmp/eval_gsm8k
-    python -m latro_jax.evaluate --ckpt=/path/to/workdir/checkpoints --tokenizer=/path/to/hf_model ...
+    python -m latro_jax.evaluate --ckpt=/path/to/workdir/checkpoints/latro \
+        --tokenizer=/path/to/workdir/tokenizer ... --forced_budgets=100,200,400 --regret_cutoffs=200,400
 
-Generation stops at the end-of-turn / EOS tokens only (the answer follows "The answer is").
-maj@k samples k outputs at the given temperature and votes over the extracted answers (ties go
-to the answer seen first); an output without an answer does not vote.
+Generation stops at the model's end ids only (the answer follows "The answer is"). maj@k
+samples k outputs at the given temperature and votes over the extracted answers (ties go to
+the answer seen first); an output without an answer does not vote.
+
+Forced-answer accuracy at budget b: the greedy trace's thinking is cut at b tokens (or at its
+last episode boundary <= b), the termination suffix is appended, the answer is decoded
+(greedily by default) and graded. Normalised regret at cutoff C0 takes, per trace, the points
+(tokens of the prefix of episodes 1..k, forced-answer accuracy after them) -- x counts the
+prefix's tokens only, not the forced answer -- and averages over problems (one greedy trace
+each). `truncated_budgets` is the older, different measurement: the score of the greedy output
+cut at b tokens as it stands, which can extract "-6" from "10-6=" (no forcing).
 """
 
 from __future__ import annotations
@@ -20,18 +29,39 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from latro_jax import sampling
+import jax
+import numpy as np
+
+from latro_jax import objectives, sampling
 from latro_jax.data import Example, PromptFormatter, Task
+from latro_jax.episodes import Episodes, SegmentConfig, make_segmenter
+from latro_jax.meta_prover import ForcingConfig, MetaProver
 from latro_jax.models import Transformer
+from latro_jax.sampling import SamplingParams
+
+
+GREEDY_FORCING = ForcingConfig(sampling=SamplingParams(temperature=0.0), samples=1)
+FORCED_AT = ("tokens", "episode")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """max_new_tokens / batch_size: greedy generation; maj_k samples at `temperature` (0 = off);
+    forced_budgets: token budgets of the forced-answer curve; forced_at: tokens | episode (cut at
+    the last episode boundary <= b); regret_cutoffs: C0s of normalised regret; forcing and
+    segment: the termination suffix and episode rule (meta_prover.py, episodes.py; forced
+    answers greedy by default); truncated_budgets: score of the plain output cut at b tokens."""
+
     max_new_tokens: int = 500
     batch_size: int = 32
     maj_k: int = 8  # 0 = greedy only
     temperature: float = 1.0
-    budgets: tuple[int, ...] = ()  # generation budgets for the accuracy curve (greedy)
+    forced_budgets: tuple[int, ...] = ()
+    forced_at: str = "tokens"
+    regret_cutoffs: tuple[int, ...] = ()
+    forcing: ForcingConfig = GREEDY_FORCING
+    segment: SegmentConfig = SegmentConfig()
+    truncated_budgets: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -40,6 +70,15 @@ class EvalConfig:
                              f"must be >= 1, maj_k={self.maj_k} >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.forced_at not in FORCED_AT:
+            raise ValueError(f"forced_at={self.forced_at!r}: choose one of {FORCED_AT}")
+        if any(b < 0 for b in self.forced_budgets) or any(c <= 0 for c in self.regret_cutoffs):
+            raise ValueError(f"forced_budgets {self.forced_budgets} must be >= 0 and regret_cutoffs "
+                             f"{self.regret_cutoffs} > 0")
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.forced_budgets or self.regret_cutoffs)
 
 
 def majority_vote(task: Task, answers: Sequence[str | None]) -> str | None:
@@ -60,9 +99,13 @@ def majority_vote(task: Task, answers: Sequence[str | None]) -> str | None:
 def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: PromptFormatter,
              cfg: EvalConfig = EvalConfig(), *, mesh=None, out_dir: str | None = None,
              progress: bool = True, desc: str = "eval") -> dict[str, Any]:
-    """Accuracy of `model` on `examples`; writes examples.jsonl and summary.json to out_dir."""
+    """Accuracy of `model` on `examples`; writes examples.jsonl and summary.json to out_dir.
+    The summary holds greedy, maj@k, forced@<b> (forced-answer accuracy at budget b),
+    regret@<C0> (normalised regret, mean over problems) and truncated@<b>, as configured."""
     records, greedy_ok, maj_ok = [], 0, 0
-    budget_ok = collections.Counter()
+    truncated_ok = collections.Counter()
+    prover = MetaProver(cfg.forcing, task, fmt, mesh) if cfg.forced else None
+    segmenter = make_segmenter(cfg.segment, fmt) if cfg.forced else None
     bar = tqdm(total=len(examples), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(examples), cfg.batch_size):
         batch = examples[start:start + cfg.batch_size]
@@ -74,16 +117,20 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
             sampled = sampling.generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
                                         num_samples=cfg.maj_k, stop_token_ids=fmt.stop_ids,
                                         pad_id=fmt.pad_id, seed=cfg.seed + start, mesh=mesh)
+        forced = []
+        if cfg.forced:
+            forced = forced_curves(model, prover, segmenter, cfg, prompts, [t[0] for t in greedy.tokens],
+                                   [e.gold for e in batch], jax.random.key(cfg.seed + start))
         for i, ex in enumerate(batch):
             ids = greedy.tokens[i][0]
             text = fmt.decode(ids)
             extracted = task.extract(text)
             record = {"id": ex.id, "prompt": fmt.decode(prompts[i]), "gold": ex.gold,
-                      "greedy": {"output": text, "extracted": extracted,
+                      "greedy": {"output": text, "extracted": extracted, "tokens": len(ids),
                                  "correct": task.is_correct(extracted, ex.gold)}}
             greedy_ok += record["greedy"]["correct"]
-            for b in cfg.budgets:
-                budget_ok[b] += task.score(fmt.decode(ids[:b]), ex.gold)
+            for b in cfg.truncated_budgets:
+                truncated_ok[b] += task.score(fmt.decode(ids[:b]), ex.gold)
             if sampled is not None:
                 outputs = [fmt.decode(s) for s in sampled.tokens[i]]
                 answers = [task.extract(o) for o in outputs]
@@ -91,6 +138,8 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
                 record["maj"] = {"outputs": outputs, "extracted": answers, "vote": vote,
                                  "correct": task.is_correct(vote, ex.gold)}
                 maj_ok += record["maj"]["correct"]
+            if cfg.forced:
+                record["forced"] = forced[i]
             records.append(record)
         bar.update(len(batch))
         postfix = {"greedy": f"{greedy_ok / len(records):.3f}"}
@@ -99,11 +148,21 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
         bar.set_postfix(postfix)
     bar.close()
     n = len(records)
-    summary: dict[str, Any] = {"task": task.name, "examples": n, "greedy": greedy_ok / n}
+    summary: dict[str, Any] = {"task": task.name, "examples": n, "greedy": greedy_ok / n,
+                               "greedy_tokens": float(np.mean([r["greedy"]["tokens"] for r in records]))}
     if cfg.maj_k:
         summary[f"maj@{cfg.maj_k}"] = maj_ok / n
-    if cfg.budgets:
-        summary["greedy_by_budget"] = {str(b): budget_ok[b] / n for b in cfg.budgets}
+    for b in cfg.forced_budgets:
+        summary[f"forced@{b}"] = float(np.mean([r["forced"]["budgets"][str(b)] for r in records]))
+    for c in cfg.regret_cutoffs:
+        per_problem = [[objectives.normalised_regret([p[0] for p in r["forced"]["episodes"]],
+                                                     [p[1] for p in r["forced"]["episodes"]], c)]
+                       for r in records]
+        summary[f"regret@{c}"] = objectives.mean_of_means(per_problem)
+    if cfg.regret_cutoffs:
+        summary["regret_x"] = "tokens of the prefix (the forced answer not counted)"
+    for b in cfg.truncated_budgets:
+        summary[f"truncated@{b}"] = truncated_ok[b] / n
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "examples.jsonl"), "w") as f:
@@ -112,6 +171,36 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts, traces, golds,
+                  key: jax.Array) -> list[dict[str, Any]]:
+    """Per trace: {"budgets": {b: forced-answer accuracy after the thinking cut at b},
+    "episodes": [(tokens of the prefix through episode j, forced-answer accuracy after it)]}.
+    All forced answers of the batch are decoded in one call (identical prefixes once)."""
+    episodes: list[Episodes] = [segmenter(t) for t in traces]
+    wanted: dict[tuple[int, tuple[int, ...]], None] = {}
+    cuts = []
+    for i, e in enumerate(episodes):
+        for b in cfg.forced_budgets:
+            cut = min(b, e.thinking) if cfg.forced_at == "tokens" else max([x for x in e.ends if x <= b], default=0)
+            cuts.append((i, b, cut))
+            wanted[(i, tuple(e.ids[:cut]))] = None
+        for j in range(1, e.count + 1) if cfg.regret_cutoffs else ():
+            wanted[(i, tuple(e.prefix(j)))] = None
+    items = list(wanted)
+    accuracy = {}
+    if items:
+        result = prover.mc(model, [prompts[i] for i, _ in items], [list(c) for _, c in items],
+                           [golds[i] for i, _ in items], key)
+        accuracy = dict(zip(items, result.j.tolist()))
+    out = [{"budgets": {}, "episodes": []} for _ in traces]
+    for i, b, cut in cuts:
+        out[i]["budgets"][str(b)] = accuracy[(i, tuple(episodes[i].ids[:cut]))]
+    for i, e in enumerate(episodes):
+        if cfg.regret_cutoffs:
+            out[i]["episodes"] = [(e.ends[j - 1], accuracy[(i, tuple(e.prefix(j)))]) for j in range(1, e.count + 1)]
+    return out
 
 
 def main(argv):
@@ -132,9 +221,15 @@ def main(argv):
                           eos_ids=model.config.eos_token_id)
     task = get_task(FLAGS.task)
     examples = load_examples(task, FLAGS.data, FLAGS.split, limit=FLAGS.limit)
+    forcing = ForcingConfig(suffix=FLAGS.forced_suffix, sampling=SamplingParams(temperature=0.0), samples=1,
+                            answer_tokens=FLAGS.forced_answer_tokens)
+    segment = SegmentConfig(rule=FLAGS.segment_rule, thinking_end=tuple(FLAGS.thinking_end))
+    ints = lambda values: tuple(int(v) for v in values)
     cfg = EvalConfig(max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      maj_k=FLAGS.maj_k, temperature=FLAGS.temperature,
-                     budgets=tuple(int(b) for b in FLAGS.budgets), seed=FLAGS.seed)
+                     forced_budgets=ints(FLAGS.forced_budgets), forced_at=FLAGS.forced_at,
+                     regret_cutoffs=ints(FLAGS.regret_cutoffs), forcing=forcing, segment=segment,
+                     truncated_budgets=ints(FLAGS.truncated_budgets), seed=FLAGS.seed)
     summary = evaluate(model, task, examples, fmt, cfg, out_dir=FLAGS.out)
     print(json.dumps(summary, indent=2))
 
@@ -153,7 +248,14 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 32, "Questions per generation batch.")
     flags.DEFINE_integer("maj_k", 8, "Samples for maj@k (0 = greedy only).")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature for maj@k.")
-    flags.DEFINE_list("budgets", [], "Generation budgets for the greedy accuracy curve.")
+    flags.DEFINE_list("forced_budgets", [], "Token budgets of the forced-answer accuracy curve.")
+    flags.DEFINE_enum("forced_at", "tokens", list(FORCED_AT), "Cut at b tokens or at the last episode end <= b.")
+    flags.DEFINE_list("regret_cutoffs", [], "Cutoffs C0 of normalised regret.")
+    flags.DEFINE_string("forced_suffix", ForcingConfig.suffix, "Termination suffix of forced answers.")
+    flags.DEFINE_integer("forced_answer_tokens", ForcingConfig.answer_tokens, "Tokens of a forced answer.")
+    flags.DEFINE_enum("segment_rule", SegmentConfig.rule, ["markers", "end_tokens"], "Episode rule.")
+    flags.DEFINE_list("thinking_end", [], "Texts ending the thinking (default: the answer phrases).")
+    flags.DEFINE_list("truncated_budgets", [], "Score of the greedy output cut at b tokens (no forcing).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_string("out", None, "Folder for examples.jsonl and summary.json.")
 

@@ -86,12 +86,15 @@ class TokenizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSection:
-    """name: gsm8k | arc_challenge | synthetic; source: local file/folder, hub id, or
-    "synthetic" (generated from `synthetic`); sft_examples: the first N training examples go to
-    stages that train on gold rationales, the rest to stages that train on questions."""
+    """name: gsm8k | arc_challenge | synthetic | math_boxed; source: local file/folder, hub id,
+    or "synthetic" (generated from `synthetic`); eval_source: the evaluation data when it is
+    another dataset (MATH-500 for a DeepScaleR-trained run); sft_examples: the first N training
+    examples go to stages that train on gold rationales, the rest to stages that train on
+    questions."""
 
     name: str = "gsm8k"
     source: str = "../shared/data/gsm8k"
+    eval_source: str = ""  # where eval_split (and val_split) come from; "" = source
     config_name: str = ""
     train_split: str = "train"
     eval_split: str = "test"

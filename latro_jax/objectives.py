@@ -1,5 +1,7 @@
 """The algorithms' math as pure functions: rewards, advantages and losses (SPEC sections 1-2),
 each with its formula. Token log-probabilities come from scoring.py, rows from rollout.py.
+Host-side estimators (GRPO / MRT advantages, progress, regret) take and return NumPy arrays;
+losses are jax.
 
 Notation: x question, z rationale, y answer; N questions x K rationales in consecutive rows;
 log pi(.) of a span is the SUM of its token log-probabilities.
@@ -7,8 +9,11 @@ log pi(.) of a span is the SUM of its token log-probabilities.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # ---------------------------------------------------------------- LaTRO
@@ -48,3 +53,107 @@ def latro_loss(rationale_logp: jax.Array, answer_logp: jax.Array, advantages: ja
 def sft_loss(token_logp: jax.Array, completion_mask: jax.Array) -> jax.Array:
     """Completion-only negative log-likelihood per token: -sum(mask * logp) / sum(mask)."""
     return -jnp.sum(token_logp * completion_mask) / jnp.maximum(jnp.sum(completion_mask), 1)
+
+
+# ---------------------------------------------------------------- outcome-reward GRPO (SPEC 2.5)
+GROUP_EPS = 1e-4
+ADVANTAGE_SCALINGS = ("group", "batch", "none")
+AGGREGATIONS = ("token", "sequence", "dr_grpo")
+
+
+def group_advantages(rewards: np.ndarray, scaling: str = "group") -> np.ndarray:
+    """GRPO advantages of rewards [N, G]: A_i = (r_i - mean_G r) / (std + 1e-4) with std the
+    UNBIASED (ddof 1) std of the group (`group`) or of the whole batch (`batch`); `none`:
+    r_i - mean_G r (Dr. GRPO). G >= 2."""
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.shape[-1] < 2:
+        raise ValueError(f"group advantages need G >= 2 samples per question, got {rewards.shape[-1]}")
+    centred = rewards - rewards.mean(axis=-1, keepdims=True)
+    if scaling == "none":
+        return centred
+    if scaling == "group":
+        return centred / (rewards.std(axis=-1, ddof=1, keepdims=True) + GROUP_EPS)
+    if scaling == "batch":
+        return centred / (rewards.std(ddof=1) + GROUP_EPS)
+    raise ValueError(f"advantage scaling {scaling!r}: choose one of {ADVANTAGE_SCALINGS}")
+
+
+def grpo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
+                      advantages: jax.Array, *, clip_eps: float, beta: float) -> jax.Array:
+    """Per-token loss [B, T]: l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta k3_t,
+    rho_t = exp(log pi - log pi_old), k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
+    (the KL is in the loss, with its gradient). advantages are per row [B]."""
+    ratio = jnp.exp(logp - old_logp)
+    a = advantages[:, None]
+    surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    loss = -surrogate
+    if beta:
+        diff = ref_logp - logp
+        loss = loss + beta * (jnp.exp(diff) - diff - 1)
+    return loss
+
+
+def aggregate_token_losses(losses: jax.Array, mask: jax.Array, aggregation: str, *,
+                           completion_tokens: jax.Array, rows: jax.Array, max_length: jax.Array) -> jax.Array:
+    """A micro-batch's share of the batch loss, by the GLOBAL denominators:
+    token: sum(mask l) / completion tokens of the batch; sequence: sum over rows of the row's
+    token mean / rows of the batch; dr_grpo: sum(mask l) / (rows x max_length)."""
+    if aggregation == "token":
+        return jnp.sum(losses * mask) / completion_tokens
+    if aggregation == "sequence":
+        per_row = jnp.sum(losses * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+        return jnp.sum(per_row) / rows
+    if aggregation == "dr_grpo":
+        return jnp.sum(losses * mask) / (rows * max_length)
+    raise ValueError(f"aggregation {aggregation!r}: choose one of {AGGREGATIONS}")
+
+
+# ---------------------------------------------------------------- MRT (SPEC 2.3-2.7)
+def progress(j_values: np.ndarray) -> np.ndarray:
+    """Progress of each episode from J at the prefixes [J(empty), J(c_0), ..., J(c_{k-1})]:
+    p_j = J(c_j) - J(c_{j-1}); they sum to J(c_{k-1}) - J(empty)."""
+    return np.diff(np.asarray(j_values, np.float64))
+
+
+def termination_advantages(rewards: np.ndarray, j_prefix: np.ndarray) -> np.ndarray:
+    """MRT-RL `termination` (the authors' RL README): A_i = r_i - J(c), no std scaling.
+    rewards [N, G], j_prefix [N]."""
+    return np.asarray(rewards, np.float64) - np.asarray(j_prefix, np.float64)[:, None]
+
+
+def mixed_advantages(rewards: np.ndarray, forced_outcomes: np.ndarray) -> np.ndarray:
+    """MRT-RL `mixed` (the paper's figure): {r_1..r_G} and the m forced-answer outcomes at c
+    normalised together as one GRPO group; the advantages of the G continuations [N, G]."""
+    rewards = np.asarray(rewards, np.float64)
+    joint = np.concatenate([rewards, np.asarray(forced_outcomes, np.float64)], axis=-1)
+    return (rewards - joint.mean(axis=-1, keepdims=True)) / (joint.std(axis=-1, ddof=1, keepdims=True) + GROUP_EPS)
+
+
+def bonus_rewards(rewards: np.ndarray, j_after: np.ndarray, j_prefix: np.ndarray, alpha: float) -> np.ndarray:
+    """MRT-RL `group` + bonus: R_i = r_i + alpha (J_after,i - J(c)), [N, G] (then GRPO group
+    normalisation, in which J(c) cancels)."""
+    return np.asarray(rewards, np.float64) + alpha * (np.asarray(j_after, np.float64)
+                                                      - np.asarray(j_prefix, np.float64)[:, None])
+
+
+def normalised_regret(tokens: Sequence[float], accuracy: Sequence[float], cutoff: float) -> float:
+    """Normalised regret of one trace at cutoff C0 (the analysis code): points (x_j, y_j) =
+    (tokens used, forced-answer accuracy) with (0, 0) prepended; when every x < C0 the last y
+    is held to C0, else y is interpolated at C0 and later points dropped; area = trapezoid / C0;
+    regret = 1 - area (the oracle answers right at once)."""
+    xs = [0.0, *map(float, tokens)]
+    ys = [0.0, *map(float, accuracy)]
+    if xs[-1] < cutoff:
+        xs.append(float(cutoff))
+        ys.append(ys[-1])
+    else:
+        k = next(i for i, x in enumerate(xs) if x >= cutoff)
+        y = ys[k - 1] + (ys[k] - ys[k - 1]) * (cutoff - xs[k - 1]) / (xs[k] - xs[k - 1])
+        xs, ys = xs[:k] + [float(cutoff)], ys[:k] + [y]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    return 1.0 - area / cutoff
+
+
+def mean_of_means(per_problem: Sequence[Sequence[float]]) -> float:
+    """The mean over problems of the mean over that problem's traces (not pooled)."""
+    return float(np.mean([np.mean(v) for v in per_problem]))

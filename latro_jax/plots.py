@@ -10,22 +10,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+
 def plot_run(workdir: str, curves: dict[str, tuple[str, ...]]) -> str:
-    """One panel per (stage, metric) of `curves` found in metrics.jsonl, and a bar chart of
-    results.json's accuracies."""
+    """One panel per (stage, metric) of `curves` found in metrics.jsonl; a bar chart of
+    results.json's accuracies (greedy, maj@k); and, when evaluated, the forced-answer accuracy
+    against the token budget per stage and normalised regret by cutoff."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     results_path = os.path.join(workdir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     panels = [(stage, key) for stage, keys in curves.items() for key in keys
               if any(r["stage"] == stage and key in r for r in rows)]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3))
+    extra = [name for name, prefix in (("budget", "forced@"), ("regret", "regret@"))
+             if any(k.startswith(prefix) for r in results.values() for k in r)]
+    n = len(panels) + 1 + len(extra)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
+    axes = list(axes[0])
     for ax, (stage, key) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
         ax.plot(*zip(*pts))
         ax.set_title(f"{stage}: {key}", fontsize=9)
         ax.set_xlabel("update")
-    ax = axes[-1]
-    metrics = sorted({k for r in results.values() for k in r})
+    ax = axes[len(panels)]
+    metrics = sorted({k for r in results.values() for k in r if k == "greedy" or k.startswith("maj@")})
     width = 0.8 / max(len(metrics), 1)
     for j, m in enumerate(metrics):
         ax.bar([i + j * width for i in range(len(results))], [r.get(m, 0) for r in results.values()],
@@ -34,6 +40,16 @@ def plot_run(workdir: str, curves: dict[str, tuple[str, ...]]) -> str:
     ax.set_ylim(0, 1)
     ax.set_title("held-out accuracy", fontsize=9)
     ax.legend(fontsize=7)
+    for ax, name in zip(axes[len(panels) + 1:], extra):
+        prefix = "forced@" if name == "budget" else "regret@"
+        for stage, r in results.items():
+            pts = sorted((int(k.split("@")[1]), v) for k, v in r.items() if k.startswith(prefix))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=stage)
+        ax.set_xlabel("token budget" if name == "budget" else "cutoff C0 (tokens)")
+        ax.set_title("forced-answer accuracy" if name == "budget" else "normalised regret", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(workdir, "training.png")
     fig.savefig(path, dpi=100)

@@ -71,20 +71,21 @@ def build(raw_config, *, load_model: bool = True) -> Job:
     task = get_task(c.task.name)
     synthetic = dataclasses.asdict(c.task.synthetic) if c.task.synthetic else None
 
-    def load(split: str, limit: int | None = None) -> list:
-        return load_examples(task, c.task.source, split, synthetic=synthetic,
+    def load(split: str, limit: int | None = None, source: str = c.task.source) -> list:
+        return load_examples(task, source, split, synthetic=synthetic,
                              config_name=c.task.config_name or None, limit=limit)
 
     train = load(c.task.train_split)
+    eval_source = c.task.eval_source or c.task.source
     tokenizer = _tokenizer(c, train)
     fmt = PromptFormatter(tokenizer, eos_ids=_model_eos_ids(c))
-    eval_examples = load(c.task.eval_split, c.eval.limit or None)
+    eval_examples = load(c.task.eval_split, c.eval.limit or None, eval_source)
     val_examples = []
     if c.eval.every:
         if not c.task.val_split or c.task.val_split == c.task.eval_split:
             raise ConfigError("config.eval.every > 0 needs config.task.val_split, a validation split "
                               "other than the evaluation split (the best checkpoint is never chosen on test).")
-        val_examples = load(c.task.val_split, c.eval.limit or None)
+        val_examples = load(c.task.val_split, c.eval.limit or None, eval_source)
     stops = Stops(fmt.stop_ids, fmt.stop_phrases)
     stages = [_stage(s, c, train, Context(task, fmt, stops, fmt.pad_id, mesh, s.stage.microbatches,
                                                  s.stage.logprob_chunk))
@@ -96,7 +97,10 @@ def build(raw_config, *, load_model: bool = True) -> Job:
 def _stage(s: StageConfig, c: JobConfig, train: list, ctx: Context) -> Stage:
     """The stage's algorithm and examples, checked: gold rationales where it trains on them,
     enough examples for a batch, rows that split into micro-batches over the data shards."""
-    algorithm = s.algorithm(s.config, ctx)
+    try:
+        algorithm = s.algorithm(s.config, ctx)
+    except ValueError as e:
+        raise ConfigError(f"config.{s.name}: {e}") from e
     wants_rationales = any(st.algorithm.trains_on == "rationales" for st in c.stages)
     n_sft = c.task.sft_examples if wants_rationales else 0
     if algorithm.trains_on == "rationales":
@@ -230,12 +234,14 @@ def train(job: Job, workdir: str) -> dict[str, Any]:
 
 
 def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None) -> dict[str, float]:
-    """Greedy and maj@k accuracy of `model` on the evaluation split (or `examples`), with the
-    per-example records in workdir/eval/<name>."""
+    """Greedy and maj@k accuracy of `model` on the evaluation split (or `examples`), its mean
+    greedy output tokens, and (when configured) forced-answer accuracy by budget and regret,
+    with the per-example records in workdir/eval/<name>."""
     summary = evaluate(model, job.task, job.eval_examples if examples is None else examples,
                        job.fmt, job.config.eval, mesh=job.mesh, out_dir=os.path.join(workdir, "eval", name),
                        desc=f"eval {name}", progress=jax.process_index() == 0)
-    return {k: v for k, v in summary.items() if k in ("greedy", f"maj@{job.config.eval.maj_k}")}
+    return {k: v for k, v in summary.items()
+            if k in ("greedy", f"maj@{job.config.eval.maj_k}", "greedy_tokens") or k.startswith(("forced@", "regret@"))}
 
 
 def rollout_key(seed: int, stage: str, step: int) -> jax.Array:
@@ -261,10 +267,10 @@ def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop
         learner = Learner(stage.algorithm, model, cfg.optim)
         batches = BatchIterator(len(stage.examples), cfg.batch_size, seed=job.config.seed)
         step, skipped = 0, 0
-        restored = ckpts.restore_latest(learner.state)
+        restored = ckpts.restore_latest(learner.state, learner.extras())
         if restored is not None:
-            state, meta = restored
-            learner.load_state(state)
+            state, meta, extras = restored
+            learner.load_state(state, extras)
             batches.restore(meta["data"])
             step, skipped = meta["step"], meta.get("skipped", 0)
             _say(f"{stage.name}: resuming after update {step} of {cfg.steps} from {ckpts.directory}")
@@ -287,7 +293,7 @@ def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop
                 if step % job.config.checkpoint.every == 0 or step == cfg.steps or stop["requested"]:
                     ckpts.save(step, learner.model(), learner.state,
                                {"step": step, "skipped": skipped, "data": batches.state()},
-                               metrics=validation)
+                               metrics=validation, extras=learner.extras())
                 if stop["requested"] and step < cfg.steps:
                     raise Preempted(f"SIGTERM: saved {stage.name} step {step} in {workdir}; rerun to resume")
         return learner.model()
@@ -311,7 +317,9 @@ def _write_json(path: str, obj) -> None:
 
 def results_table(results: dict[str, Any]) -> str:
     keys = sorted({k for r in results.values() for k in r})
-    lines = [f"{'stage':<8}" + "".join(f"{k:>10}" for k in keys)]
+    widths = [max(10, len(k) + 2) for k in keys]
+    first = max(8, *(len(s) + 1 for s in results))
+    lines = [f"{'stage':<{first}}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths))]
     for stage, r in results.items():
-        lines.append(f"{stage:<8}" + "".join(f"{r.get(k, float('nan')):>10.3f}" for k in keys))
+        lines.append(f"{stage:<{first}}" + "".join(f"{r.get(k, float('nan')):>{w}.3f}" for k, w in zip(keys, widths)))
     return "\n".join(lines)

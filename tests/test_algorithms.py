@@ -41,14 +41,19 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
         after = models.param_arrays(learner.model())
         results.append((metrics, before, after, learner))
     (m1, before, p1, one), (m8, _, p8, eight) = results
-    assert set(m1) == set(m8) and {"loss", "grad_norm", *TIMING[:3]} <= set(m1)
+    assert set(m1) == set(m8) and set(TIMING[:3]) <= set(m1)
     assert all(np.isfinite(v) for v in m1.values())
     for k in m1:
         if k not in TIMING:
             assert m1[k] == pytest.approx(m8[k], rel=1e-4, abs=1e-6), k
-    assert max(np.abs(p1[k] - before[k]).max() for k in p1) > 1e-5  # the step changed the weights
     for k in p1:
         np.testing.assert_allclose(p1[k], p8[k], atol=1e-6, err_msg=k)
+    if "skipped" in m1:  # MRT-STaR kept no trace of the random model: no step, on both meshes
+        assert name == "mrt_star" and one.step == eight.step == 0
+        assert all(np.array_equal(p1[k], before[k]) for k in p1)
+        return
+    assert {"loss", "grad_norm"} <= set(m1)
+    assert max(np.abs(p1[k] - before[k]).max() for k in p1) > 1e-5  # the step changed the weights
     assert one.step == eight.step == 1
     qkv = eight.trainer.state.params["layers"]["attn"]["qkv_kernel"][...]
     assert qkv.sharding.mesh.size == 8 and isinstance(qkv, jax.Array)

@@ -261,3 +261,24 @@ def test_every_stop_phrase_is_cut_at_its_start_in_every_position(real_tokenizer,
         cut, finished = truncate(ids, stops)
         assert finished, (position, text)
         assert real_tokenizer.decode(ids[:cut]).rstrip() == before.rstrip(), (position, text, ids[:cut])
+
+
+@pytest.mark.parametrize("text,gold,correct", [
+    (r"so \boxed{\frac{1}{2}}.", r"\frac12", True), (r"\boxed{0.5}", r"\frac{1}{2}", False),
+    (r"\boxed{1,000}", "1000", True), (r"\boxed{x = 5}", "5", True), (r"\boxed{\dfrac{3}{4}}", "3/4", True),
+    (r"first \boxed{2} then \boxed{3}", "3", True), (r"first \boxed{3} then \boxed{2}", "3", False),
+    (r"\boxed{ 10^{\circ} }", "10", True), (r"\boxed{\text{(A)}}", "(A)", True), (r"\boxed{5", "5", False),
+    (r"\boxed{\left( 1, 2 \right)}", "(1,2)", True), (r"\boxed{50\%}", "50", True), ("no box 5", "5", False),
+    (r"\boxed{\sqrt2}", r"\sqrt{2}", True), (r"\boxed{.5}", "0.5", True), (r"\boxed{2.50}", "2.5", True),
+    (r"\boxed{\frac{a}{\{b\}}}", r"\frac{a}{\{b\}}", True),
+])
+def test_math_boxed_scores_the_last_box_after_normalisation(text, gold, correct):
+    assert get_task("math_boxed").score(text, gold) == correct
+
+
+def test_math_boxed_rows_take_the_bare_problem_and_unbox_a_boxed_gold():
+    task = get_task("math_boxed")
+    ex = task.example({"problem": " What is 1+1? ", "answer": r"\boxed{2}", "solution": "1+1=2"}, "row")
+    assert (ex.question, ex.gold, ex.rationale) == ("What is 1+1?", "2", "1+1=2")
+    with pytest.raises(DataError, match="missing field 'problem'"):
+        task.example({"answer": "2"}, "row 3")

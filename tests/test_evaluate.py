@@ -33,9 +33,9 @@ def test_greedy_and_maj_k_evaluation_end_to_end(tmp_path):
     fmt = PromptFormatter(transformers.AutoTokenizer.from_pretrained(STORIES_HF))
     task = get_task("gsm8k")
     examples = load_examples(task, GSM8K, "test", limit=5)
-    cfg = EvalConfig(max_new_tokens=24, batch_size=4, maj_k=3, budgets=(8, 24))
+    cfg = EvalConfig(max_new_tokens=24, batch_size=4, maj_k=3, truncated_budgets=(8, 24))
     summary = evaluate(model, task, examples, fmt, cfg, out_dir=str(tmp_path), progress=False)
-    assert summary["examples"] == 5 and set(summary) >= {"greedy", "maj@3", "greedy_by_budget"}
+    assert summary["examples"] == 5 and set(summary) >= {"greedy", "maj@3", "truncated@8", "truncated@24"}
     records = [json.loads(l) for l in open(tmp_path / "examples.jsonl")]
     assert [r["id"] for r in records] == [e.id for e in examples]
     for r, ex in zip(records, examples):

@@ -179,7 +179,7 @@ def test_every_shipped_config_has_valid_sections():
     import importlib.util
     from latro_jax import job_config
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-    assert len(paths) >= 12
+    assert len(paths) >= 21
     for path in paths:
         if path.endswith("base.py"):
             continue
@@ -188,9 +188,10 @@ def test_every_shipped_config_has_valid_sections():
         sys.path.insert(0, ROOT)
         spec.loader.exec_module(module)
         c = job_config.parse(module.get_config())
-        if "latro_" in path:  # the paper's recipe: SPEC 1.5
+        if "latro_" in path and "smollm2" not in path:  # the paper's recipe: SPEC 1.5
             (stage,) = c.stages
             latro = stage.config
+            assert latro.sft_coef == (1.0 if path.endswith("_csft1.py") else 0.0)  # the released code: 0
             assert (latro.num_samples, latro.max_rationale_tokens, stage.stage.batch_size) == (16, 500, 24)
             assert stage.stage.optim.learning_rate == 5e-7 and stage.stage.optim.schedule == "linear"
             assert latro.beta == (0.05 if "gsm8k" in path else 0.25)
@@ -242,3 +243,29 @@ def test_eval_mode_of_a_bf16_run_reproduces_its_results(tmp_path):
                             for r in map(json.loads, open(workdir / "eval" / name / "examples.jsonl"))]
     assert outputs("latro-latest") == outputs("latro")
     assert len({o for _, sampled in outputs("latro") for o in sampled}) > 8  # varied generations
+
+
+def test_mrt_resumes_bit_exactly_with_its_refreshed_pi_old(tmp_path):
+    """MRT-RL with pi_old refreshed every 2 updates: three updates, then the run continued to
+    five, ends with the same weights as five updates in one go. Update 4 samples its prefixes
+    from pi_old = the weights before update 3, which only the checkpoint holds. GRPO and
+    MRT-STaR run through the job too, with checkpoints and an export."""
+    flags = ("--config.stages=sft,mrt", "--config.eval.every=0", "--config.mrt.prefix_refresh=2",
+             "--config.mrt.optim.schedule=constant", "--config.checkpoint.every=1")
+    whole = _run(tmp_path / "whole", "--config.mrt.steps=5", *flags)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    workdir = tmp_path / "run"
+    assert _run(workdir, "--config.mrt.steps=3", *flags).returncode == 0
+    resumed = _run(workdir, "--config.mrt.steps=5", *flags)
+    assert resumed.returncode == 0 and "mrt: resuming after update 3 of 5" in resumed.stderr
+    assert os.path.isdir(workdir / "checkpoints" / "mrt" / "5" / "old_params")
+    expected, got = _final_tensors(tmp_path / "whole"), _final_tensors(workdir)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    for stage in ("grpo", "mrt_star"):
+        result = _run(tmp_path / stage, f"--config.stages=sft,{stage}", "--config.eval.every=0")
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(l) for l in open(tmp_path / stage / "metrics.jsonl")]
+        assert [r["step"] for r in rows if r["stage"] == stage] == [1, 2]
+        assert (tmp_path / stage / "hf" / "model.safetensors").exists()
+        assert stage in json.load(open(tmp_path / stage / "results.json"))

@@ -6,9 +6,11 @@ its class and one entry here.
 
 from latro_jax.algorithms.core import Algorithm, Context, Learner, Policies, ScoredBatch
 from latro_jax.algorithms.latro import Latro, LatroConfig
+from latro_jax.algorithms.mrt import Grpo, GrpoConfig, Mrt, MrtConfig
+from latro_jax.algorithms.mrt_star import MrtStar, MrtStarConfig
 from latro_jax.algorithms.sft import Sft, SftConfig
 
-ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (Sft, Latro)}
+ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (Sft, Latro, Grpo, Mrt, MrtStar)}
 
 
 def get(name: str) -> type:
@@ -18,5 +20,5 @@ def get(name: str) -> type:
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Context", "Latro", "LatroConfig", "Learner", "Policies",
-           "ScoredBatch", "Sft", "SftConfig", "get"]
+__all__ = ["ALGORITHMS", "Algorithm", "Context", "Grpo", "GrpoConfig", "Latro", "LatroConfig", "Learner",
+           "Mrt", "MrtConfig", "MrtStar", "MrtStarConfig", "Policies", "ScoredBatch", "Sft", "SftConfig", "get"]

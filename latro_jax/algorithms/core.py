@@ -50,13 +50,15 @@ class Context:
 @dataclasses.dataclass
 class Policies:
     """The parameters an algorithm samples and scores with, all of one model graph: the policy
-    being trained and, when the algorithm needs it, the frozen reference (the stage's initial
-    weights). `scorer` gives log-probabilities of rows under any of them."""
+    being trained, the frozen reference (the stage's initial weights) when the algorithm needs
+    it, and pi_old when it samples from an earlier policy. `scorer` gives log-probabilities of
+    rows under any of them."""
 
     graphdef: Any
     params: Any
     reference: Any
     scorer: Scorer
+    old: Any = None  # pi_old, for algorithms that sample from an earlier policy (MRT's prefixes)
 
     def model(self, params: Any = None) -> Transformer:
         return nnx.merge(self.graphdef, self.params if params is None else params)
@@ -88,6 +90,9 @@ class Algorithm(Protocol):
     shown: tuple[str, ...]
     curves: tuple[str, ...]
     ctx: Context
+    # pi_old: None = not used; 0 = the stage's starting weights; N = the policy's weights,
+    # copied every N optimizer steps (then saved in checkpoints, so a resume is exact)
+    old_policy_refresh: int | None
 
     def rows(self, questions: int) -> int: ...
 
@@ -108,8 +113,11 @@ class Learner:
         self.trainer = Trainer(model, optim, algorithm.loss, microbatches=ctx.microbatches, mesh=ctx.mesh)
         self.scorer = Scorer(self.trainer.graphdef, microbatches=ctx.microbatches, mesh=ctx.mesh,
                              chunk_size=ctx.logprob_chunk)
-        self.reference = (jax.tree.map(jnp.copy, self.trainer.state.params)
-                          if algorithm.needs_reference else None)
+        copy = lambda: jax.tree.map(jnp.copy, self.trainer.state.params)
+        self.reference = copy() if algorithm.needs_reference else None
+        self.refresh = algorithm.old_policy_refresh
+        # pi_old starts as the stage's starting weights: the reference's arrays when there is one
+        self.old = None if self.refresh is None else self.reference if self.reference is not None else copy()
 
     @property
     def step(self) -> int:
@@ -119,15 +127,24 @@ class Learner:
     def state(self) -> TrainState:
         return self.trainer.state
 
-    def load_state(self, state: TrainState) -> None:
-        """Continue from a restored train state (placed on this learner's shardings)."""
+    def load_state(self, state: TrainState, extras: dict[str, Any] | None = None) -> None:
+        """Continue from a restored train state (placed on this learner's shardings) and the
+        extras `extras()` saved with it."""
         self.trainer.load_state(state.params, state.opt_state, int(state.step))
+        if extras and "old_params" in extras:
+            self.old = jax.device_put(extras["old_params"], jax.tree.map(lambda x: x.sharding, self.old))
+
+    def extras(self) -> dict[str, Any]:
+        """State besides the train state that a checkpoint must hold for an exact resume: pi_old
+        when it is refreshed from the policy (at refresh 0 it is the stage's starting weights)."""
+        return {"old_params": self.old} if self.refresh else {}
 
     def model(self) -> Transformer:
         return self.trainer.model()
 
     def policies(self) -> Policies:
-        return Policies(self.trainer.graphdef, self.trainer.state.params, self.reference, self.scorer)
+        return Policies(self.trainer.graphdef, self.trainer.state.params, self.reference, self.scorer,
+                        self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
         """One optimizer step on a scored batch (none when it says skip)."""
@@ -138,6 +155,8 @@ class Learner:
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's
         metrics and the seconds each part took (rollout_s, score_s, step_s)."""
+        if self.refresh and self.step and self.step % self.refresh == 0:
+            self.old = jax.tree.map(jnp.copy, self.trainer.state.params)
         policies = self.policies()
         t0 = time.perf_counter()
         rollout = self.algorithm.rollout(policies, examples, key)

@@ -49,6 +49,7 @@ class Latro:
     name = "latro"
     Config = LatroConfig
     needs_reference = True
+    old_policy_refresh = None
     trains_on = "questions"
     shown = ("reward", "answer_logp", "kl", "finished", "sample_tokens_per_s")
     curves = ("reward", "answer_logp", "kl", "finished")

@@ -26,6 +26,7 @@ class Sft:
     name = "sft"
     Config = SftConfig
     needs_reference = False
+    old_policy_refresh = None
     trains_on = "rationales"
     shown = ("loss", "grad_norm")
     curves = ("loss",)
@@ -48,7 +49,13 @@ class Sft:
                            scalars={"completion_tokens": tokens}, metrics={"completion_tokens": tokens})
 
     def loss(self, model: Transformer, mb: dict, scalars: dict):
-        logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=self.ctx.logprob_chunk)
-        # sft_loss of this micro-batch, re-weighted to its share of the batch's completion tokens
-        share = mb["completion_mask"].sum() / scalars["completion_tokens"]
-        return objectives.sft_loss(logp, mb["completion_mask"]) * share, {}
+        return completion_loss(model, mb, scalars, self.ctx.logprob_chunk)
+
+
+def completion_loss(model: Transformer, mb: dict, scalars: dict, chunk_size: int):
+    """The completion-only NLL of a micro-batch (rows tokens / valid / completion_mask),
+    weighted by its share of the batch's completion tokens (scalars["completion_tokens"]), so
+    micro-batch contributions sum to the batch's sft_loss."""
+    logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=chunk_size)
+    share = mb["completion_mask"].sum() / scalars["completion_tokens"]
+    return objectives.sft_loss(logp, mb["completion_mask"]) * share, {}

@@ -194,7 +194,90 @@ class SyntheticArithmetic(GSM8K):
                        rationale=row.get(self.fields["rationale"]))
 
 
-TASKS = {"gsm8k": GSM8K, "arc_challenge": ARCChallenge, "synthetic": SyntheticArithmetic}
+# ---------------------------------------------------------------- competition math (\boxed{})
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (or \\fbox{...}) of `text`, braces balanced; None
+    when there is none or it is not closed."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:]
+    brace = rest.find("{")
+    if brace < 0:  # "\boxed 5"
+        return rest.split(None, 1)[1].split("$")[0].strip() if len(rest.split(None, 1)) > 1 else None
+    depth = 0
+    for i in range(brace, len(rest)):
+        depth += {"{": 1, "}": -1}.get(rest[i], 0)
+        if depth == 0:
+            return rest[brace + 1:i]
+    return None
+
+
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
+_SQRT_SHORT = re.compile(r"\\sqrt(\w)")
+
+
+def normalize_math_answer(answer: str) -> str:
+    """MATH-style normalisation before comparing answers: no spaces, \\left/\\right, $, degree
+    marks, percent signs or \\text{} wrappers; dfrac/tfrac as frac; \\frac12 as \\frac{1}{2};
+    a/b of integers as \\frac{a}{b}; "x = 5" as "5"; thousands separators dropped; a leading
+    "." gets a 0 and a trailing "." goes."""
+    s = answer.strip().replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
+    s = s.replace("\\%", "").replace("%", "")
+    s = _TEXT.sub(r"\1", s).replace(" ", "")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:
+        s = s.split("=")[1]
+    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
+    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
+    if re.fullmatch(r"-?\d+/\d+", s):
+        num, den = s.split("/")
+        s = f"\\frac{{{num}}}{{{den}}}"
+    if s.startswith("."):
+        s = "0" + s
+    return s.rstrip(".")
+
+
+class MathBoxed(Task):
+    """Competition math (MATH, AIME, DeepScaleR): the bare problem is the user turn; an output's
+    answer is the content of its LAST \\boxed{} (MRT's R1 runs), right when it equals the gold
+    after normalize_math_answer, or as numbers."""
+
+    name = "math_boxed"
+    fields = {"question": "problem", "answer": "answer", "rationale": "solution"}
+
+    def example(self, row, where):
+        question = str(_field(row, self.fields["question"], where)).strip()
+        gold = str(_field(row, self.fields["answer"], where)).strip()
+        gold = last_boxed(gold) or gold
+        if not gold:
+            raise DataError(f"{where}: empty answer.")
+        rationale = row.get(self.fields["rationale"])
+        return Example(id=str(row.get("id", row.get("unique_id", where))), question=question, gold=gold,
+                       rationale=None if rationale is None else str(rationale))
+
+    def extract(self, text):
+        return last_boxed(text)
+
+    def vote_key(self, extracted):
+        return normalize_math_answer(extracted)
+
+    def is_correct(self, extracted, gold):
+        if extracted is None:
+            return False
+        a, b = normalize_math_answer(extracted), normalize_math_answer(gold)
+        if a == b:
+            return True
+        x, y = _to_float(a), _to_float(b)
+        return x is not None and y is not None and abs(x - y) <= 1e-9 * max(1.0, abs(y))
+
+
+TASKS = {"gsm8k": GSM8K, "arc_challenge": ARCChallenge, "synthetic": SyntheticArithmetic,
+         "math_boxed": MathBoxed}
 
 
 def get_task(name: str, fields: Mapping[str, str] | None = None) -> Task:

@@ -1,0 +1,193 @@
+"""MRT-STaR (SPEC 2.7): each update is one round of sample -> segment -> J at every prefix ->
+filter -> completion-only fine-tuning on the kept traces.
+
+Filters (the exact rule was not published):
+- `max_prefix` (default): cut each trace at its first prefix of maximal J and append a
+  correct forced answer sampled there (suffix + answer); a trace with none is dropped;
+- `nonneg`: keep correct traces whose every episode makes progress p_j >= 0;
+- `outcome`: keep correct traces (vanilla STaR, the baseline).
+At most `keep_per_question` traces per question (max_prefix: highest J first; ties and the
+other filters: fewer tokens first). A round that keeps nothing takes no optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from latro_jax import objectives, rollout, sampling
+from latro_jax.algorithms.core import Context, Policies, ScoredBatch
+from latro_jax.algorithms.sft import completion_loss
+from latro_jax.data import Example
+from latro_jax.episodes import SegmentConfig, make_segmenter
+from latro_jax.meta_prover import ForcingConfig, MetaProver
+from latro_jax.models import Transformer
+from latro_jax.sampling import SamplingParams
+
+FILTERS = ("max_prefix", "nonneg", "outcome")
+
+
+@dataclasses.dataclass(frozen=True)
+class MrtStarConfig:
+    """num_samples traces of at most max_tokens per question, drawn at `sampling`; filter:
+    max_prefix | nonneg | outcome; keep_per_question: at most this many kept traces per
+    question; segment and forcing as for MRT-RL."""
+
+    num_samples: int = 4
+    max_tokens: int = 512
+    sampling: SamplingParams = SamplingParams(temperature=1.0)
+    filter: str = "max_prefix"
+    keep_per_question: int = 1
+    segment: SegmentConfig = SegmentConfig()
+    forcing: ForcingConfig = ForcingConfig()
+
+    def __post_init__(self):
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter={self.filter!r}: choose one of {FILTERS}")
+        if self.num_samples < 1 or self.max_tokens < 1 or self.keep_per_question < 1:
+            raise ValueError(f"num_samples={self.num_samples}, max_tokens={self.max_tokens} and "
+                             f"keep_per_question={self.keep_per_question} must be >= 1")
+
+
+@dataclasses.dataclass
+class Kept:
+    """A trace chosen for fine-tuning: its question, the completion to train on, its tokens
+    and (max_prefix) the J of its prefix."""
+
+    question: int
+    completion: list[int]
+    j: float = 1.0
+
+
+@dataclasses.dataclass
+class StarRollout:
+    prompts: list[list[int]]
+    kept: list[Kept]
+    outcomes: np.ndarray  # [N, K] 0/1 scores of the sampled traces
+    progress: list[np.ndarray]  # per trace: p_j of its episodes (empty without J)
+    episodes: np.ndarray  # [N * K] episode counts
+    sampled_tokens: int
+
+
+class MrtStar:
+    name = "mrt_star"
+    Config = MrtStarConfig
+    needs_reference = False
+    old_policy_refresh = None
+    trains_on = "questions"
+    shown = ("kept_fraction", "outcome", "mean_progress", "loss")
+    curves = ("kept_fraction", "outcome", "mean_progress", "loss")
+
+    def __init__(self, cfg: MrtStarConfig, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+        self.prover = MetaProver(cfg.forcing, ctx.task, ctx.fmt, ctx.mesh)
+        self.segmenter = make_segmenter(cfg.segment, ctx.fmt)
+
+    def rows(self, questions: int) -> int:
+        return questions * self.cfg.keep_per_question
+
+    def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> StarRollout:
+        cfg, fmt, K = self.cfg, self.ctx.fmt, self.cfg.num_samples
+        k_sample, k_j, k_answer = jax.random.split(key, 3)
+        prompts = [fmt.prompt_ids(e.question) for e in examples]
+        golds = [e.gold for e in examples]
+        p = cfg.sampling
+        out = sampling.generate(policies.model(), prompts, cfg.max_tokens, temperature=p.temperature,
+                                top_k=p.top_k, top_p=p.top_p, num_samples=K, stop_token_ids=fmt.stop_ids,
+                                key=k_sample, pad_id=fmt.pad_id, mesh=self.ctx.mesh)
+        traces = [t for row in out.tokens for t in row]
+        outcomes = np.array([[self.ctx.task.score(fmt.decode(t), golds[n]) for t in row]
+                             for n, row in enumerate(out.tokens)], np.float64)
+        episodes = [self.segmenter(t) for t in traces]
+        j_values, forced = self.j_at_every_prefix(policies, prompts, golds, episodes, k_j)
+        progress = [objectives.progress(j) for j in j_values] if j_values else [np.zeros(0)] * len(traces)
+        kept = self.keep(prompts, golds, traces, outcomes.reshape(-1), episodes, j_values, forced, policies,
+                           k_answer)
+        return StarRollout(prompts, kept, outcomes, progress, np.array([e.count for e in episodes]),
+                           int(out.lengths.sum()))
+
+    def j_at_every_prefix(self, policies, prompts, golds, episodes, key):
+        """J at prefixes 0..k of every trace (none for the outcome filter): a list of arrays, and
+        with mc the forced answers' (outcomes, answer ids) per trace and prefix (else [])."""
+        if self.cfg.filter == "outcome":
+            return [], []
+        K = self.cfg.num_samples
+        items = [(t, j) for t, e in enumerate(episodes) for j in range(e.count + 1)]
+        result = self.prover.estimate(policies, [prompts[t // K] for t, _ in items],
+                                      [episodes[t].prefix(j) for t, j in items], [golds[t // K] for t, _ in items], key)
+        j_values, forced, start = [], [], 0
+        for e in episodes:
+            n = e.count + 1
+            j_values.append(result.j[start:start + n])
+            if result.outcomes is not None:
+                forced.append(list(zip(result.outcomes[start:start + n], result.answer_ids[start:start + n])))
+            start += n
+        return j_values, forced
+
+    def keep(self, prompts, golds, traces, outcomes, episodes, j_values, forced, policies, key) -> list[Kept]:
+        """The kept traces, at most keep_per_question per question."""
+        cfg, K = self.cfg, self.cfg.num_samples
+        candidates: list[Kept] = []
+        if cfg.filter == "outcome":
+            candidates = [Kept(t // K, traces[t]) for t in range(len(traces)) if outcomes[t]]
+        elif cfg.filter == "nonneg":
+            candidates = [Kept(t // K, traces[t]) for t in range(len(traces))
+                          if outcomes[t] and np.all(objectives.progress(j_values[t]) >= 0)]
+        else:
+            best = [int(np.argmax(j)) for j in j_values]
+            needs = [t for t in range(len(traces)) if j_values[t][best[t]] > 0]
+            answers = self.correct_answers(policies, prompts, golds, episodes, best, needs, forced, key)
+            for t in needs:
+                if answers.get(t) is not None:
+                    prefix = episodes[t].prefix(best[t])
+                    candidates.append(Kept(t // K, prefix + self.prover.suffix_ids(prefix) + answers[t],
+                                           float(j_values[t][best[t]])))
+        kept: list[Kept] = []
+        for q in range(len(prompts)):
+            mine = sorted((c for c in candidates if c.question == q), key=lambda c: (-c.j, len(c.completion)))
+            kept += mine[:cfg.keep_per_question]
+        return kept
+
+    def correct_answers(self, policies, prompts, golds, episodes, best, needs, forced, key) -> dict[int, list[int] | None]:
+        """A correct forced answer's ids at each trace's best prefix: one the mc estimate
+        already sampled, else (likelihood) from m new forced answers there."""
+        K, out = self.cfg.num_samples, {}
+        if forced:
+            for t in needs:
+                outcomes, answers = forced[t][best[t]]
+                out[t] = next((a for o, a in zip(outcomes, answers) if o), None)
+            return out
+        if not needs:
+            return out
+        sampled = self.prover.mc(policies.model(), [prompts[t // K] for t in needs],
+                                 [episodes[t].prefix(best[t]) for t in needs], [golds[t // K] for t in needs], key)
+        for i, t in enumerate(needs):
+            out[t] = next((a for o, a in zip(sampled.outcomes[i], sampled.answer_ids[i]) if o), None)
+        return out
+
+    def score(self, policies: Policies, ro: StarRollout) -> ScoredBatch:
+        """Completion rows of the kept traces, padded with empty rows to a fixed count."""
+        rows_total = len(ro.prompts) * self.cfg.keep_per_question
+        all_progress = np.concatenate(ro.progress) if ro.progress else np.zeros(0)
+        metrics = {"kept_fraction": len(ro.kept) / ro.outcomes.size, "outcome": float(ro.outcomes.mean()),
+                   "kept_tokens": float(sum(len(k.completion) for k in ro.kept)),
+                   "episodes": float(ro.episodes.mean()), "sampled_tokens": float(ro.sampled_tokens)}
+        if all_progress.size:
+            metrics["mean_progress"] = float(all_progress.mean())
+            metrics["negative_progress"] = float((all_progress < 0).mean())
+        if not ro.kept:
+            return ScoredBatch(arrays={}, scalars={}, metrics=metrics, skip=True)
+        pad = rows_total - len(ro.kept)
+        prompts = [ro.prompts[k.question] for k in ro.kept] + [[self.ctx.pad_id]] * pad
+        completions = [k.completion for k in ro.kept] + [[]] * pad
+        rows = rollout.completion_rows(prompts, completions, pad_id=self.ctx.pad_id)
+        rows.valid[len(ro.kept):] = False
+        return ScoredBatch(arrays=dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask),
+                           scalars={"completion_tokens": float(rows.answer_mask.sum())}, metrics=metrics)
+
+    def loss(self, model: Transformer, mb: dict, scalars: dict):
+        """Completion-only NLL on the kept traces (as SFT)."""
+        return completion_loss(model, mb, scalars, self.ctx.logprob_chunk)

@@ -1,0 +1,137 @@
+"""The meta-prover μ(·|x, c) and J(c), the chance that an answer forced after a prefix is right
+(SPEC 2.3): the same model, stopped after the prefix c by a termination suffix and made to
+answer at once.
+
+    prover = MetaProver(ForcingConfig(suffix=" The answer is", estimator="mc", samples=8), task, fmt)
+    result = prover.estimate(policies, prompts, prefixes, golds, key)
+    result.j           # [n] J of each (prompt, prefix)
+    result.outcomes    # [n, m] 0/1 scores of the m forced answers (mc)
+
+- `mc` (the paper): m forced answers sampled from μ (one prefill per prefix shared by its m
+  samples, all prefixes in one batch), each graded by the task on suffix + answer (never on
+  the prefix); J = their mean.
+- `likelihood` (ours): J = π(t | x ⊕ c ⊕ suffix) with t the gold answer's tokens after the
+  suffix (" {gold}." and the end token), one forward pass; the suffix is context, not scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from latro_jax import rollout, sampling
+from latro_jax.data.prompts import continuation_ids
+from latro_jax.sampling import SamplingParams
+
+R1_SUFFIX = ("Time is up.\n\nGiven the time I've spent and the approaches I've tried, I should stop "
+             "thinking and formulate a final answer based on what I already have.\n</think>\n\n"
+             "**Step-by-Step Explanation and Answer:**\n\n1. **")
+ANSWER_SUFFIX = " The answer is"
+ESTIMATORS = ("mc", "likelihood")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForcingConfig:
+    """suffix: the termination text appended after a prefix (an empty prefix gets it without
+    leading whitespace); estimator: mc | likelihood; samples: m forced answers per prefix (mc);
+    sampling: how they are drawn (analysis code: T 0.6, top-p 0.95; temperature 0 = greedy,
+    then one answer); answer_tokens: the most tokens a forced answer may take."""
+
+    suffix: str = ANSWER_SUFFIX
+    estimator: str = "mc"
+    samples: int = 8
+    sampling: SamplingParams = SamplingParams(temperature=0.6, top_p=0.95)
+    answer_tokens: int = 16
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"forcing.estimator={self.estimator!r}: choose one of {ESTIMATORS}")
+        if self.samples < 1:
+            raise ValueError(f"forcing.samples={self.samples}: m must be >= 1")
+        if self.answer_tokens < 1:
+            raise ValueError(f"forcing.answer_tokens={self.answer_tokens} must be >= 1")
+        if not self.suffix.strip():
+            raise ValueError("forcing.suffix is empty; give the text that makes the model answer")
+
+
+@dataclasses.dataclass
+class Forced:
+    """J per (prompt, prefix); with mc also each forced answer's 0/1 outcome [n, m], its text
+    (suffix + answer, what was graded) and ids (the answer's tokens, stop included)."""
+
+    j: np.ndarray
+    outcomes: np.ndarray | None = None
+    texts: list[list[str]] | None = None
+    answer_ids: list[list[list[int]]] | None = None
+
+
+class MetaProver:
+    """Forced answers after prefixes, for one task and prompt formatter."""
+
+    def __init__(self, cfg: ForcingConfig, task, fmt, mesh: jax.sharding.Mesh | None = None):
+        self.cfg, self.task, self.fmt, self.mesh = cfg, task, fmt, mesh
+        if not self.suffix_ids([]) or not continuation_ids(fmt.tokenizer, "x.", cfg.suffix):
+            raise ValueError(f"forcing.suffix={cfg.suffix!r} tokenises to nothing")
+
+    @property
+    def greedy(self) -> bool:
+        return self.cfg.sampling.temperature == 0.0
+
+    def suffix_ids(self, prefix: Sequence[int]) -> list[int]:
+        """The suffix as it tokenises after the prefix's text (at the start of the turn when the
+        prefix is empty)."""
+        tok = self.fmt.tokenizer
+        if not prefix:
+            return tok(self.cfg.suffix.lstrip(), add_special_tokens=False).input_ids
+        return continuation_ids(tok, tok.decode(list(prefix)), self.cfg.suffix)
+
+    def forced_prompts(self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
+        """x ⊕ c ⊕ suffix for each pair."""
+        return [list(x) + list(c) + self.suffix_ids(c) for x, c in zip(prompts, prefixes)]
+
+    def mc(self, model, prompts, prefixes, golds: Sequence[str], key: jax.Array, samples: int | None = None) -> Forced:
+        """m forced answers per (prompt, prefix), graded by the task; J = their mean score."""
+        m = 1 if self.greedy else (samples or self.cfg.samples)
+        p = self.cfg.sampling
+        out = sampling.generate(model, self.forced_prompts(prompts, prefixes), self.cfg.answer_tokens,
+                                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, num_samples=m,
+                                stop_token_ids=self.fmt.stop_ids, key=key, pad_id=self.fmt.pad_id,
+                                mesh=self.mesh)
+        texts = [[self.cfg.suffix.lstrip() + self.fmt.decode(ids) for ids in row] for row in out.tokens]
+        outcomes = np.array([[self.task.score(t, gold) for t in row] for row, gold in zip(texts, golds)],
+                            np.float32)
+        return Forced(j=outcomes.mean(axis=1), outcomes=outcomes, texts=texts, answer_ids=out.tokens)
+
+    def likelihood(self, policies, prompts, prefixes, golds: Sequence[str], params=None) -> Forced:
+        """J = exp log π(t | x ⊕ c ⊕ suffix), t = " {gold}." + end token, under `params`
+        (default the policy)."""
+        fmt = self.fmt
+        contexts = [list(c) + self.suffix_ids(c) for c in prefixes]
+        suffix_texts = [fmt.tokenizer.decode(c) for c in contexts]
+        targets = [continuation_ids(fmt.tokenizer, text, f" {gold}.") + [fmt.end_id]
+                   for text, gold in zip(suffix_texts, golds)]
+        width, length = rollout.row_widths(prompts, max(map(len, contexts)) + max(map(len, targets)))
+        rows = rollout.assemble_rows(prompts, contexts, targets, prompt_width=width, length=length,
+                                     pad_id=fmt.pad_id)
+        (logp,) = policies.scorer.span_logprobs(policies.params if params is None else params,
+                                                _padded(rows.arrays(), policies.scorer), ("answer_mask",))
+        return Forced(j=np.exp(logp[:len(prompts)]))
+
+    def estimate(self, policies, prompts, prefixes, golds: Sequence[str], key: jax.Array) -> Forced:
+        """J by the configured estimator, under the policy."""
+        if self.cfg.estimator == "likelihood":
+            return self.likelihood(policies, prompts, prefixes, golds)
+        return self.mc(policies.model(), prompts, prefixes, golds, key)
+
+
+def _padded(arrays: dict[str, np.ndarray], scorer) -> dict[str, np.ndarray]:
+    """Rows padded (with empty rows) to a multiple of the scorer's micro-batches x data shards
+    x 8, so any number of prefixes scores in few compiled shapes."""
+    from latro_jax import sharding
+    multiple = int(np.lcm(scorer.microbatches * sharding.data_shards(scorer.mesh), sampling.BATCH_MULTIPLE))
+    n = len(arrays["tokens"])
+    target = sampling.round_up(n, multiple)
+    return {k: np.concatenate([v, np.zeros((target - n, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}
