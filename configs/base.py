@@ -22,7 +22,8 @@ def get_base() -> ml_collections.ConfigDict:
         dtype="bfloat16", param_dtype="float32", remat="full")
     c.tokenizer = dict(path="", build="")  # path defaults to model.path; build: "", "char", "words"
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", eval_source="", config_name="",
-                  train_split="train", eval_split="test", val_split="", sft_examples=7473)
+                  train_split="train", eval_split="test", val_split="", sft_examples=7473,
+                  too_long="refuse")  # too_long: examples past max_position_embeddings: refuse | drop
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Stage sections: the stage keys (algorithm = the section name unless given, steps,
     # batch_size = questions per update, microbatches, logprob_chunk, optim) and the algorithm's

@@ -10,10 +10,13 @@ checkpoint of a run converts to HF through `restore_model` + `models.save_hf`.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -89,70 +92,186 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one could not be written; the message names the directory."""
+
+
+def checksums(tree: Any) -> list[list[float]]:
+    """[sum, sum of squares] (float32) of every array of `tree`, computed where the arrays live:
+    what a checkpoint's meta records so that a restore can verify it got the same values."""
+    sums = jax.tree.map(lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                             jnp.sum(jnp.square(x.astype(jnp.float32)))]), tree)
+    return [[float(a), float(b)] for a, b in (sharding.to_host(x) for x in jax.tree.leaves(sums))]
+
+
+def _verify(name: str, tree: Any, recorded: list[list[float]] | None) -> None:
+    """Raise CheckpointError unless every array is finite and (when recorded) its checksums
+    match the saved ones to 1e-4 (summation order may differ on another mesh)."""
+    got = checksums(tree)
+    if not all(np.isfinite(v).all() for v in got):
+        raise CheckpointError(f"{name} holds NaN or Inf")
+    if recorded is not None:
+        if len(recorded) != len(got):
+            raise CheckpointError(f"{name} has {len(got)} arrays, its record {len(recorded)}")
+        for i, (g, r) in enumerate(zip(got, recorded)):
+            if not np.allclose(g, r, rtol=1e-4, atol=1e-6):
+                raise CheckpointError(f"{name} array {i} does not match its checksum (the file is damaged)")
+
+
 class TrainCheckpoints:
     """Checkpoints of one training stage: params + model_config (exportable as above), the
-    optimizer state, and `meta` (step, data position, ... as JSON). Keeps the last `keep`
-    steps plus the best by `best_metric` (a validation metric, larger is better)."""
+    optimizer state, extra items, and `meta` (step, data position, checksums of every array,
+    ... as JSON). Keeps exactly the last `keep` steps plus the best by `best_metric` (a
+    validation metric, larger is better). Saves are waited for, so a failed write stops the
+    run at once; restores verify what they read and fall back to the previous checkpoint."""
 
-    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None):
+    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
+                 notify=lambda message: None):
         policies = [_policies.LatestN(keep)]
         if best_metric:
             policies.append(_policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
-                                            keep_checkpoints_without_metrics=True))
+                                            keep_checkpoints_without_metrics=False))
         self.directory = os.path.abspath(directory)
-        self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies))
+        self.notify = notify
+        _check_writable(self.directory)
+        # synchronous: a failed write raises in save(), with no background thread left behind
+        self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies),
+                               enable_async_checkpointing=False)
 
     def save(self, step: int, model: Transformer, state: TrainState, meta: dict[str, Any],
              metrics: dict[str, float] | None = None, extras: dict[str, Any] | None = None) -> None:
         """Checkpoint `step` of the stage: the model (params + config), the optimizer state,
         `meta` plus the optimizer's own step count (which lags `step` when updates were
-        skipped), and `extras` (named pytrees of arrays, e.g. an algorithm's pi_old)."""
-        meta = {**meta, "optimizer_steps": int(state.step), "extras": sorted(extras or {})}
-        items = {name: ocp.args.StandardSave(tree) for name, tree in (extras or {}).items()}
-        self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-            **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta), **items))
+        skipped), `extras` (named pytrees of arrays, e.g. an algorithm's pi_old) and checksums
+        of all of them. Raises CheckpointError (naming the last good step) when the write fails."""
+        extras = extras or {}
+        meta = {**meta, "optimizer_steps": int(state.step), "extras": sorted(extras),
+                "checksums": {"params": checksums(state.params), "opt_state": checksums(state.opt_state),
+                              **{k: checksums(v) for k, v in extras.items()}}}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in extras.items()}
+        previous = self.manager.latest_step()
+        needed = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state, extras)))
+        free = shutil.disk_usage(self.directory).free
+        if free < needed * 1.1:
+            raise CheckpointError(f"writing checkpoint {step} to {self.directory} needs about {needed / 2**20:.0f} MiB "
+                                  f"but the disk has {free / 2**20:.0f} MiB free; the last good checkpoint is "
+                                  f"{'step ' + str(previous) if previous is not None else 'none'}. Free disk space, "
+                                  "then rerun to resume.")
+        try:
+            self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta), **items))
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - every write failure gets the same report
+            raise CheckpointError(
+                f"writing checkpoint {step} to {self.directory} failed ({type(e).__name__}: "
+                f"{_first_line(e)}); the last good checkpoint is "
+                f"{'step ' + str(previous) if previous is not None else 'none'}. Free disk space or "
+                "fix the directory's permissions, then rerun to resume.") from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def latest_meta(self) -> dict[str, Any] | None:
-        """The meta item (step, data position, ...) of the latest checkpoint; None without one."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def _candidates(self):
+        """Steps, newest first, with their meta (unreadable meta: a skipped step)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                if not isinstance(meta, dict) or "step" not in meta:
+                    raise CheckpointError("its meta item is missing or incomplete")
+                yield step, meta
+            except Exception as e:  # noqa: BLE001
+                self._skip(step, e)
+
+    def _skip(self, step: int, error: Exception) -> None:
+        """Set an unusable checkpoint aside (renamed <step>.unusable, kept for inspection), so
+        that the step can be written again, and say so."""
+        self.skipped.append(f"step {step}: {_first_line(error)}")
+        path = os.path.join(self.directory, str(step))
+        if jax.process_index() == 0 and os.path.isdir(path):
+            aside = f"{path}.unusable"
+            while os.path.exists(aside):
+                aside += "+"
+            os.rename(path, aside)
+        self.manager.reload()
+        self.notify(f"checkpoint {step} in {self.directory} is unusable ({_first_line(error)}); set aside "
+                    "as <step>.unusable, falling back to the previous one")
 
     def restore_latest(self, target: TrainState, extras: dict[str, Any] | None = None
                        ) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
-        """(train state, meta, extras) of the latest checkpoint, or None when there is none.
-        `target` and `extras` (the live values) give the structure, dtypes and shardings the
-        arrays are restored to; extras the checkpoint does not hold are left out."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        meta = self.latest_meta()
-        wanted = {k: v for k, v in (extras or {}).items() if k in meta.get("extras", ())}
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target.params))),
-            opt_state=ocp.args.StandardRestore(_abstract(target.opt_state)),
-            **{k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items()}))
-        params = jax.tree.map(lambda x: x, target.params)
-        nnx.replace_by_pure_dict(params, out["params"])
-        state = target.replace(step=jnp.asarray(meta.get("optimizer_steps", meta["step"]), jnp.int32),
-                               params=params, opt_state=out["opt_state"])
-        return state, meta, {k: out[k] for k in wanted}
+        """(train state, meta, extras) of the newest checkpoint that restores and verifies
+        (finite, checksums as saved), or None when the directory holds no checkpoint at all.
+        `target` and `extras` (the live values) give structure, dtypes and shardings; extras
+        the checkpoint does not hold are left out. Raises CheckpointError when checkpoints
+        exist but none is usable."""
+        self.skipped = []
+        for step, meta in self._candidates():
+            wanted = {k: v for k, v in (extras or {}).items() if k in meta.get("extras", ())}
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target.params))),
+                    opt_state=ocp.args.StandardRestore(_abstract(target.opt_state)),
+                    **{k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items()}))
+                recorded = meta.get("checksums", {})
+                params = jax.tree.map(lambda x: x, target.params)
+                nnx.replace_by_pure_dict(params, out["params"])
+                _verify("params", params, recorded.get("params"))
+                _verify("opt_state", out["opt_state"], recorded.get("opt_state"))
+                for k in wanted:
+                    _verify(k, out[k], recorded.get(k))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
+                self._skip(step, e)
+                continue
+            state = target.replace(step=jnp.asarray(meta.get("optimizer_steps", meta["step"]), jnp.int32),
+                                   params=params, opt_state=out["opt_state"])
+            return state, meta, {k: out[k] for k in wanted}
+        return self._none_usable()
 
-    def restore_latest_params(self, target: Any) -> Any:
-        """The parameters (an nnx.State like `target`) of the latest checkpoint, without the
-        optimizer state: what a finished stage hands to the next one."""
-        step = self.latest_step()
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target)))))
-        params = jax.tree.map(lambda x: x, target)
-        nnx.replace_by_pure_dict(params, out["params"])
-        return params
+    def restore_latest_params(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+        """(parameters like `target`, meta) of the newest checkpoint whose parameters restore
+        and verify, without the optimizer state: what a finished stage hands to the next one."""
+        self.skipped = []
+        for step, meta in self._candidates():
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target)))))
+                params = jax.tree.map(lambda x: x, target)
+                nnx.replace_by_pure_dict(params, out["params"])
+                _verify("params", params, meta.get("checksums", {}).get("params"))
+            except Exception as e:  # noqa: BLE001
+                self._skip(step, e)
+                continue
+            return params, meta
+        return self._none_usable()
+
+    def _none_usable(self) -> None:
+        if self.skipped:
+            raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(self.skipped)}). "
+                                  "Delete the directory to train this stage from its start.")
+        return None
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _check_writable(directory: str) -> None:
+    """Fail at once, naming the path, when checkpoints cannot be written there."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {e.strerror or e}. Point "
+                              "--workdir at a writable directory with free space.") from e
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of an error: its first line, without TensorStore's spec dump."""
+    text = str(error).strip() or type(error).__name__
+    os_error = re.search(r"([A-Za-z][^:\[\]]*?) \[os_error_code='(\d+)'\]", text)
+    if os_error:  # TensorStore's long write error ends with the OS's reason
+        return f"{os_error.group(1).strip()} (OS error {os_error.group(2)})"
+    return text.splitlines()[0].split(" See full TensorStore details")[0][:300]

@@ -14,8 +14,9 @@ writes a float32 HF folder (safetensors, config.json, generation_config.json, to
 from __future__ import annotations
 
 import os
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from latro_jax import checkpoint, models
 
@@ -51,6 +52,10 @@ def _stored_dtype(model_dir: str) -> str | None:
 
 def orbax_to_hf(ckpt: str, out: str, step: int | None = None, tokenizer: str | None = None,
                 param_dtype: str | None = None, overwrite: bool = False) -> str:
+    if tokenizer is None:
+        print("warning: no --tokenizer: the export holds weights and config only; transformers needs "
+              "tokenizer files beside them (a training workdir keeps them in <workdir>/tokenizer).",
+              file=sys.stderr)
     model = checkpoint.restore_model(ckpt, step, param_dtype=param_dtype)
     return models.save_hf(model, out, tokenizer_dir=tokenizer, overwrite=overwrite)
 
@@ -94,6 +99,8 @@ def gguf_to_hf(gguf: str, out: str) -> str:
 
 
 def main(argv):
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
     if len(argv) != 2 or argv[1] not in ("hf_to_orbax", "orbax_to_hf", "gguf_to_hf"):
         raise app.UsageError("usage: python -m latro_jax.convert {hf_to_orbax|orbax_to_hf|gguf_to_hf} --flags")
     if not FLAGS.out:

@@ -101,6 +101,11 @@ class TaskSection:
     val_split: str = ""
     sft_examples: int = 7473
     synthetic: SyntheticConfig | None = None
+    too_long: str = "refuse"  # examples longer than max_position_embeddings: refuse | drop
+
+    def __post_init__(self):
+        if self.too_long not in ("refuse", "drop"):
+            raise ValueError(f"too_long={self.too_long!r}: choose 'refuse' or 'drop'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,10 @@ r"""The training job.
 
 Every config field can be overridden with --config.a.b=value; the config is validated (and the
 model, tokenizer and data are loaded) before anything is written to the workdir. Re-running the
-same command resumes from the latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
+same command resumes from the newest usable checkpoint (a changed config needs
+--allow_config_change); SIGTERM or Ctrl-C saves a checkpoint and exits cleanly. A user error
+(config, data, checkpoint, non-finite training) prints one line and exits 2; --verbosity=1 adds
+the traceback.
 Multi-process runs (TPU pods, multi-node GPU): launch the same command on every process with
 --multi_process (jax.distributed.initialize reads the cluster from the environment).
 """
@@ -16,8 +19,10 @@ Multi-process runs (TPU pods, multi-node GPU): launch the same command on every 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,6 +32,8 @@ config_flags.DEFINE_config_file("config", None, "ml_collections config file (con
 flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, results, export.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_bool("multi_process", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Continue a workdir whose run had a config that trains differently.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,17 +45,15 @@ def main(argv):
     import jax
     if FLAGS.multi_process:
         _initialize_distributed(jax)
-    from latro_jax import models, run
+    from latro_jax import checkpoint, models, run
     from latro_jax.data import DataError
-    try:
-        job = run.build(FLAGS.config, load_model=FLAGS.mode == "train")
-    except (run.ConfigError, models.ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    expected = (run.ConfigError, models.ConfigError, DataError, FileNotFoundError, checkpoint.CheckpointError,
+                run.NonFiniteError, run.WorkdirError)
     workdir = os.path.abspath(FLAGS.workdir)
     try:
+        job = run.build(FLAGS.config, load_model=FLAGS.mode == "train")
         if FLAGS.mode == "train":
-            results = run.train(job, workdir)
+            results = run.train(job, workdir, allow_config_change=FLAGS.allow_config_change)
             if jax.process_index() == 0:
                 print(run.results_table(results))
         else:
@@ -57,10 +62,18 @@ def main(argv):
                 name = f"{job.stages[-1].name}-latest"
                 print(json.dumps(run.evaluate_stage(job, model, workdir, name), indent=2))
             else:
-                models.save_hf(model, os.path.join(workdir, "hf"),
-                               tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
+                path = models.save_hf(model, os.path.join(workdir, "hf"),
+                                      tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
+                print(f"exported {path}")
     except run.Preempted as e:
         print(str(e), file=sys.stderr)
+    except expected as e:
+        if FLAGS["verbosity"].present and FLAGS.verbosity >= 1:
+            traceback.print_exc()
+        else:  # a failed save's writer tasks are reported here, not again as asyncio noise at exit
+            std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

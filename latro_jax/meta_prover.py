@@ -73,6 +73,7 @@ class MetaProver:
 
     def __init__(self, cfg: ForcingConfig, task, fmt, mesh: jax.sharding.Mesh | None = None):
         self.cfg, self.task, self.fmt, self.mesh = cfg, task, fmt, mesh
+        self.generated_tokens = 0  # forced-answer tokens decoded so far (a running count)
         if not self.suffix_ids([]) or not continuation_ids(fmt.tokenizer, "x.", cfg.suffix):
             raise ValueError(f"forcing.suffix={cfg.suffix!r} tokenises to nothing")
 
@@ -92,22 +93,37 @@ class MetaProver:
         """x ⊕ c ⊕ suffix for each pair."""
         return [list(x) + list(c) + self.suffix_ids(c) for x, c in zip(prompts, prefixes)]
 
-    def mc(self, model, prompts, prefixes, golds: Sequence[str], key: jax.Array, samples: int | None = None) -> Forced:
-        """m forced answers per (prompt, prefix), graded by the task; J = their mean score."""
+    def mc(self, model, prompts, prefixes, golds: Sequence[str], key: jax.Array, samples: int | None = None,
+           rows_per_call: int = 4096) -> Forced:
+        """m forced answers per (prompt, prefix), graded by the task; J = their mean score. The
+        prefixes are decoded in calls of at most rows_per_call rows (prefixes x m), each with
+        its own key folded from `key`."""
         m = 1 if self.greedy else (samples or self.cfg.samples)
         p = self.cfg.sampling
-        out = sampling.generate(model, self.forced_prompts(prompts, prefixes), self.cfg.answer_tokens,
-                                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, num_samples=m,
-                                stop_token_ids=self.fmt.stop_ids, key=key, pad_id=self.fmt.pad_id,
-                                mesh=self.mesh)
-        texts = [[self.cfg.suffix.lstrip() + self.fmt.decode(ids) for ids in row] for row in out.tokens]
+        forced = self.forced_prompts(prompts, prefixes)
+        step = max(1, rows_per_call // m)
+        tokens = []
+        for n, start in enumerate(range(0, len(forced), step)):
+            out = sampling.generate(model, forced[start:start + step], self.cfg.answer_tokens,
+                                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, num_samples=m,
+                                    stop_token_ids=self.fmt.stop_ids, key=jax.random.fold_in(key, n) if n else key,
+                                    pad_id=self.fmt.pad_id, mesh=self.mesh)
+            tokens += out.tokens
+            self.generated_tokens += int(out.lengths.sum())
+        texts = [[self.cfg.suffix.lstrip() + self.fmt.decode(ids) for ids in row] for row in tokens]
         outcomes = np.array([[self.task.score(t, gold) for t in row] for row, gold in zip(texts, golds)],
                             np.float32)
-        return Forced(j=outcomes.mean(axis=1), outcomes=outcomes, texts=texts, answer_ids=out.tokens)
+        return Forced(j=outcomes.mean(axis=1), outcomes=outcomes, texts=texts, answer_ids=tokens)
 
-    def likelihood(self, policies, prompts, prefixes, golds: Sequence[str], params=None) -> Forced:
+    def likelihood(self, policies, prompts, prefixes, golds: Sequence[str], params=None,
+                   rows_per_call: int = 1024) -> Forced:
         """J = exp log π(t | x ⊕ c ⊕ suffix), t = " {gold}." + end token, under `params`
-        (default the policy)."""
+        (default the policy), scored in calls of at most rows_per_call rows."""
+        if len(prompts) > rows_per_call:
+            parts = [self.likelihood(policies, prompts[i:i + rows_per_call], prefixes[i:i + rows_per_call],
+                                     golds[i:i + rows_per_call], params, rows_per_call)
+                     for i in range(0, len(prompts), rows_per_call)]
+            return Forced(j=np.concatenate([f.j for f in parts]))
         fmt = self.fmt
         contexts = [list(c) + self.suffix_ids(c) for c in prefixes]
         suffix_texts = [fmt.tokenizer.decode(c) for c in contexts]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import matplotlib
@@ -11,14 +12,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _rows(path: str) -> list[dict]:
+    """The complete JSON rows of metrics.jsonl (a partial or damaged line is skipped)."""
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def plot_run(workdir: str, curves: dict[str, tuple[str, ...]]) -> str:
-    """One panel per (stage, metric) of `curves` found in metrics.jsonl; a bar chart of
+    """One panel per (stage, metric) of `curves` and of validation found in metrics.jsonl
+    (non-finite values marked on the axis); a bar chart of
     results.json's accuracies (greedy, maj@k); and, when evaluated, the forced-answer accuracy
     against the token budget per stage and normalised regret by cutoff."""
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = _rows(os.path.join(workdir, "metrics.jsonl"))
     results_path = os.path.join(workdir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    panels = [(stage, key) for stage, keys in curves.items() for key in keys
+    validation = sorted({k for r in rows for k in r if k.startswith("val_")})
+    panels = [(stage, key) for stage, keys in curves.items() for key in (*keys, *validation)
               if any(r["stage"] == stage and key in r for r in rows)]
     extra = [name for name, prefix in (("budget", "forced@"), ("regret", "regret@"))
              if any(k.startswith(prefix) for r in results.values() for k in r)]
@@ -27,7 +41,14 @@ def plot_run(workdir: str, curves: dict[str, tuple[str, ...]]) -> str:
     axes = list(axes[0])
     for ax, (stage, key) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
-        ax.plot(*zip(*pts))
+        finite = [(x, y) for x, y in pts if math.isfinite(y)]
+        if finite:
+            ax.plot(*zip(*finite), marker="o" if key.startswith("val_") else None)
+        bad = [x for x, y in pts if not math.isfinite(y)]
+        if bad:  # non-finite values: red marks on the axis
+            ax.plot(bad, [0] * len(bad), "rx", transform=ax.get_xaxis_transform(), clip_on=False,
+                    label="non-finite")
+            ax.legend(fontsize=7)
         ax.set_title(f"{stage}: {key}", fontsize=9)
         ax.set_xlabel("update")
     ax = axes[len(panels)]

@@ -67,6 +67,7 @@ class Scorer:
     def __init__(self, graphdef: Any, *, microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
                  chunk_size: int = 128):
         self.microbatches, self.mesh = microbatches, mesh
+        self.scored_tokens = 0  # real tokens scored so far (a running count, for throughput)
 
         def tokens_fn(params, tokens, valid, *, temperature):
             return token_logprobs(nnx.merge(graphdef, params), tokens, valid,
@@ -80,6 +81,7 @@ class Scorer:
         self._spans = jax.jit(spans_fn, static_argnames="temperature")
 
     def _microbatches(self, arrays: dict[str, np.ndarray], names: Sequence[str]):
+        self.scored_tokens += int(np.asarray(arrays["valid"]).sum())
         placed = sharding.split_microbatches({k: arrays[k] for k in names}, self.microbatches, self.mesh)
         return [{k: v[m] for k, v in placed.items()} for m in range(self.microbatches)]
 

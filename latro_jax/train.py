@@ -39,6 +39,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global norm; 0 = off
+    max_nonfinite: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -49,6 +50,8 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"optim.max_nonfinite={self.max_nonfinite} must be >= 1")
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -62,10 +65,17 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after], [warmup])
 
 
+NEVER_GIVE_UP = 2**30  # apply_if_finite's max_consecutive_errors: the run stops itself first
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW (with global-norm clipping when set) behind optax.apply_if_finite: an update whose
+    gradient holds a NaN or Inf is not applied (the moments stay as they were). The job stops
+    after cfg.max_nonfinite such updates in a row (run.py)."""
     adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+    inner = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+    return optax.apply_if_finite(inner, max_consecutive_errors=NEVER_GIVE_UP)
 
 
 @flax.struct.dataclass
@@ -150,9 +160,20 @@ class Trainer:
         return jax.lax.scan(accumulate, zeros, batch)[0]
 
     def _step_impl(self, state: TrainState, batch: dict, scalars: dict):
+        """One update, unless the loss, a gradient or a new parameter is not finite: then the
+        state stays as it was (step included) and metrics["nonfinite"] = 1."""
         grads, loss, aux = self._accumulate(state.params, batch, scalars)
+        # a non-finite loss poisons the gradient, so that apply_if_finite rejects the update
+        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # a finite update that overflows a parameter is undone too
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(params_finite, a, b), new, old)
+        finite = opt_state.last_finite & params_finite
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": self.schedule(state.step), **aux}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                   "learning_rate": self.schedule(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32),
+                   **aux}
+        new = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state))
+        return new, metrics

@@ -43,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--grid", action="append", default=[], help="field=v1,v2,... (repeatable)")
     parser.add_argument("--extra", action="append", default=[], help="extra flag for every run")
     args = parser.parse_args(argv)
+    args.root = os.path.abspath(args.root)  # the runs start in the repository root
     rows = []
     for point in grid_points(args.grid):
         workdir = os.path.join(args.root, point_name(point))

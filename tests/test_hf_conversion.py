@@ -173,7 +173,7 @@ def test_shape_mismatch(stories_copy):
     tensors = load_file(str(stories_copy / "model.safetensors"))
     tensors["model.layers.1.self_attn.o_proj.weight"] = np.zeros((64, 60), np.float32)
     save_file(tensors, str(stories_copy / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"shape mismatch: model\.layers\.1\.self_attn\.o_proj\.weight \(64, 60\)"):
+    with pytest.raises(models.ConfigError, match=r"shape mismatch: model\.layers\.1\.self_attn\.o_proj\.weight \(64, 60\)"):
         models.load_hf(str(stories_copy))
 
 
@@ -181,5 +181,5 @@ def test_unreadable_safetensors(stories_copy):
     path = stories_copy / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"cannot read .*model\.safetensors.*re-download"):
+    with pytest.raises(models.ConfigError, match=r"cannot read .*model\.safetensors.*re-download"):
         models.load_hf(str(stories_copy))

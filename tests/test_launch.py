@@ -17,13 +17,15 @@ def test_grid_points_are_the_cartesian_product():
 
 
 def test_sweep_runs_one_workdir_per_point_and_summarises(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/tiny.py",
-                             f"--root={tmp_path}", "--grid=latro.beta=0.0,0.5",
+    """Started from another directory with a relative --root (the runs start in the repository)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"),
+                             f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+                             "--root=sweep", "--grid=latro.beta=0.0,0.5",
                              "--extra=--config.latro.steps=2", "--extra=--config.export.hf=false"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.load(open(tmp_path / "summary.json"))
+    summary = json.load(open(tmp_path / "sweep" / "summary.json"))
     assert [r["point"] for r in summary] == [{"latro.beta": "0.0"}, {"latro.beta": "0.5"}]
     assert all(set(r["results"]) == {"init", "sft", "latro"} for r in summary)
     assert "beta=0.5" in result.stdout.splitlines()[-1]

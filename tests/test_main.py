@@ -90,7 +90,7 @@ def test_a_config_file_with_an_unknown_key_exits_with_one_message_and_writes_not
     assert result.returncode == 2 and not workdir.exists()
     assert result.stderr.strip().splitlines() == [
         "error: config.latro.optim: unknown key 'learning_rat'; the keys of this section are "
-        "['b1', 'b2', 'eps', 'grad_clip', 'learning_rate', 'schedule', 'total_steps', "
+        "['b1', 'b2', 'eps', 'grad_clip', 'learning_rate', 'max_nonfinite', 'schedule', 'total_steps', "
         "'warmup_steps', 'weight_decay']."], result.stderr[-2000:]
 
 
@@ -115,6 +115,18 @@ def test_end_to_end_train_checkpoint_export_reload_with_transformers(full_run):
     ours = checkpoint.restore_model(str(workdir / "checkpoints" / "latro"))
     np.testing.assert_allclose(np.asarray(ours(np.array([ids], np.int32))),
                                hf(torch.tensor([ids])).logits.detach().numpy(), atol=1e-4)
+    assert f"exported {workdir / 'hf'}" in result.stderr
+    # the export is readable by others (mkdtemp makes folders 0700)
+    assert os.stat(workdir / "hf").st_mode & 0o755 == 0o755
+    assert all(os.stat(workdir / "hf" / f).st_mode & 0o644 == 0o644 for f in os.listdir(workdir / "hf"))
+
+
+def test_orbax_to_hf_without_a_tokenizer_warns_and_is_quiet(full_run, tmp_path):
+    convert = subprocess.run([sys.executable, "-m", "latro_jax.convert", "orbax_to_hf",
+                              f"--ckpt={full_run[0] / 'checkpoints' / 'latro'}", f"--out={tmp_path / 'x'}"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert convert.returncode == 0 and "warning: no --tokenizer" in convert.stderr
+    assert "INFO" not in convert.stderr and (tmp_path / "x" / "model.safetensors").exists()
 
 
 def _final_tensors(workdir):
@@ -130,33 +142,6 @@ def _wait_for(ready, proc, timeout=300):
         time.sleep(0.1)
 
 
-def _update_logged(workdir, stage, step):
-    """A ready() for _wait_for: metrics.jsonl holds `stage`'s update `step` (or a later one)."""
-    def ready():
-        if not (workdir / "metrics.jsonl").exists():
-            return False
-        rows = [json.loads(l) for l in open(workdir / "metrics.jsonl") if l.endswith("\n")]
-        return any(r["stage"] == stage and r["step"] >= step and "reward" in r for r in rows)
-    return ready
-
-
-def test_sigkill_then_resume_ends_with_the_same_parameters(full_run, tmp_path):
-    workdir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    # Kill once LaTRO update 2 of 4 is logged (its checkpoint may still be finalising): waiting
-    # for the checkpoint folder raced the end of the run, whose last async save lands late.
-    _wait_for(_update_logged(workdir, "latro", 2), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (workdir / "hf").exists()
-    resumed = _run(workdir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = _final_tensors(full_run[0]), _final_tensors(workdir)
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -165,11 +150,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    if "SIGTERM: saved" in err:  # stopped inside a stage: that step was checkpointed
-        step = int(err.split("SIGTERM: saved ")[1].split()[2])
-        stage = err.split("SIGTERM: saved ")[1].split()[0]
+    if "stopped by a signal: saved" in err:  # stopped inside a stage: that step was checkpointed
+        step = int(err.split("signal: saved ")[1].split()[2])
+        stage = err.split("signal: saved ")[1].split()[0]
         assert (workdir / "checkpoints" / stage / str(step)).exists()
-    assert not (workdir / "hf").exists() or "SIGTERM" not in err
+    assert not (workdir / "hf").exists() or "stopped by a signal" not in err
     resumed = _run(workdir)
     assert resumed.returncode == 0 and (workdir / "hf" / "model.safetensors").exists()
 
@@ -211,7 +196,7 @@ def test_resume_onto_a_different_mesh_shape_ends_as_an_uninterrupted_run(tmp_pat
     first = _run(workdir, "--config.latro.steps=2", *flags)
     assert first.returncode == 0, first.stderr[-3000:]
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    second = _run(workdir, "--config.latro.steps=4", *flags, env=env)
+    second = _run(workdir, "--config.latro.steps=4", *flags, "--allow_config_change", env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "latro: resuming after update 2 of 4" in second.stderr
     rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
@@ -223,7 +208,7 @@ def test_resume_onto_a_different_mesh_shape_ends_as_an_uninterrupted_run(tmp_pat
         np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
     shutil.rmtree(workdir / "hf")
     exported = _run(workdir, "--config.latro.steps=4", *flags, mode="export")
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert exported.returncode == 0 and f"exported {workdir / 'hf'}" in exported.stdout, exported.stderr[-3000:]
     for name, tensor in _final_tensors(workdir).items():  # the same tensors as the run's own export
         np.testing.assert_array_equal(tensor, got[name], err_msg=name)
 
@@ -238,7 +223,7 @@ def test_eval_mode_of_a_bf16_run_reproduces_its_results(tmp_path):
     evaluated = _run(workdir, *flags, mode="eval")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.load(open(workdir / "results.json"))
-    assert json.loads(evaluated.stdout) == results["latro"]
+    assert json.loads(evaluated.stdout) == {k: v for k, v in results["latro"].items() if k != "updates"}
     outputs = lambda name: [(r["greedy"]["output"], r["maj"]["outputs"])
                             for r in map(json.loads, open(workdir / "eval" / name / "examples.jsonl"))]
     assert outputs("latro-latest") == outputs("latro")
@@ -248,24 +233,16 @@ def test_eval_mode_of_a_bf16_run_reproduces_its_results(tmp_path):
 def test_mrt_resumes_bit_exactly_with_its_refreshed_pi_old(tmp_path):
     """MRT-RL with pi_old refreshed every 2 updates: three updates, then the run continued to
     five, ends with the same weights as five updates in one go. Update 4 samples its prefixes
-    from pi_old = the weights before update 3, which only the checkpoint holds. GRPO and
-    MRT-STaR run through the job too, with checkpoints and an export."""
+    from pi_old = the weights before update 3, which only the checkpoint holds."""
     flags = ("--config.stages=sft,mrt", "--config.eval.every=0", "--config.mrt.prefix_refresh=2",
              "--config.mrt.optim.schedule=constant", "--config.checkpoint.every=1")
     whole = _run(tmp_path / "whole", "--config.mrt.steps=5", *flags)
     assert whole.returncode == 0, whole.stderr[-3000:]
     workdir = tmp_path / "run"
     assert _run(workdir, "--config.mrt.steps=3", *flags).returncode == 0
-    resumed = _run(workdir, "--config.mrt.steps=5", *flags)
+    resumed = _run(workdir, "--config.mrt.steps=5", *flags, "--allow_config_change")
     assert resumed.returncode == 0 and "mrt: resuming after update 3 of 5" in resumed.stderr
     assert os.path.isdir(workdir / "checkpoints" / "mrt" / "5" / "old_params")
     expected, got = _final_tensors(tmp_path / "whole"), _final_tensors(workdir)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    for stage in ("grpo", "mrt_star"):
-        result = _run(tmp_path / stage, f"--config.stages=sft,{stage}", "--config.eval.every=0")
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = [json.loads(l) for l in open(tmp_path / stage / "metrics.jsonl")]
-        assert [r["step"] for r in rows if r["stage"] == stage] == [1, 2]
-        assert (tmp_path / stage / "hf" / "model.safetensors").exists()
-        assert stage in json.load(open(tmp_path / stage / "results.json"))

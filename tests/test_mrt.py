@@ -443,11 +443,11 @@ def test_forced_budget_curve_and_regret_on_scripted_generations(word, monkeypatc
 
     def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
         if max_new_tokens == 64:  # the greedy trace
-            return GenerateOutput([[full]], None, None, None, None, None)
+            return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
         answers = [[tok(" 9.", add_special_tokens=False).input_ids + [fmt.end_id]]
                    if "4=9" in tok.decode(p) else [tok(" 1.", add_special_tokens=False).input_ids]
                    for p in prompts]
-        return GenerateOutput(answers, None, None, None, None, None)
+        return GenerateOutput(answers, None, None, None, np.array([len(a[0]) for a in answers]), None)
 
     monkeypatch.setattr(ev.sampling, "generate", scripted)
     example = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")

@@ -147,14 +147,14 @@ def test_evaluate_greedy_equals_transformers_generate_and_the_same_scorer(smol, 
 
 
 def test_sft_step_and_latro_update_checkpoint_export_and_reload_in_transformers(smollm2_dir, tmp_path):
-    """The training job on SmolLM2 (one process, one device): an SFT step on 8 gold GSM8K
+    """The training job on SmolLM2 (one process, one device): an SFT step on 2 gold GSM8K
     rationales, a LaTRO update (2 questions x 4 rationales of 16 tokens, c_sft = 1), checkpoints, the HF
     export; transformers loads the export, and its logits equal the checkpoint's."""
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "latro_jax.main", "--config=configs/latro_gsm8k_smollm2.py",
            f"--workdir={workdir}", f"--config.model.path={smollm2_dir}",
-           f"--config.task.source={GSM8K}", "--config.stages=sft,latro", "--config.task.sft_examples=8",
-           "--config.sft.steps=1", "--config.sft.batch_size=8", "--config.sft.optim.warmup_steps=0",
+           f"--config.task.source={GSM8K}", "--config.stages=sft,latro", "--config.task.sft_examples=2",
+           "--config.sft.steps=1", "--config.sft.batch_size=2", "--config.sft.microbatches=1", "--config.sft.optim.warmup_steps=0",
            "--config.latro.steps=1",
            "--config.latro.batch_size=2", "--config.latro.max_rationale_tokens=16",
            "--config.latro.sft_coef=1.0",  # 16 tokens rarely finish: all advantages are 0 at step 1

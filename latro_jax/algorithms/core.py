@@ -6,6 +6,7 @@ An algorithm is a small class (see latro.py, sft.py) with
     trains_on               "rationales" (examples with gold rationales) or "questions"
     shown, curves           metrics for the progress bar and for training.png
     rows(questions)         rows of a step with this many questions (must split over the mesh)
+    tokens_after_prompt(e)  the most positions its rows or generations take after e's prompt
     rollout(policies, examples, key)  -> anything `score` understands (sampled or gold rows)
     score(policies, rollout)          -> ScoredBatch
     loss(model, microbatch, scalars)  -> (loss contribution, aux); pure, jitted by the Trainer
@@ -96,6 +97,8 @@ class Algorithm(Protocol):
 
     def rows(self, questions: int) -> int: ...
 
+    def tokens_after_prompt(self, example: Example) -> int: ...
+
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> Any: ...
 
     def score(self, policies: Policies, rollout: Any) -> ScoredBatch: ...
@@ -154,10 +157,12 @@ class Learner:
 
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's
-        metrics and the seconds each part took (rollout_s, score_s, step_s)."""
+        metrics, the seconds each part took (rollout_s, score_s, step_s) and the tokens scored
+        outside the step (scored_tokens: reference and likelihood passes)."""
         if self.refresh and self.step and self.step % self.refresh == 0:
             self.old = jax.tree.map(jnp.copy, self.trainer.state.params)
         policies = self.policies()
+        scored_before = self.scorer.scored_tokens
         t0 = time.perf_counter()
         rollout = self.algorithm.rollout(policies, examples, key)
         t1 = time.perf_counter()
@@ -165,7 +170,8 @@ class Learner:
         t2 = time.perf_counter()
         metrics = self.apply(scored)
         t3 = time.perf_counter()
-        timing = {"rollout_s": t1 - t0, "score_s": t2 - t1, "step_s": t3 - t2}
+        timing = {"rollout_s": t1 - t0, "score_s": t2 - t1, "step_s": t3 - t2,
+                  "scored_tokens": float(self.scorer.scored_tokens - scored_before)}
         if "sampled_tokens" in scored.metrics:
             timing["sample_tokens_per_s"] = scored.metrics["sampled_tokens"] / (t1 - t0)
         return {**metrics, **scored.metrics, **timing}

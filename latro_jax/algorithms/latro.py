@@ -60,6 +60,12 @@ class Latro:
     def rows(self, questions: int) -> int:
         return questions * self.cfg.num_samples
 
+    def tokens_after_prompt(self, example: Example) -> int:
+        """The rationale budget L and the longer spelling of y."""
+        fmt = self.ctx.fmt
+        return self.cfg.max_rationale_tokens + max(len(fmt.answer_ids(example.answer)),
+                                                   len(fmt.completion_ids(example.answer)))
+
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> rollout.Rollout:
         """K rationales per question; y is " The answer is {gold}." + end token after a
         rationale, and the whole-completion "The answer is {gold}." after an empty one."""

@@ -31,7 +31,7 @@ from latro_jax.data import Example
 from latro_jax.episodes import SegmentConfig, make_segmenter
 from latro_jax.meta_prover import ForcingConfig, MetaProver
 from latro_jax.models import Transformer
-from latro_jax.rollout import Stops, truncate
+from latro_jax.rollout import truncate
 from latro_jax.sampling import SamplingParams
 
 ADVANTAGES = ("termination", "mixed", "group")
@@ -141,7 +141,7 @@ class MrtRollout:
     j_prefix: np.ndarray | None
     forced_outcomes: np.ndarray | None
     j_after: np.ndarray | None
-    sampled_tokens: int
+    sampled_tokens: int  # every token generated: prefix traces, continuations, forced answers
 
 
 class Mrt:
@@ -166,9 +166,18 @@ class Mrt:
     def rows(self, questions: int) -> int:
         return questions * self.cfg.num_samples
 
+    def tokens_after_prompt(self, example: Example) -> int:
+        """A prefix (at most L) and a continuation (L), or a prefix with the forcing suffix and
+        answer."""
+        cfg = self.cfg
+        prefix = cfg.max_tokens if cfg.prefixes == "traces" else 0
+        forced = (len(self.prover.suffix_ids([])) + 4 + cfg.forcing.answer_tokens) if self.prover else 0
+        return max(prefix + cfg.max_tokens, prefix + cfg.max_tokens * (cfg.alpha > 0) + forced)
+
     # ------------------------------------------------------------ rollout
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> MrtRollout:
         cfg, fmt, G = self.cfg, self.ctx.fmt, self.cfg.num_samples
+        forced_before = self.prover.generated_tokens if self.prover else 0
         k_prefix, k_cut, k_cont, k_j, k_after = jax.random.split(key, 5)
         prompts = [fmt.prompt_ids(e.question) for e in examples]
         golds = [e.gold for e in examples]
@@ -199,19 +208,23 @@ class Mrt:
                                          [prefixes[r // G] + z for r, z in enumerate(thinking)],
                                          [golds[r // G] for r in range(len(thinking))], k_after)
             j_after = after.j.reshape(len(examples), G)
+        sampled = int(out.lengths.sum()) + self.prefix_tokens + (self.prover.generated_tokens - forced_before
+                                                                  if self.prover else 0)
         return MrtRollout([x + c for x, c in zip(prompts, prefixes) for _ in range(G)], continuations, finished,
-                          prefixes, np.array(counts), rewards, j_prefix, forced, j_after, int(out.lengths.sum()))
+                          prefixes, np.array(counts), rewards, j_prefix, forced, j_after, sampled)
 
     def prefixes(self, policies: Policies, prompts: list[list[int]], key: jax.Array, cut_key: jax.Array):
         """(prefix ids, episodes in each prefix) per question: a trace from pi_old cut after j
         episodes, j uniform in {0, ..., k-1} (deterministic in the key and the question's
         position), or the empty prefix."""
+        self.prefix_tokens = 0
         if self.cfg.prefixes == "empty":
             return [[] for _ in prompts], [0] * len(prompts)
         p, fmt = self.cfg.sampling, self.ctx.fmt
         traces = sampling.generate(policies.model(policies.old), prompts, self.cfg.max_tokens,
                                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                    stop_token_ids=fmt.stop_ids, key=key, pad_id=fmt.pad_id, mesh=self.ctx.mesh)
+        self.prefix_tokens = int(traces.lengths.sum())
         prefixes, counts = [], []
         for n, trace in enumerate(traces.tokens):
             episodes = self.segmenter(trace[0])

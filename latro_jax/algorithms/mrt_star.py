@@ -89,9 +89,14 @@ class MrtStar:
     def rows(self, questions: int) -> int:
         return questions * self.cfg.keep_per_question
 
+    def tokens_after_prompt(self, example: Example) -> int:
+        """A trace (L) and a forced answer after it."""
+        return self.cfg.max_tokens + len(self.prover.suffix_ids([])) + 4 + self.cfg.forcing.answer_tokens
+
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> StarRollout:
         cfg, fmt, K = self.cfg, self.ctx.fmt, self.cfg.num_samples
         k_sample, k_j, k_answer = jax.random.split(key, 3)
+        forced_before = self.prover.generated_tokens
         prompts = [fmt.prompt_ids(e.question) for e in examples]
         golds = [e.gold for e in examples]
         p = cfg.sampling
@@ -107,7 +112,7 @@ class MrtStar:
         kept = self.keep(prompts, golds, traces, outcomes.reshape(-1), episodes, j_values, forced, policies,
                            k_answer)
         return StarRollout(prompts, kept, outcomes, progress, np.array([e.count for e in episodes]),
-                           int(out.lengths.sum()))
+                           int(out.lengths.sum()) + self.prover.generated_tokens - forced_before)
 
     def j_at_every_prefix(self, policies, prompts, golds, episodes, key):
         """J at prefixes 0..k of every trace (none for the outcome filter): a list of arrays, and

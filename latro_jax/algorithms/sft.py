@@ -37,6 +37,10 @@ class Sft:
     def rows(self, questions: int) -> int:
         return questions
 
+    def tokens_after_prompt(self, example: Example) -> int:
+        """The most positions a row of `example` takes after its prompt: its completion."""
+        return len(self.ctx.fmt.completion_ids(example.rationale or ""))
+
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> rollout.Rows:
         fmt = self.ctx.fmt
         return rollout.completion_rows([fmt.prompt_ids(e.question) for e in examples],

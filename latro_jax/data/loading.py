@@ -4,6 +4,7 @@ and which gives each process only its share of the global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -37,8 +38,13 @@ def load_rows(source: str, split: str, *, config_name: str | None = None):
     if path is not None:
         ext = os.path.splitext(path)[1]
         if ext not in BUILDERS:
-            raise ValueError(f"{path}: unsupported data file type {ext!r}; use one of {sorted(BUILDERS)}")
-        return datasets.load_dataset(BUILDERS[ext], data_files=path, split="train")
+            raise DataError(f"{path}: unsupported data file type {ext!r}; use one of {sorted(BUILDERS)}")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the file is empty; check the data source and split.")
+        try:
+            return datasets.load_dataset(BUILDERS[ext], data_files=path, split="train")
+        except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in its own
+            raise DataError(f"{path}: cannot read it as {BUILDERS[ext]} ({_bad_json_line(path) or e}).") from e
     if source.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"{source}: no such data file or folder.")
     try:
@@ -47,6 +53,20 @@ def load_rows(source: str, split: str, *, config_name: str | None = None):
         raise FileNotFoundError(f"{source!r} is not a local data file or folder and could not be "
                                 f"loaded from the hub ({type(e).__name__}: {e}). Point the data "
                                 "source at local jsonl/json/parquet/arrow files.") from e
+
+
+def _bad_json_line(path: str) -> str | None:
+    """'line N is not valid JSON: ...' for the first bad line of a .jsonl file, else None."""
+    if not path.endswith(".jsonl"):
+        return None
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n} is not valid JSON: {e.msg} at column {e.colno}"
+    return None
 
 
 def load_examples(task: Task, source: str, split: str, *, config_name: str | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from latro_jax import sharding
-from latro_jax.models.config import ModelConfig
+from latro_jax.models.config import ConfigError, ModelConfig
 from latro_jax.models.transformer import Remat, Transformer
 
 
@@ -61,7 +61,7 @@ def model_from_arrays(config: ModelConfig, get_array: Callable[[str], np.ndarray
         name = "/".join(str(p) for p in path)
         arr = get_array(name)
         if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"{source}: parameter {name} has shape {tuple(arr.shape)}, the config "
+            raise ConfigError(f"{source}: parameter {name} has shape {tuple(arr.shape)}, the config "
                              f"implies {tuple(var.shape)}; config.json and the weights disagree.")
         arr = np.asarray(arr).astype(var.dtype, copy=False)
         if flat_shardings is None:

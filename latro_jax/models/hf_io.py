@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from latro_jax.models import hf_mapping
 from latro_jax.models.build import model_from_arrays, param_arrays, param_shapes
-from latro_jax.models.config import ModelConfig, read_config
+from latro_jax.models.config import ConfigError, ModelConfig, read_config
 from latro_jax.models.transformer import Remat, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,7 +69,7 @@ class SafetensorsReader:
                 handle = self._stack.enter_context(safe_open(path, framework="numpy"))
                 keys = list(handle.keys())
             except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"cannot read {path}: {e}. The file is damaged or not safetensors; "
+                raise ConfigError(f"cannot read {path}: {e}. The file is damaged or not safetensors; "
                                  "re-download or re-export it.") from e
             self._handles[path] = handle
             self._where.update({k: path for k in keys})
@@ -81,7 +81,7 @@ class SafetensorsReader:
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except SafetensorError as e:
-            raise ValueError(f"cannot read tensor {name} from {self._where[name]}: {e}. "
+            raise ConfigError(f"cannot read tensor {name} from {self._where[name]}: {e}. "
                              "The file is damaged; re-download or re-export it.") from e
 
     def close(self):
@@ -93,11 +93,11 @@ def _check_names(reader: SafetensorsReader, config: ModelConfig, expected: list[
     missing = [n for n in expected if n not in present]
     extra = sorted(present - set(expected))
     if missing:
-        raise ValueError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+        raise ConfigError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"expected for a {config.family} model with {config.num_layers} layers; "
                          "the weights are incomplete or config.json does not describe them.")
     if extra:
-        raise ValueError(f"{where}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+        raise ConfigError(f"{where}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
                          f"for a {config.family} model per config.json; check num_hidden_layers, "
                          "tie_word_embeddings and architectures.")
 
@@ -137,7 +137,7 @@ def _convert_rule(reader: SafetensorsReader, rule: hf_mapping.Rule, config: Mode
         converted = rule.to_ours(hf)
         if [tuple(x.shape) for x in converted] != want:
             got = ", ".join(f"{n.format(i=i)} {tuple(x.shape)}" for n, x in zip(rule.hf, hf))
-            raise ValueError(f"{where}: tensor shape mismatch: {got}; config.json implies "
+            raise ConfigError(f"{where}: tensor shape mismatch: {got}; config.json implies "
                              f"{', '.join(rule.ours)} of shape(s) {want} in latro_jax layout "
                              "([in, out] kernels). The weights do not belong to this config.json.")
         parts.append(converted)
@@ -186,6 +186,10 @@ def save_hf(model: Transformer, out_dir: str, tokenizer_dir: str | None = None, 
             os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...).")
     tensors = hf_state_dict(model)  # collective in multi-process runs
+    broken = [name for name, arr in tensors.items() if not np.isfinite(arr.astype(np.float32)).all()]
+    if broken:
+        raise ValueError(f"refusing to export to {out_dir}: {len(broken)} tensors hold NaN or Inf "
+                         f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}).")
     if jax.process_index() != 0:
         return out_dir
     dtype = str(next(iter(tensors.values())).dtype)
@@ -214,6 +218,9 @@ def save_hf(model: Transformer, out_dir: str, tokenizer_dir: str | None = None, 
             src = os.path.join(tokenizer_dir, fname)
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(tmp, fname))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: an export is for others to read
+        for fname in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, fname), 0o644)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
