@@ -129,7 +129,13 @@ class Episodes:
         return [list(self.ids[a:b]) for a, b in zip(bounds, bounds[1:])]
 
     def texts(self, tokenizer) -> list[str]:
+        """The pieces as text (the last one with the answer part)."""
         return [tokenizer.decode(p) for p in self.pieces()]
+
+    def episode_texts(self, tokenizer) -> list[str]:
+        """The episodes alone as text (no answer part)."""
+        bounds = [0, *self.ends]
+        return [tokenizer.decode(list(self.ids[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
 class Segmenter:

@@ -176,7 +176,8 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
 def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts, traces, golds,
                   key: jax.Array) -> list[dict[str, Any]]:
     """Per trace: {"budgets": {b: forced-answer accuracy after the thinking cut at b},
-    "episodes": [(tokens of the prefix through episode j, forced-answer accuracy after it)]}.
+    "episodes": [(tokens of the prefix through episode j, forced-answer accuracy after it)],
+    "empty": the accuracy after the empty prefix, "pieces": the episodes' text}.
     All forced answers of the batch are decoded in one call (identical prefixes once)."""
     episodes: list[Episodes] = [segmenter(t) for t in traces]
     wanted: dict[tuple[int, tuple[int, ...]], None] = {}
@@ -186,7 +187,7 @@ def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts
             cut = min(b, e.thinking) if cfg.forced_at == "tokens" else max([x for x in e.ends if x <= b], default=0)
             cuts.append((i, b, cut))
             wanted[(i, tuple(e.ids[:cut]))] = None
-        for j in range(1, e.count + 1) if cfg.regret_cutoffs else ():
+        for j in range(0, e.count + 1) if cfg.regret_cutoffs else ():
             wanted[(i, tuple(e.prefix(j)))] = None
     items = list(wanted)
     accuracy = {}
@@ -199,12 +200,16 @@ def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts
         out[i]["budgets"][str(b)] = accuracy[(i, tuple(episodes[i].ids[:cut]))]
     for i, e in enumerate(episodes):
         if cfg.regret_cutoffs:
+            out[i]["empty"] = accuracy[(i, ())]
             out[i]["episodes"] = [(e.ends[j - 1], accuracy[(i, tuple(e.prefix(j)))]) for j in range(1, e.count + 1)]
+            out[i]["pieces"] = e.episode_texts(prover.fmt.tokenizer)
     return out
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
     import transformers
     from latro_jax import checkpoint, models
     from latro_jax.data import get_task, load_examples

@@ -282,3 +282,40 @@ def test_math_boxed_rows_take_the_bare_problem_and_unbox_a_boxed_gold():
     assert (ex.question, ex.gold, ex.rationale) == ("What is 1+1?", "2", "1+1=2")
     with pytest.raises(DataError, match="missing field 'problem'"):
         task.example({"answer": "2"}, "row 3")
+
+
+def test_restate_and_slip_styles_are_seeded_right_and_segment_as_episodes():
+    """The detours of worked rationales: fixed by the task seed, the problems unchanged, every
+    rationale ends with the right answer, a restatement repeats the running value (one episode
+    of its own) and a slip is followed by " Wait, " and the right step (two episodes)."""
+    from latro_jax.data.task_tokenizers import build_word_tokenizer
+    from latro_jax.episodes import SegmentConfig, make_segmenter
+    knobs = dict(num_steps=4, max_operand=9, stepwise_share=0.6, restate_share=0.3, slip_share=0.3)
+    rows = generate_splits(5, {"test": 40, "train": 400}, **knobs)
+    assert rows == generate_splits(5, {"test": 40, "train": 400}, **knobs)
+    plain = generate_splits(5, {"test": 40, "train": 400}, num_steps=4, max_operand=9, stepwise_share=0.6)
+    assert [r["question"] for r in rows["train"]] == [r["question"] for r in plain["train"]]
+    task = get_task("synthetic")
+    tok = build_word_tokenizer([r["question"] for r in rows["train"]] + [r["rationale"] for r in rows["train"]])
+    segment = make_segmenter(SegmentConfig(), PromptFormatter(tok))
+    kinds = {"restate": 0, "slip": 0}
+    for row in rows["test"] + rows["train"]:
+        rationale, gold = row["rationale"], row["answer"]
+        assert rationale.endswith(f"The answer is {gold}.") and task.score(rationale, gold)
+        steps = re.findall(r"(\d+)([+-])(\d+)=(\d+)\.", rationale)
+        pieces = segment(tok(rationale, add_special_tokens=False).input_ids).texts(tok)
+        if " has " in rationale:
+            kinds["restate"] += 1
+            restated = re.search(r"(?:^|\. )(\w+) has (\d+) (\w+)\.", rationale)
+            index = next(i for i, p in enumerate(pieces) if " has " in p)
+            assert pieces[index].strip() == f"{restated.group(1)} has {restated.group(2)} {restated.group(3)}."
+            assert steps[index - 1][3] == restated.group(2)  # the value just computed, nothing new
+        if "Wait, " in rationale:
+            kinds["slip"] += 1
+            index = next(i for i, p in enumerate(pieces) if p.strip().startswith("Wait, "))
+            slip, fix = re.search(r"(\d+[+-]\d+)=(\d+)\.", pieces[index - 1]), re.search(r"(\d+[+-]\d+)=(\d+)\.", pieces[index])
+            assert slip.group(1) == fix.group(1) and slip.group(2) != fix.group(2)
+            assert eval(fix.group(1)) == int(fix.group(2)) != int(slip.group(2))
+    assert 40 < kinds["restate"] < 110 and 40 < kinds["slip"] < 110  # ~0.6 x 0.3 of 440
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        generate_splits(5, {"test": 3}, restate_share=0.7, slip_share=0.5)

@@ -3,19 +3,23 @@
     Ann has 3 apples. Ann gets 4 more. Ann gives 2 away. How many apples?
     rationale, worked step by step: 3+4=7. 7-2=5. The answer is 5.
     rationale, terse:               Total: 5. The answer is 5.
+    worked, with a restatement:     3+4=7. Ann has 7 apples. 7-2=5. The answer is 5.
+    worked, with a slip and a fix:  3+4=8. Wait, 3+4=7. 7-2=5. The answer is 5.
 
 Each problem chains `num_steps` additions / subtractions (results never negative), so the
 answer needs every intermediate result. A share `stepwise_share` of the gold rationales writes
 every intermediate result; the others state only the total, which a small model must then
 compute in one go and gets wrong far more often. One seeded stream of distinct
 problems is cut into test, validation and train (in that order), so the splits never share a
-question; the rationale styles come from a second stream, so they never change the problems.
+question; the rationale styles come from a second stream, so they never change the problems,
+and the detours (restatements, slips) of worked rationales from a third.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Any
 
 from latro_jax.data.tasks import answer_text
@@ -26,24 +30,39 @@ SPLITS = ("test", "validation", "train")
 
 
 def make_problem(rng: random.Random, num_steps: int, max_operand: int,
-                 stepwise: bool = True) -> dict[str, Any]:
+                 stepwise: bool = True, detour: str = "", detour_rng: random.Random | None = None) -> dict[str, Any]:
+    """One problem from `rng`; its rationale worked step by step (with an optional detour drawn
+    from `detour_rng`: "restate" -- a zero-progress sentence restating the running value
+    between two steps -- or "slip" -- the last step wrong, then " Wait, " and the right one)
+    or terse."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(1, max_operand)
-    sentences, steps = [f"{name} has {value} {item}."], []
+    sentences, steps, values = [f"{name} has {value} {item}."], [], []
     for _ in range(num_steps):
         n = rng.randint(1, max_operand)
         if n <= value and rng.random() < 0.5:
             sentences.append(f"{name} gives {n} away.")
-            steps.append(f"{value}-{n}={value - n}.")
+            steps.append((f"{value}-{n}=", value - n))
             value -= n
         else:
             sentences.append(f"{name} gets {n} more.")
-            steps.append(f"{value}+{n}={value + n}.")
+            steps.append((f"{value}+{n}=", value + n))
             value += n
+        values.append(value)
     sentences.append(f"How many {item}?")
-    work = " ".join(steps) if stepwise else f"Total: {value}."
+    work = [f"{lhs}{result}." for lhs, result in steps]
+    if detour == "restate" and num_steps > 1:
+        at = detour_rng.randrange(num_steps - 1)  # between two steps: nothing new is computed
+        work.insert(at + 1, f"{name} has {values[at]} {item}.")
+    elif detour == "slip":  # on the last step, where a wrong value costs the answer (negative progress)
+        at = num_steps - 1
+        lhs, result = steps[at]
+        wrong = max(result + detour_rng.choice((-2, -1, 1, 2)), 0)
+        wrong = wrong if wrong != result else result + 1
+        work[at:at + 1] = [f"{lhs}{wrong}.", f"Wait, {lhs}{result}."]
+    text = " ".join(work) if stepwise else f"Total: {value}."
     return {"question": " ".join(sentences), "answer": str(value),
-            "rationale": work + " " + answer_text(str(value))}
+            "rationale": text + " " + answer_text(str(value))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +74,26 @@ class SyntheticConfig:
     num_steps: int = 2
     max_operand: int = 9
     stepwise_share: float = 1.0
+    restate_share: float = 0.0  # of the worked rationales: one restating sentence (zero progress)
+    slip_share: float = 0.0  # of the worked rationales: one wrong step, then "Wait," and the right one
 
 
 def generate_splits(seed: int, sizes: dict[str, int], num_steps: int = 2, max_operand: int = 9,
-                    stepwise_share: float = 1.0) -> dict[str, list[dict[str, Any]]]:
-    """Disjoint splits of distinct problems, deterministic in (seed, sizes, knobs)."""
+                    stepwise_share: float = 1.0, restate_share: float = 0.0,
+                    slip_share: float = 0.0) -> dict[str, list[dict[str, Any]]]:
+    """Disjoint splits of distinct problems, deterministic in (seed, sizes, knobs). The
+    detours of worked rationales come from a third stream: with restate_share = slip_share =
+    0 the output is what it was before they existed."""
     if num_steps < 1 or max_operand < 1:
         raise ValueError(f"synthetic task: num_steps={num_steps} and max_operand={max_operand} must be >= 1")
     if not 0.0 <= stepwise_share <= 1.0:
         raise ValueError(f"synthetic task: stepwise_share={stepwise_share} must lie in [0, 1]")
+    if restate_share < 0 or slip_share < 0 or restate_share + slip_share > 1:
+        raise ValueError(f"synthetic task: restate_share={restate_share} and slip_share={slip_share} must "
+                         "be >= 0 and sum to at most 1")
     rng, seen, out = random.Random(seed), set(), {}
     style = random.Random(f"rationale-style-{seed}")
+    detours = random.Random(f"rationale-detour-{seed}")
     wanted = sum(sizes.get(s, 0) for s in SPLITS)
     attempts = 0
     for split in SPLITS:
@@ -76,8 +104,32 @@ def generate_splits(seed: int, sizes: dict[str, int], num_steps: int = 2, max_op
                 raise ValueError(f"synthetic task: cannot draw {wanted} distinct problems with "
                                  f"num_steps={num_steps}, max_operand={max_operand}; raise them.")
             stepwise = style.random() < stepwise_share
-            problem = make_problem(rng, num_steps, max_operand, stepwise)
+            draw = detours.random()
+            detour = "restate" if draw < restate_share else "slip" if draw < restate_share + slip_share else ""
+            problem = make_problem(rng, num_steps, max_operand, stepwise, detour if stepwise else "", detours)
             if problem["question"] not in seen:
                 seen.add(problem["question"])
                 rows.append({"id": f"{split}-{len(rows)}", **problem})
     return out
+
+
+EPISODE_KINDS = ("step", "slip", "fix", "restate", "terse", "other")
+_STEP = re.compile(r"^(Wait, )?(\d+)([+-])(\d+)=(\d+)\.$")
+
+
+def episode_kind(text: str) -> str:
+    """What an episode of a synthetic rationale does: "step" (a right a+b=c.), "slip" (a
+    wrong one), "fix" (" Wait, " and a step), "restate" ("Gus has 10 apples."), "terse"
+    ("Total: 7."), else "other"."""
+    text = text.strip()
+    m = _STEP.match(text)
+    if m:
+        a, op, b, c = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        if m.group(1):
+            return "fix"
+        return "step" if (a + b if op == "+" else a - b) == c else "slip"
+    if re.match(r"^Total: \d+\.$", text):
+        return "terse"
+    if re.match(r"^[A-Z][a-z]+ has \d+ [a-z]+\.$", text):
+        return "restate"
+    return "other"
