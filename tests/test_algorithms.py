@@ -57,3 +57,34 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     assert one.step == eight.step == 1
     qkv = eight.trainer.state.params["layers"]["attn"]["qkv_kernel"][...]
     assert qkv.sharding.mesh.size == 8 and isinstance(qkv, jax.Array)
+
+
+@pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
+def test_no_update_after_the_first_compiles_anything_new(name):
+    """Updates 2-4 on the same questions (rows of the widths the first update met, given the
+    tiny config's budget) compile no new XLA program: no jit of a fresh closure per update, no
+    Python scalar or weak type that changes an argument's signature. Counted with JAX's own
+    backend-compile event."""
+    config = get_config()
+    config.stages = name
+    job = run.build(config)
+    (stage,) = job.stages
+    examples = stage.examples[:stage.config.stage.batch_size]
+    learner = Learner(stage.algorithm, _host_copy(job.model), stage.config.stage.optim)
+    compiles = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    counts = []
+    try:
+        for _ in range(4):
+            before = len(compiles)
+            learner.update(examples, run.rollout_key(0, name, 0))
+            counts.append(len(compiles) - before)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert counts[0] > 0, "the listener saw no compile at all"
+    assert counts[1:] == [0, 0, 0], counts
