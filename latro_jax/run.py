@@ -375,7 +375,7 @@ def _flatten(config: dict, skip: tuple[str, ...], prefix: str = "") -> list[tupl
 
 
 def _lock(workdir: str):
-    """An exclusive lock on <workdir>/.lock (released when the process ends, however it ends)."""
+    """An exclusive lock on <workdir>/.lock-<process index> (released when the process ends, however it ends)."""
     import fcntl
     f = open(os.path.join(workdir, f".lock-{jax.process_index()}"), "w")
     try:
