@@ -32,6 +32,7 @@ def get_base() -> ml_collections.ConfigDict:
     c.latro = dict(steps=117, batch_size=24, num_samples=16, beta=0.05, nonstop_penalty=2.0,
                    sft_coef=1.0, max_rationale_tokens=500,
                    sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
+                   reuse_sampler_logprobs=True,  # the policy's log-probs from the sampler (T = 1 only)
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
     # Outcome-reward GRPO (SPEC 2.5; latro_jax/algorithms/mrt.py:GrpoConfig): G completions per
     # question at T 0.9; advantage group | batch | none; clipped surrogate (clip_eps) + beta * k3 KL

@@ -108,36 +108,53 @@ class Rollout:
     """K sampled rationales per prompt, cut at their stops, as rows [x | z | y].
 
     rows: Rows [N*K, S]; finished [N*K] bool; lengths [N*K] (tokens of z); samples: the ids
-    the sampler generated per row (stop included); sampled_tokens: their total, for throughput."""
+    the sampler generated per row (stop included); sampled_tokens: their total, for throughput;
+    z_logp, y_logp [N*K]: the policy's log pi(z|x) and log pi(y|x+z) when the sampler could give
+    them (sample_rows(policy_logprobs=True)), else None."""
 
     rows: Rows
     finished: np.ndarray
     lengths: np.ndarray
     samples: list[list[int]]
     sampled_tokens: int
+    z_logp: np.ndarray | None = None
+    y_logp: np.ndarray | None = None
 
 
 def sample_rows(model: Transformer, prompts: Sequence[Sequence[int]],
                 answers: Sequence[Sequence[int]], bare_answers: Sequence[Sequence[int]] | None = None,
                 *, num_samples: int, max_new_tokens: int, sampling_params: sampling.SamplingParams,
                 stops: Stops, key: jax.Array, pad_id: int = 0,
-                mesh: jax.sharding.Mesh | None = None) -> Rollout:
+                mesh: jax.sharding.Mesh | None = None, policy_logprobs: bool = False) -> Rollout:
     """Sample `num_samples` rationales per prompt (at most max_new_tokens each), cut each before
     its first stop, and append the prompt's answer y. A row whose rationale is empty (the model
-    answered at once) gets `bare_answers` (y as a whole completion, default `answers`)."""
+    answered at once) gets `bare_answers` (y as a whole completion, default `answers`).
+
+    policy_logprobs: also give the policy's log pi(z|x) (the sum of the sampler's own token
+    log-probabilities up to the cut) and log pi(y|x+z) (y fed after the cut from the sampler's
+    KV cache), when they are the policy's (sampling.logprobs_are_the_policys); a scorer then
+    needs no policy pass over the rows."""
     K = num_samples
+    bare_answers = answers if bare_answers is None else bare_answers
+    reuse = policy_logprobs and sampling.logprobs_are_the_policys(model, sampling_params)
+    reserve = sampling.bucket(1 + max(map(len, [*answers, *bare_answers]))) if reuse else 0
     out = sampling.generate(
         model, prompts, max_new_tokens, temperature=sampling_params.temperature,
         top_k=sampling_params.top_k, top_p=sampling_params.top_p, num_samples=K,
-        stop_token_ids=stops.ids, stop_sequences=stops.phrases, key=key, pad_id=pad_id, mesh=mesh)
+        stop_token_ids=stops.ids, stop_sequences=stops.phrases, key=key, pad_id=pad_id, mesh=mesh,
+        reserve_slots=reserve)
     samples = [out.token_array[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
     cut = [truncate(sample, stops) for sample in samples]
     rationales = [sample[:n] for sample, (n, _) in zip(samples, cut)]
-    bare_answers = answers if bare_answers is None else bare_answers
     row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(rationales)]
+    z_logp = y_logp = None
+    if reuse:
+        kept = [n for n, _ in cut]
+        z_logp = np.array([out.logprob_array[r, :n].sum(dtype=np.float32) for r, n in enumerate(kept)])
+        y_logp = sampling.continuation_logprobs(model, out, prompts, kept, row_answers, pad_id=pad_id, mesh=mesh)
     width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)))
     rows = assemble_rows([p for p in prompts for _ in range(K)], rationales, row_answers,
                          prompt_width=width, length=length, pad_id=pad_id)
     return Rollout(rows=rows, finished=np.array([stopped for _, stopped in cut]),
                    lengths=np.array([n for n, _ in cut]), samples=samples,
-                   sampled_tokens=int(out.lengths.sum()))
+                   sampled_tokens=int(out.lengths.sum()), z_logp=z_logp, y_logp=y_logp)

@@ -67,6 +67,12 @@ class GenerateOutput:
     logprob_array: np.ndarray  # float32, 0 after a row stops
     lengths: np.ndarray  # int32, generated tokens up to and including the stop
     finished: np.ndarray  # bool, the row hit a stop id or stop sequence
+    # with reserve_slots > 0: the final KV cache (device arrays, rows padded as the sampler ran
+    # them), the prompt width P (prompts in slots [0, P), generated token t in slot P + t) and
+    # the free slots reserved after the generated ones, for continuation_logprobs
+    cache: KVCache | None = None
+    prompt_width: int = 0
+    reserved: int = 0
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -141,15 +147,16 @@ def _row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "gen_bucket", "params",
-                                             "pad_id", "progress"))
+                                             "pad_id", "progress", "reserve"))
 def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, stops, max_new,
-                   key_data, bar_id, *, num_samples, gen_bucket, params, pad_id, progress):
-    """prompts [N, P] left-padded -> (tokens, logprobs [N*K, G], lengths, finished [N*K])."""
+                   key_data, bar_id, *, num_samples, gen_bucket, params, pad_id, progress, reserve):
+    """prompts [N, P] left-padded -> (tokens, logprobs [N*K, G], lengths, finished [N*K], the
+    final cache (with `reserve` free slots after the generated ones) or None when reserve = 0)."""
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers()  # sliced once, outside the decode loop
     N, P = prompts.shape
     cache_dt = cache_dtype(model)
-    cache = KVCache.zeros(model.config, N, P + gen_bucket, dtype=cache_dt)
+    cache = KVCache.zeros(model.config, N, P + gen_bucket + reserve, dtype=cache_dt)
     hidden, cache = model.hidden_states(prompts, valid=prompt_valid, cache=cache, layers=layers)
     logits = model.logits(hidden[:, -1])
     cache = cache.repeat(num_samples)
@@ -192,7 +199,7 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
                                    jnp.where(generated < 0, pad_id, generated)], axis=1)
         valid = jnp.concatenate([jnp.repeat(prompt_valid, num_samples, axis=0),
                                  jnp.broadcast_to(jnp.arange(gen_bucket) < step, (B, gen_bucket))], axis=1)
-        fresh = KVCache.zeros(model.config, B, P + gen_bucket, dtype=cache_dt)
+        fresh = KVCache.zeros(model.config, B, P + gen_bucket + reserve, dtype=cache_dt)
         hidden, fresh = model.hidden_states(history, valid=valid, cache=fresh, layers=layers)
         logits = model.logits(jax.lax.dynamic_index_in_dim(hidden, P + step - 1, 1, keepdims=False))
         return logits, fresh.replace(index=P + step)
@@ -208,10 +215,10 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
         return step + 1, token, cache, tok_buf, logp_buf, done, lengths
 
     carry = (jnp.int32(1), token, cache, tok_buf, logp_buf, done, lengths)
-    _, _, _, tok_buf, logp_buf, done, lengths = jax.lax.while_loop(cond, body, carry)
+    _, _, cache, tok_buf, logp_buf, done, lengths = jax.lax.while_loop(cond, body, carry)
     tokens = tok_buf[:, width - 1:]
     tokens = jnp.where(tokens < 0, pad_id, tokens)
-    return tokens, logp_buf, lengths, done & row_live
+    return tokens, logp_buf, lengths, done & row_live, cache if reserve else None
 
 
 class _ProgressBars:
@@ -243,7 +250,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
              stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
              seed: int = 0, key: jax.Array | None = None, pad_id: int = 0,
-             mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> GenerateOutput:
+             mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+             reserve_slots: int = 0) -> GenerateOutput:
     """Sample `num_samples` continuations of each prompt (ragged token-id lists).
 
     Rows stop after a token in stop_token_ids or after the last token of a stop sequence (a
@@ -251,6 +259,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     `key` (a jax.random key; default jax.random.key(seed)) and each row's index. With `mesh`, rows are
     split over its data axes and parameters stay as the model's partition rules place them;
     in multi-process runs every process passes the same prompts and gets the full result.
+    With reserve_slots > 0 the output keeps the final KV cache, with that many free slots, for
+    `continuation_logprobs`.
     """
     params = SamplingParams(float(temperature), int(top_k), float(top_p))
     if max_new_tokens < 1:
@@ -282,11 +292,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         out = _generate_core(graphdef, state, *args, stops, np.int32(max_new_tokens),
                              np.asarray(jax.random.key_data(key)), np.int32(bar_id),
                              num_samples=num_samples, gen_bucket=gen_bucket, params=params,
-                             pad_id=pad_id, progress=progress)
+                             pad_id=pad_id, progress=progress, reserve=int(reserve_slots))
     finally:
         if progress:
             _PROGRESS.close(bar_id)
-    tok, logp, lengths, finished = (sharding.to_host(x) for x in out)
+    tok, logp, lengths, finished = (sharding.to_host(x) for x in out[:4])
     rows_out = n * num_samples
     tok, logp = tok[:rows_out, :max_new_tokens], logp[:rows_out, :max_new_tokens]
     lengths, finished = lengths[:rows_out], finished[:rows_out]
@@ -295,4 +305,72 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     group = lambda xs: [xs[i * num_samples:(i + 1) * num_samples] for i in range(n)]
     return GenerateOutput(tokens=group(per_row_tokens), logprobs=group(per_row_logp),
                           token_array=tok, logprob_array=logp, lengths=lengths,
-                          finished=finished)
+                          finished=finished, cache=out[4], prompt_width=p_len,
+                          reserved=int(reserve_slots))
+
+
+def logprobs_are_the_policys(model: Transformer, params: SamplingParams) -> bool:
+    """Whether the sampler's log-probabilities and cache serve as the policy's own: sampling at
+    T = 1 with top-k and top-p off (the sampling distribution is pi itself), and a model whose
+    cached keys do not depend on where a token sits in the cache (no sliding window, which
+    masks by slot distance) or on the row's length (no LongRoPE, which switches tables)."""
+    c = model.config
+    return (params == SamplingParams(1.0) and c.sliding_window is None
+            and c.rope_scaling.rope_type != "longrope")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _continuation_core(graphdef, state, cache, keep, lengths, tokens, valid):
+    """Forward of `tokens` [B, W] after each row's first `keep` cache slots (its `lengths` real
+    tokens); -> [B] sum over t >= 1 with valid of log pi(tokens[t] | what precedes it)."""
+    model = nnx.merge(graphdef, state)
+    slots = jnp.arange(cache.valid.shape[1])
+    kept = cache.replace(valid=cache.valid & (slots[None, :] < keep[:, None]), lengths=lengths)
+    hidden, _ = model.hidden_states(tokens, valid=valid, cache=kept)
+
+    def position(xs):  # one position at a time: never [B, W, V] logits
+        h, t = xs
+        logp = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0]
+
+    logp = jax.lax.map(position, (hidden[:, :-1].swapaxes(0, 1), tokens[:, 1:].swapaxes(0, 1)))
+    return jnp.sum(logp.T * valid[:, 1:], axis=1)
+
+
+def continuation_logprobs(model: Transformer, out: GenerateOutput, prompts: Sequence[Sequence[int]],
+                          kept: Sequence[int], continuations: Sequence[Sequence[int]], *,
+                          pad_id: int = 0, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """[rows] float32: log pi(continuation_r | prompt ⊕ the first kept[r] tokens row r generated),
+    for rows r = n * num_samples + k of `out` (a `generate(..., reserve_slots=W)` output of
+    `prompts`), from the sampler's cache: no forward over the prompt and the kept tokens again.
+
+    The row's last kept token (the prompt's last when kept[r] = 0) is fed again with the
+    continuation, its old slot and every slot after it masked out, so the first continuation
+    token is predicted from it; keys depend on a token's position, not its slot, so this is the
+    forward over [prompt | kept | continuation] (up to float rounding)."""
+    if out.cache is None:
+        raise ValueError("continuation_logprobs needs generate(..., reserve_slots=W) output (it has no cache)")
+    rows, samples, width = len(kept), len(out.lengths) // len(prompts), out.reserved
+    B = out.cache.valid.shape[0]
+    longest = max(map(len, continuations)) + 1
+    if longest > width:
+        raise ValueError(f"a continuation of {longest - 1} tokens needs reserve_slots >= {longest}; "
+                         f"generate reserved {width}")
+    tokens = np.full((B, width), pad_id, np.int32)
+    valid = np.zeros((B, width), bool)
+    keep = np.zeros(B, np.int32)
+    lengths = np.zeros(B, np.int32)
+    for r, (n, cont) in enumerate(zip(kept, continuations)):
+        prompt = prompts[r // samples]
+        if not 0 <= n <= out.lengths[r]:
+            raise ValueError(f"row {r}: kept={n} is outside the {out.lengths[r]} generated tokens")
+        last = out.token_array[r, n - 1] if n else prompt[-1]
+        tokens[r, :1 + len(cont)] = [last, *cont]
+        valid[r, :1 + len(cont)] = True
+        keep[r] = out.prompt_width + n - 1
+        lengths[r] = len(prompt) + n - 1
+    args = [keep, lengths, tokens, valid]
+    if mesh is not None:
+        args = [sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
+    graphdef, state = nnx.split(model)
+    return sharding.to_host(_continuation_core(graphdef, state, out.cache, *args))[:rows]

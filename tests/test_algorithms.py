@@ -45,7 +45,9 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     assert all(np.isfinite(v) for v in m1.values())
     for k in m1:
         if k not in TIMING:
-            assert m1[k] == pytest.approx(m8[k], rel=1e-4, abs=1e-6), k
+            # abs 1e-5: LaTRO's kl at the first update is 0 up to float rounding (the sampler's
+            # decode log-probs against the reference's full-row pass), a difference of ~30-nat sums
+            assert m1[k] == pytest.approx(m8[k], rel=1e-4, abs=1e-5), k
     for k in p1:
         np.testing.assert_allclose(p1[k], p8[k], atol=1e-6, err_msg=k)
     if "skipped" in m1:  # MRT-STaR kept no trace of the random model: no step, on both meshes

@@ -1,10 +1,18 @@
-"""Rows from samples: truncation at the first stop and [x | z | y] assembly on hand-written ids."""
+"""Rows from samples: truncation at the first stop and [x | z | y] assembly on hand-written ids;
+the policy's log-probs from the sampler against a scoring pass."""
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from latro_jax import rollout
+from latro_jax import models, rollout, sampling
+from latro_jax.algorithms import Context, Latro, LatroConfig, Learner
+from latro_jax.models import ModelConfig
 from latro_jax.rollout import Stops
+from latro_jax.sampling import SamplingParams
+from latro_jax.scoring import Scorer
+from latro_jax.train import OptimConfig
 
 
 STOPS = Stops(ids=(2, 0), phrases=((50, 51, 52), (60, 61)))
@@ -45,3 +53,74 @@ def test_overlapping_phrases_cut_at_the_earliest_start():
     assert rollout.truncate([7, 8, 55, 56, 60, 61, 9], stops) == (2, True)
     assert rollout.truncate([7, 8, 55, 56, 60, 61, 9], Stops((2,), stops.phrases[::-1])) == (2, True)
     assert rollout.truncate([7, 60, 61, 55, 56, 60, 61], stops) == (1, True)
+
+
+# ---------------------------------------------------------------- the policy's log-probs from the sampler
+TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_id=(2,))
+
+
+def _scored_both_ways(model, sampling_params, key):
+    """The same rollout with and without policy_logprobs, and the scorer's span log-probs of its rows."""
+    prompts, answers = [[5, 6, 7], [9, 10, 11, 12, 13, 3], [40]], [[30, 31, 2], [32, 2], [33, 34, 35, 36, 2]]
+    kw = dict(num_samples=4, max_new_tokens=10, sampling_params=sampling_params,
+              stops=Stops(ids=(2,), phrases=((7, 8), (20,))), key=key)
+    fast = rollout.sample_rows(model, prompts, answers, [[44, 2]] * 3, policy_logprobs=True, **kw)
+    plain = rollout.sample_rows(model, prompts, answers, [[44, 2]] * 3, **kw)
+    graphdef, params = nnx.split(model)
+    scored = Scorer(graphdef).span_logprobs(params, plain.rows.arrays(), ("rationale_mask", "answer_mask"))
+    return fast, plain, scored
+
+
+def test_sampler_logprobs_and_cache_give_the_scorers_policy_logprobs():
+    """At T = 1 (no top-k/top-p) the rollout's log pi(z|x) (the sampler's own token log-probs up
+    to the cut) and log pi(y|x+z) (y fed after the cut from the sampler's KV cache) equal a
+    policy pass over the assembled rows: ragged prompts, rationales cut at a stop id, at a
+    phrase, empty, and unfinished, answers of every length."""
+    model = models.init_model(TINY, seed=3)
+    fast, plain, (z_logp, y_logp) = _scored_both_ways(model, SamplingParams(1.0), jax.random.key(7))
+    np.testing.assert_array_equal(fast.rows.tokens, plain.rows.tokens)  # the same samples
+    assert plain.z_logp is None and plain.y_logp is None
+    lengths = set(fast.lengths.tolist())
+    assert 0 in lengths and fast.finished.any() and not fast.finished.all(), (lengths, fast.finished)
+    np.testing.assert_allclose(fast.z_logp, z_logp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast.y_logp, y_logp, rtol=1e-5, atol=1e-5)
+    assert np.abs(y_logp).min() > 1.0  # real log-probs, not zeros
+
+
+def test_other_sampling_distributions_leave_the_policy_pass_to_the_scorer():
+    """At T != 1, or with top-k / top-p, the sampler's log-probs are not the policy's."""
+    model = models.init_model(TINY, seed=3)
+    for params in (SamplingParams(0.7), SamplingParams(1.0, top_k=5), SamplingParams(1.0, top_p=0.9)):
+        fast, _, _ = _scored_both_ways(model, params, jax.random.key(7))
+        assert fast.z_logp is None and fast.y_logp is None, params
+
+
+def test_latro_update_from_the_sampler_equals_the_scoring_pass():
+    """LaTRO's rewards, advantages and gradient with reuse_sampler_logprobs on and off."""
+    model = models.init_model(TINY, seed=5)
+    stops = Stops(ids=(2,), phrases=((7, 8),))
+    scored, grads = [], []
+    for reuse in (True, False):
+        latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=10, reuse_sampler_logprobs=reuse),
+                      Context(task=None, fmt=None, stops=stops))
+        learner = Learner(latro, model, OptimConfig(total_steps=1))
+        policies = learner.policies()
+        ro = latro.sample(policies, [[5, 9, 11], [12, 4]], [[30, 31, 2], [32, 2]], None, jax.random.key(3))
+        assert (ro.z_logp is not None) == reuse
+        scored.append(latro.score(policies, ro))
+        grads.append(learner.trainer.gradients(scored[-1].arrays, scored[-1].scalars))
+    for k in ("z_logp", "y_logp", "ref_z_logp", "rewards"):
+        np.testing.assert_allclose(scored[0].details[k], scored[1].details[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(scored[0].arrays["advantages"], scored[1].arrays["advantages"], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_continuation_needs_the_reserved_slots():
+    model = models.init_model(TINY, seed=3)
+    out = sampling.generate(model, [[5, 6]], 4, temperature=1.0, reserve_slots=4)
+    with pytest.raises(ValueError, match="reserve_slots >= 5"):
+        sampling.continuation_logprobs(model, out, [[5, 6]], [1], [[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="generate.*reserve_slots"):
+        sampling.continuation_logprobs(model, sampling.generate(model, [[5, 6]], 4), [[5, 6]], [1], [[1]])

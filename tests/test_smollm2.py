@@ -111,7 +111,8 @@ def _expected_cut(text: str, end_text: str) -> int:
 def test_sampled_rationales_are_cut_where_the_earliest_start_rule_says(smol):
     """LaTRO's rollout on 8 GSM8K questions x 4 samples (T = 1, 64 tokens): each rationale is
     the sampled text up to the earliest start of a stop phrase or the end token, by an
-    independent rule on the decoded text."""
+    independent rule on the decoded text; the rollout's log pi(z|x) and log pi(y|x+z) (from the
+    sampler's log-probs and KV cache) are a scoring pass's over the rows."""
     examples = [dataclasses.replace(e, question=e.question + SUFFIX) for e in smol.examples[:8]]
     ctx = Context(smol.task, smol.fmt, Stops(smol.fmt.stop_ids, smol.fmt.stop_phrases), smol.fmt.pad_id)
     latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=64), ctx)
@@ -127,6 +128,11 @@ def test_sampled_rationales_are_cut_where_the_earliest_start_rule_says(smol):
         assert out.finished[r] == (len(expected) < len(text)), (r, text)
         phrase_cuts += bool(re.search(r"answer is|Answer:", text))
     assert phrase_cuts >= 3, phrase_cuts  # measured: 6 of 32 rows hold a phrase, 12 finish
+    # the policy's log-probs came from the sampler (T = 1): equal to a pass over the rows
+    z_logp, y_logp = learner.scorer.span_logprobs(learner.policies().params, out.rows.arrays(),
+                                                  ("rationale_mask", "answer_mask"))
+    np.testing.assert_allclose(out.z_logp, z_logp, rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(out.y_logp, y_logp, rtol=1e-4, atol=2e-3)
 
 
 def test_evaluate_greedy_equals_transformers_generate_and_the_same_scorer(smol, tmp_path):

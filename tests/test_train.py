@@ -118,7 +118,8 @@ def test_latro_update_on_8_device_mesh_equals_one_device():
     key = jax.random.key(1_000_003)
     m1, m8 = _latro_update(single, prompts, answers, key), _latro_update(meshed, prompts, answers, key)
     for name in ("loss", "reward", "answer_logp", "kl", "finished", "grad_norm"):
-        assert m1[name] == pytest.approx(m8[name], rel=1e-4, abs=1e-6), name
+        # abs 1e-5: kl at the first update is 0 up to float rounding (sampler against reference)
+        assert m1[name] == pytest.approx(m8[name], rel=1e-4, abs=1e-5), name
     p1, p8 = _params(single.trainer), _params(meshed.trainer)
     assert max(np.abs(p1[k] - before[k]).max() for k in p1) > 1e-4  # the update did something
     for k in p1:

@@ -29,6 +29,9 @@ class LatroConfig:
     sft_coef: float = 1.0
     max_rationale_tokens: int = 500
     sampling: SamplingParams = SamplingParams(temperature=1.0)
+    # log pi(z|x) and log pi(y|x+z) from the sampler (its token log-probs and its KV cache)
+    # instead of a policy pass over the rows, where they are the policy's (T = 1, no top-k/top-p)
+    reuse_sampler_logprobs: bool = True
 
     def __post_init__(self):
         if self.num_samples < 2:
@@ -82,16 +85,21 @@ class Latro:
         return rollout.sample_rows(
             policies.model(), prompts, answers, bare_answers, num_samples=cfg.num_samples,
             max_new_tokens=cfg.max_rationale_tokens, sampling_params=cfg.sampling,
-            stops=self.ctx.stops, key=key, pad_id=self.ctx.pad_id, mesh=self.ctx.mesh)
+            stops=self.ctx.stops, key=key, pad_id=self.ctx.pad_id, mesh=self.ctx.mesh,
+            policy_logprobs=cfg.reuse_sampler_logprobs)
 
     def score(self, policies: Policies, ro: rollout.Rollout) -> ScoredBatch:
         """Rewards R = log pi(y|x+z) - beta * (log pi(z|x) - log pi_0(z|x)) (the non-stop
         penalty for unfinished z) and their RLOO advantages per question. details holds the
-        [N, K] log pi(z|x), log pi(y|x+z), log pi_0(z|x) and rewards."""
+        [N, K] log pi(z|x), log pi(y|x+z), log pi_0(z|x) and rewards. The policy's terms come
+        from the rollout when the sampler gave them, otherwise from a scoring pass."""
         cfg, K = self.cfg, self.cfg.num_samples
         arrays = ro.rows.arrays()
-        z_logp, y_logp = policies.scorer.span_logprobs(policies.params, arrays,
-                                                        ("rationale_mask", "answer_mask"))
+        if ro.z_logp is not None:
+            z_logp, y_logp = ro.z_logp, ro.y_logp
+        else:
+            z_logp, y_logp = policies.scorer.span_logprobs(policies.params, arrays,
+                                                            ("rationale_mask", "answer_mask"))
         ref_z_logp, _ = policies.scorer.span_logprobs(policies.reference, arrays,
                                                       ("rationale_mask", "answer_mask"))
         z_logp, y_logp, ref_z_logp = (x.reshape(-1, K) for x in (z_logp, y_logp, ref_z_logp))
