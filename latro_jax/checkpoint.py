@@ -150,12 +150,12 @@ class TrainCheckpoints:
                               **{k: checksums(v) for k, v in extras.items()}}}
         items = {name: ocp.args.StandardSave(tree) for name, tree in extras.items()}
         previous = self.manager.latest_step()
+        last_good = f"the last good checkpoint is {'none' if previous is None else f'step {previous}'}"
         needed = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state, extras)))
         free = shutil.disk_usage(self.directory).free
         if free < needed * 1.1:
             raise CheckpointError(f"writing checkpoint {step} to {self.directory} needs about {needed / 2**20:.0f} MiB "
-                                  f"but the disk has {free / 2**20:.0f} MiB free; the last good checkpoint is "
-                                  f"{'step ' + str(previous) if previous is not None else 'none'}. Free disk space, "
+                                  f"but the disk has {free / 2**20:.0f} MiB free; {last_good}. Free disk space, "
                                   "then rerun to resume.")
         try:
             self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
@@ -165,8 +165,7 @@ class TrainCheckpoints:
         except Exception as e:  # noqa: BLE001 - every write failure gets the same report
             raise CheckpointError(
                 f"writing checkpoint {step} to {self.directory} failed ({type(e).__name__}: "
-                f"{_first_line(e)}); the last good checkpoint is "
-                f"{'step ' + str(previous) if previous is not None else 'none'}. Free disk space or "
+                f"{_first_line(e)}); {last_good}. Free disk space or "
                 "fix the directory's permissions, then rerun to resume.") from e
 
     def latest_step(self) -> int | None:
@@ -208,17 +207,8 @@ class TrainCheckpoints:
         for step, meta in self._candidates():
             wanted = {k: v for k, v in (extras or {}).items() if k in meta.get("extras", ())}
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target.params))),
-                    opt_state=ocp.args.StandardRestore(_abstract(target.opt_state)),
-                    **{k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items()}))
-                recorded = meta.get("checksums", {})
-                params = jax.tree.map(lambda x: x, target.params)
-                nnx.replace_by_pure_dict(params, out["params"])
-                _verify("params", params, recorded.get("params"))
-                _verify("opt_state", out["opt_state"], recorded.get("opt_state"))
-                for k in wanted:
-                    _verify(k, out[k], recorded.get(k))
+                params, out = self._restore_verified(step, meta, target.params,
+                                                     {"opt_state": target.opt_state, **wanted})
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
                 self._skip(step, e)
                 continue
@@ -233,16 +223,27 @@ class TrainCheckpoints:
         self.skipped = []
         for step, meta in self._candidates():
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(target)))))
-                params = jax.tree.map(lambda x: x, target)
-                nnx.replace_by_pure_dict(params, out["params"])
-                _verify("params", params, meta.get("checksums", {}).get("params"))
+                params, _ = self._restore_verified(step, meta, target, {})
             except Exception as e:  # noqa: BLE001
                 self._skip(step, e)
                 continue
             return params, meta
         return self._none_usable()
+
+    def _restore_verified(self, step: int, meta: dict[str, Any], params_target: Any,
+                          items: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(parameters like params_target, {name: tree} of `items`) of checkpoint `step`, each
+        verified against the checksums recorded in its meta (raises when one does not match)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(params_target))),
+            **{k: ocp.args.StandardRestore(_abstract(v)) for k, v in items.items()}))
+        recorded = meta.get("checksums", {})
+        params = jax.tree.map(lambda x: x, params_target)
+        nnx.replace_by_pure_dict(params, out["params"])
+        _verify("params", params, recorded.get("params"))
+        for k in items:
+            _verify(k, out[k], recorded.get(k))
+        return params, out
 
     def _none_usable(self) -> None:
         if self.skipped:

@@ -81,6 +81,11 @@ class MetaProver:
     def greedy(self) -> bool:
         return self.cfg.sampling.temperature == 0.0
 
+    def forced_tokens(self) -> int:
+        """The most tokens a forced answer adds after a prefix: the suffix (as it tokenises at
+        the start of the turn, plus 4 for tokenising differently after text) and the answer."""
+        return len(self.suffix_ids([])) + 4 + self.cfg.answer_tokens
+
     def suffix_ids(self, prefix: Sequence[int]) -> list[int]:
         """The suffix as it tokenises after the prefix's text (at the start of the turn when the
         prefix is empty)."""

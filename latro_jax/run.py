@@ -25,6 +25,7 @@ from latro_jax.data import BatchIterator, PromptFormatter, get_task, load_exampl
 from latro_jax.data.task_tokenizers import build_char_tokenizer, build_word_tokenizer
 from latro_jax.evaluate import evaluate
 from latro_jax.job_config import ConfigError, JobConfig, StageConfig, parse
+from latro_jax.meta_prover import MetaProver
 from latro_jax.rollout import Stops
 
 __all__ = ["ConfigError", "Job", "Stage", "build", "evaluate_stage", "results_table", "train"]
@@ -98,7 +99,7 @@ def build(raw_config, *, load_model: bool = True) -> Job:
     fits = _LengthCheck(fmt, model_config.max_position_embeddings, c.task.too_long)
     for stage in stages:
         stage.examples = fits(stage.examples, stage.algorithm.tokens_after_prompt, f"stage {stage.name}")
-    forced = (c.eval.forcing.answer_tokens + 16) if c.eval.forced else 0
+    forced = MetaProver(c.eval.forcing, task, fmt).forced_tokens() if c.eval.forced else 0
     eval_examples = fits(eval_examples, lambda e: c.eval.max_new_tokens + forced, "evaluation")
     val_examples = fits(val_examples, lambda e: c.eval.max_new_tokens + forced, "validation")
     for stage in stages:

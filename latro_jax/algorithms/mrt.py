@@ -171,7 +171,7 @@ class Mrt:
         answer."""
         cfg = self.cfg
         prefix = cfg.max_tokens if cfg.prefixes == "traces" else 0
-        forced = (len(self.prover.suffix_ids([])) + 4 + cfg.forcing.answer_tokens) if self.prover else 0
+        forced = self.prover.forced_tokens() if self.prover else 0
         return max(prefix + cfg.max_tokens, prefix + cfg.max_tokens * (cfg.alpha > 0) + forced)
 
     # ------------------------------------------------------------ rollout

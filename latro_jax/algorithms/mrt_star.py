@@ -91,7 +91,7 @@ class MrtStar:
 
     def tokens_after_prompt(self, example: Example) -> int:
         """A trace (L) and a forced answer after it."""
-        return self.cfg.max_tokens + len(self.prover.suffix_ids([])) + 4 + self.cfg.forcing.answer_tokens
+        return self.cfg.max_tokens + self.prover.forced_tokens()
 
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> StarRollout:
         cfg, fmt, K = self.cfg, self.ctx.fmt, self.cfg.num_samples
