@@ -21,13 +21,19 @@ step, float32.
 The two run alternately, one warm-up update each (compilation), then --rounds measured updates
 each; every measurement is one JSON line: {"impl", "round", "sample_s", "score_s", "step_s",
 "total_s"} (torch's lines add "ratio": its total over latro_jax's in the same round), and a
-last line gives the medians and the median ratio torch / latro_jax.
+last line gives the medians, the median ratio torch / latro_jax and the process's peak RSS
+(latro_jax's alone with --skip_torch).
+
+latro_jax's score is the reference pass alone: the policy's log pi(z|x) and log pi(y|x+z) come
+from the sampler (`latro.reuse_sampler_logprobs`, on by default; --noreuse_sampler_logprobs runs
+the policy scoring pass as before).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -48,6 +54,7 @@ flags.DEFINE_integer("microbatches", 0, "Micro-batches of the scoring and traini
 flags.DEFINE_integer("rounds", 3, "Measured updates per implementation (after one warm-up each).")
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default, all cores).")
 flags.DEFINE_bool("skip_torch", False, "Only time latro_jax.")
+flags.DEFINE_bool("reuse_sampler_logprobs", True, "latro_jax takes the policy's log-probs from the sampler.")
 
 MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=8192, max_position_embeddings=2048)
@@ -77,7 +84,7 @@ class LatroJax:
         from latro_jax.rollout import Stops
         from latro_jax.train import OptimConfig
         cfg = LatroConfig(num_samples=s["K"], beta=BETA, nonstop_penalty=NONSTOP_PENALTY, sft_coef=SFT_COEF,
-                          max_rationale_tokens=s["L"])
+                          max_rationale_tokens=s["L"], reuse_sampler_logprobs=FLAGS.reuse_sampler_logprobs)
         self.algorithm = Latro(cfg, Context(task=None, fmt=None, stops=Stops(ids=()), microbatches=s["microbatches"]))
         self.learner = Learner(self.algorithm, models.load_hf(folder), OptimConfig(learning_rate=LR))
         self.prompts, self.answers = prompts, answers
@@ -179,6 +186,8 @@ def main(_):
                 print(json.dumps({"impl": name, "round": round_, **s, **{k: round(v, 3) for k, v in t.items()}}),
                       flush=True)
     summary = {f"{name}_median_s": round(float(np.median(v)), 3) for name, v in totals.items()}
+    # the process's peak resident memory (both implementations, unless --skip_torch)
+    summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     if "torch" in totals:
         summary["ratio_torch_over_latro_jax"] = round(float(np.median(totals["torch"]) / np.median(totals["latro_jax"])), 2)
     print(json.dumps({"summary": True, **s, **summary}), flush=True)
