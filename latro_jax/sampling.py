@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from latro_jax import sharding
+from latro_jax import scoring, sharding
 from latro_jax.models import KVCache, Transformer
 from latro_jax.models.rope import longrope_limit
 
@@ -221,6 +221,13 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
     return tokens, logp_buf, lengths, done & row_live, cache if reserve else None
 
 
+def _rows_on_mesh(arrays: list[np.ndarray], mesh: jax.sharding.Mesh | None) -> list:
+    """Host arrays with a leading row axis, split over the mesh's data axes (as they are without one)."""
+    if mesh is None:
+        return arrays
+    return [sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in arrays]
+
+
 class _ProgressBars:
     """Open tqdm bars of generate calls, by id. The compiled decode loop reports each step to
     `tick` with its call's bar id (a traced argument, so one program serves every call)."""
@@ -284,9 +291,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 
     key = jax.random.key(seed) if key is None else key
     graphdef, state = nnx.split(model)
-    args = [tokens, valid, rows, live]
-    if mesh is not None:
-        args = [sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
+    args = _rows_on_mesh([tokens, valid, rows, live], mesh)
     bar_id = _PROGRESS.open(max_new_tokens) if progress else 0
     try:
         out = _generate_core(graphdef, state, *args, stops, np.int32(max_new_tokens),
@@ -330,8 +335,7 @@ def _continuation_core(graphdef, state, cache, keep, lengths, tokens, valid):
 
     def position(xs):  # one position at a time: never [B, W, V] logits
         h, t = xs
-        logp = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0]
+        return scoring.target_logprobs(model.logits(h), t)
 
     logp = jax.lax.map(position, (hidden[:, :-1].swapaxes(0, 1), tokens[:, 1:].swapaxes(0, 1)))
     return jnp.sum(logp.T * valid[:, 1:], axis=1)
@@ -369,8 +373,6 @@ def continuation_logprobs(model: Transformer, out: GenerateOutput, prompts: Sequ
         valid[r, :1 + len(cont)] = True
         keep[r] = out.prompt_width + n - 1
         lengths[r] = len(prompt) + n - 1
-    args = [keep, lengths, tokens, valid]
-    if mesh is not None:
-        args = [sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
     graphdef, state = nnx.split(model)
+    args = _rows_on_mesh([keep, lengths, tokens, valid], mesh)
     return sharding.to_host(_continuation_core(graphdef, state, out.cache, *args))[:rows]

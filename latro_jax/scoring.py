@@ -47,12 +47,17 @@ def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
         logits = model.logits(h_c)
         if temperature != 1.0:
             logits = logits / temperature
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
+        return target_logprobs(logits, t_c)
 
     logp = jax.lax.map(lambda xs: chunk_logp(*xs), (h, targets))
     logp = logp.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T - 1]
     return jnp.concatenate([jnp.zeros((B, 1), logp.dtype), logp], axis=1)
+
+
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """out[...] = log softmax(logits[..., :])[targets[...]]: each target's log-probability under
+    its row of logits."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
 
 
 def span_logprob(token_logp: jax.Array, mask: jax.Array) -> jax.Array:

@@ -100,8 +100,7 @@ class Latro:
         else:
             z_logp, y_logp = policies.scorer.span_logprobs(policies.params, arrays,
                                                             ("rationale_mask", "answer_mask"))
-        ref_z_logp, _ = policies.scorer.span_logprobs(policies.reference, arrays,
-                                                      ("rationale_mask", "answer_mask"))
+        ref_z_logp, = policies.scorer.span_logprobs(policies.reference, arrays, ("rationale_mask",))
         z_logp, y_logp, ref_z_logp = (x.reshape(-1, K) for x in (z_logp, y_logp, ref_z_logp))
         rewards = np.asarray(objectives.latro_rewards(
             y_logp, z_logp, ref_z_logp, ro.finished.reshape(-1, K), beta=cfg.beta,
