@@ -267,32 +267,49 @@ def test_a_second_run_on_the_same_workdir_is_refused_while_the_first_runs(tmp_pa
 
 
 # ---------------------------------------------------------------- fault injection
+def _finished_checkpoints(workdir) -> dict[str, list[int]]:
+    """{stage: its finished checkpoint steps} (a write a kill interrupted has no step-named folder)."""
+    root = workdir / "checkpoints"
+    return {stage: sorted(int(s) for s in os.listdir(root / stage) if s.isdigit())
+            for stage in (os.listdir(root) if root.exists() else [])}
+
+
 def test_kills_at_random_points_and_a_damaged_checkpoint_end_as_an_uninterrupted_run(tmp_path):
     """The tiny config killed with SIGKILL three times at random points (fixed seed), then its
-    newest checkpoint damaged and a partial line left at the end of metrics.jsonl, then run to
-    the end: it says which checkpoint it set aside, resumes from the one before, and ends with
-    the same final weights, bit for bit, as one uninterrupted run, with one metrics row per
-    update (no duplicates of redone updates, no partial line)."""
+    newest checkpoint that has one before it damaged and a partial line left at the end of
+    metrics.jsonl, then run to the end: it says which checkpoint it set aside, resumes from the
+    one before, and ends with the same final weights, bit for bit, as one uninterrupted run,
+    with one metrics row per update (no duplicates of redone updates, no partial line).
+    Each kill comes a random 0-4 s after the process wrote a checkpoint of its own (not at a
+    wall-clock time, which a loaded machine turns into 'before the first checkpoint')."""
     flags = ("--config.checkpoint.every=1", "--config.eval.every=0")
     whole = _run(tmp_path / "whole", *flags)
     assert whole.returncode == 0, whole.stderr[-2000:]
     workdir = tmp_path / "run"
     rng = random.Random(0)
     for _ in range(3):
+        before = _finished_checkpoints(workdir)
         proc = subprocess.Popen(_cmd(workdir, *flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(5, 14))
+        start = time.time()
+        while _finished_checkpoints(workdir) == before and proc.poll() is None:
+            assert time.time() - start < 300, "no checkpoint written in 300 s"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    steps = lambda stage: [int(s) for s in os.listdir(workdir / "checkpoints" / stage) if s.isdigit()] \
-        if (workdir / "checkpoints" / stage).exists() else []  # not a write in progress a kill left
-    stage = next(s for s in ("latro", "sft") if steps(s))
-    newest = max(steps(stage))
+    # the newest checkpoint with an earlier one of its stage to fall back to (a stage whose
+    # only checkpoint is damaged is refused, as test_a_damaged_newest_checkpoint_falls_back_to_the_
+    # previous_one checks)
+    stage, steps = next((s, steps) for s in ("latro", "sft")
+                        if len(steps := _finished_checkpoints(workdir).get(s, [])) >= 2)
+    newest = steps[-1]
     _overwrite(_params_file(workdir / "checkpoints" / stage / str(newest)))
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"stage": "latro", "step": 9, "loss": 1.')  # a kill mid-write
     final = _run(workdir, *flags)
-    assert final.returncode == 0, final.stderr[-3000:]
+    errors = [l for l in final.stderr.splitlines() if l.startswith("error: ")]
+    assert final.returncode == 0, "\n".join(errors) or final.stderr[-3000:]
     assert f"checkpoint {newest} in" in final.stderr and "set aside" in final.stderr
     expected, got = _final_tensors(tmp_path / "whole"), _final_tensors(workdir)
     for name in expected:
