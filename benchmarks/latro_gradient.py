@@ -77,7 +77,7 @@ def main(_):
     def estimate(seed):
         """The gradient of the policy part of the LaTRO loss on one rollout from the warm start."""
         scored = latro.score(start, rollout(start.params, seed))
-        return learner.trainer.gradients(scored.arrays, scored.scalars)
+        return learner.trainer.gradients(scored.arrays, scored.scalars, scored.static)
 
     def measure(params, seeds=(7, 8)):
         """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""

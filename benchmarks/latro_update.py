@@ -26,7 +26,8 @@ last line gives the medians, the median ratio torch / latro_jax and the process'
 
 latro_jax's score is the reference pass alone: the policy's log pi(z|x) and log pi(y|x+z) come
 from the sampler (`latro.reuse_sampler_logprobs`, on by default; --noreuse_sampler_logprobs runs
-the policy scoring pass as before).
+the policy scoring pass as before), and the reference pass and the step run each question's
+prompt once for its K rows (`latro.share_prompts`; --noshare_prompts: once per row).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ flags.DEFINE_integer("rounds", 3, "Measured updates per implementation (after on
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default, all cores).")
 flags.DEFINE_bool("skip_torch", False, "Only time latro_jax.")
 flags.DEFINE_bool("reuse_sampler_logprobs", True, "latro_jax takes the policy's log-probs from the sampler.")
+flags.DEFINE_bool("share_prompts", True, "latro_jax runs each question's prompt once in the reference pass and the step.")
 
 MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=8192, max_position_embeddings=2048)
@@ -84,7 +86,8 @@ class LatroJax:
         from latro_jax.rollout import Stops
         from latro_jax.train import OptimConfig
         cfg = LatroConfig(num_samples=s["K"], beta=BETA, nonstop_penalty=NONSTOP_PENALTY, sft_coef=SFT_COEF,
-                          max_rationale_tokens=s["L"], reuse_sampler_logprobs=FLAGS.reuse_sampler_logprobs)
+                          max_rationale_tokens=s["L"], reuse_sampler_logprobs=FLAGS.reuse_sampler_logprobs,
+                          share_prompts=FLAGS.share_prompts)
         self.algorithm = Latro(cfg, Context(task=None, fmt=None, stops=Stops(ids=()), microbatches=s["microbatches"]))
         self.learner = Learner(self.algorithm, models.load_hf(folder), OptimConfig(learning_rate=LR))
         self.prompts, self.answers = prompts, answers

@@ -3,6 +3,7 @@ of T tokens (the LaTRO step's shape without the optimizer), profiled op by op.
 
     python benchmarks/step_profile.py                       # bench shape: 32 rows x 224 tokens
     python benchmarks/step_profile.py --rows=64 --tokens=256 --top=30
+    python benchmarks/step_profile.py --group=4             # each prompt (64 columns) once per 4 rows
 
 Prints, for the jitted forward and forward + backward (after a warm-up call): the best wall time
 of --repeats calls, the CPU time (user / system) and minor page faults per call; then, from a
@@ -32,6 +33,9 @@ flags.DEFINE_integer("rows", 32, "B, rows (the bench shape's N x K).")
 flags.DEFINE_integer("tokens", 224, "T, tokens per row (the bench shape's bucketed row length).")
 flags.DEFINE_integer("repeats", 3, "Timed calls per function.")
 flags.DEFINE_integer("top", 20, "Slowest ops to list.")
+flags.DEFINE_integer("group", 1, "Rows per shared prompt (the bench shape's K = 4): > 1 runs each "
+                     "group's first --prompt_width columns once (token_logprobs' shared_prefix).")
+flags.DEFINE_integer("prompt_width", 64, "Prompt columns shared within a --group.")
 
 
 def op_kind(name: str) -> str:
@@ -67,14 +71,17 @@ def main(_):
         make_model(folder)
         graphdef, params = nnx.split(models.load_hf(folder))
     tokens = np.random.default_rng(0).integers(1, 8192, (FLAGS.rows, FLAGS.tokens)).astype(np.int32)
+    shared = (FLAGS.prompt_width, FLAGS.group) if FLAGS.group > 1 else None
+    if shared:
+        tokens[:, :FLAGS.prompt_width] = np.repeat(tokens[::FLAGS.group, :FLAGS.prompt_width], FLAGS.group, axis=0)
     valid = np.ones_like(tokens, bool)
 
     def loglik(params):
-        return scoring.token_logprobs(nnx.merge(graphdef, params), tokens, valid).sum()
+        return scoring.token_logprobs(nnx.merge(graphdef, params), tokens, valid, shared_prefix=shared).sum()
 
     forward, backward = jax.jit(loglik), jax.jit(jax.grad(loglik))
     for name, fn in (("forward", forward), ("forward+backward", backward)):
-        print(json.dumps({"call": name, "rows": FLAGS.rows, "tokens": FLAGS.tokens,
+        print(json.dumps({"call": name, "rows": FLAGS.rows, "tokens": FLAGS.tokens, "shared_prefix": shared,
                           **per_call(lambda fn=fn: fn(params), FLAGS.repeats)}), flush=True)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)

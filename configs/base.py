@@ -33,14 +33,16 @@ def get_base() -> ml_collections.ConfigDict:
                    sft_coef=1.0, max_rationale_tokens=500,
                    sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
                    reuse_sampler_logprobs=True,  # the policy's log-probs from the sampler (T = 1 only)
+                   share_prompts=True,  # the reference pass and the step run each prompt once per question
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
     # Outcome-reward GRPO (SPEC 2.5; latro_jax/algorithms/mrt.py:GrpoConfig): G completions per
     # question at T 0.9; advantage group | batch | none; clipped surrogate (clip_eps) + beta * k3 KL
-    # in the loss; aggregation token | sequence | dr_grpo; log-probs at the sampling temperature.
+    # in the loss; aggregation token | sequence | dr_grpo; log-probs at the sampling temperature;
+    # share_prompts: the reference pass and the step run each prompt once per question.
     c.grpo = dict(steps=100, batch_size=16, num_samples=4, max_tokens=512,
                   sampling=dict(temperature=0.9, top_k=0, top_p=1.0), advantage="group", clip_eps=0.2,
-                  beta=0.04, aggregation="token", logprobs_at_temperature=True, microbatches=1,
-                  logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+                  beta=0.04, aggregation="token", logprobs_at_temperature=True, share_prompts=True,
+                  microbatches=1, logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
     # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): the GRPO keys (scaling = the std of `group`
     # advantages) plus prefixes traces | empty (a pi_old trace cut after j ~ U{0..k-1} episodes),
     # prefix_refresh (0: pi_old = the stage's start; N: the policy every N updates), budget
@@ -59,7 +61,7 @@ def get_base() -> ml_collections.ConfigDict:
                  sampling=dict(temperature=0.9, top_k=0, top_p=1.0), prefixes="traces", prefix_refresh=0,
                  budget="full", advantage="termination", alpha=1.0, continuation="full", scaling="group",
                  clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True,
-                 segment=dict(segment), forcing=dict(forcing), microbatches=1, logprob_chunk=128,
+                 share_prompts=True, segment=dict(segment), forcing=dict(forcing), microbatches=1, logprob_chunk=128,
                  optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
     # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question, J at every
     # prefix, filter max_prefix | nonneg | outcome (vanilla STaR), keep_per_question, then

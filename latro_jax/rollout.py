@@ -53,15 +53,18 @@ class Rows:
     """Token rows [x | z | y | pad] (x left-padded to a fixed width) with their masks.
 
     tokens, valid: [B, S]; rationale_mask / answer_mask: [B, S] float32 selecting the tokens
-    of z and y (as prediction targets: token t is predicted from tokens < t)."""
+    of z and y (as prediction targets: token t is predicted from tokens < t); prompt_width:
+    the columns x is right-aligned in (z starts there)."""
 
     tokens: np.ndarray
     valid: np.ndarray
     rationale_mask: np.ndarray
     answer_mask: np.ndarray
+    prompt_width: int
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The [B, S] arrays by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt_width"}
 
 
 def row_widths(prompts: Sequence[Sequence[int]], body: int) -> tuple[int, int]:
@@ -91,7 +94,7 @@ def assemble_rows(prompts: Sequence[Sequence[int]], rationales: Sequence[Sequenc
         valid[b, start:start + len(row)] = True
         z_mask[b, prompt_width:prompt_width + len(z)] = 1.0
         y_mask[b, prompt_width + len(z):prompt_width + len(z) + len(y)] = 1.0
-    return Rows(tokens, valid, z_mask, y_mask)
+    return Rows(tokens, valid, z_mask, y_mask, prompt_width)
 
 
 def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,

@@ -11,6 +11,7 @@ rows split over the mesh's data axes, for the policy, the reference or an old po
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -19,28 +20,47 @@ import numpy as np
 from flax import nnx
 
 from latro_jax import sharding
-from latro_jax.models import Transformer
+from latro_jax.models import ModelConfig, Transformer
 
 
 def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
-                   chunk_size: int = 128, temperature: float = 1.0) -> jax.Array:
+                   chunk_size: int = 128, temperature: float = 1.0,
+                   shared_prefix: tuple[int, int] | None = None) -> jax.Array:
     """out[b, t] = log softmax(logits / T)[tokens[b, t]] at position t - 1, i.e. the
     log-probability of token t given tokens < t (0 at t = 0), float32 [B, T] (float64 for a
-    float64 model). T = 1 leaves the
-    logits as they are.
+    float64 model). T = 1 leaves the logits as they are.
+
+    shared_prefix = (W, g): rows share their first W columns in groups of g consecutive rows
+    (K samples of one prompt); the prefix runs once per group
+    (Transformer.shared_prefix_hidden_states) and out[:, :W] is 0 (not computed), the other
+    columns as without it.
 
     The LM head runs over chunks of `chunk_size` positions under `jax.checkpoint`, so neither
     the forward nor the backward pass holds [B, T, V] logits, only [B, chunk, V] at a time.
     """
-    hidden, _ = model.hidden_states(tokens, valid=valid)
+    B, T = tokens.shape
+    if shared_prefix is None:
+        hidden, _ = model.hidden_states(tokens, valid=valid)
+        logp = _chunked_target_logprobs(model, hidden[:, :-1], tokens[:, 1:], chunk_size, temperature)
+        return jnp.concatenate([jnp.zeros((B, 1), logp.dtype), logp], axis=1)
+    width, group = shared_prefix
+    h_p, h_s = model.shared_prefix_hidden_states(tokens, valid, width=width, group=group)
+    # column W is predicted from the prefix's last position, column t > W from the row's t - 1
+    hidden = jnp.concatenate([jnp.repeat(h_p[:, -1:], group, axis=0), h_s[:, :-1]], axis=1)
+    logp = _chunked_target_logprobs(model, hidden, tokens[:, width:], chunk_size, temperature)
+    return jnp.concatenate([jnp.zeros((B, width), logp.dtype), logp], axis=1)
+
+
+def _chunked_target_logprobs(model: Transformer, hidden: jax.Array, targets: jax.Array,
+                             chunk_size: int, temperature: float) -> jax.Array:
+    """[B, T] log-probabilities of targets [B, T] under the LM head on hidden [B, T, H], one
+    rematerialised chunk of positions at a time."""
     B, T, H = hidden.shape
-    chunk = min(chunk_size, T - 1)
-    n_chunks = -(-(T - 1) // chunk)
-    pad = n_chunks * chunk - (T - 1)
-    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
-    h = h.reshape(B, n_chunks, chunk, H).swapaxes(0, 1)
-    targets = targets.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    chunk = min(chunk_size, T)
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n_chunks, chunk, H).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def chunk_logp(h_c, t_c):
@@ -50,14 +70,27 @@ def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
         return target_logprobs(logits, t_c)
 
     logp = jax.lax.map(lambda xs: chunk_logp(*xs), (h, targets))
-    logp = logp.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T - 1]
-    return jnp.concatenate([jnp.zeros((B, 1), logp.dtype), logp], axis=1)
+    return logp.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """out[...] = log softmax(logits[..., :])[targets[...]]: each target's log-probability under
     its row of logits."""
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+
+
+def prefix_sharing(config: ModelConfig, prompt_width: int, samples: int, rows: int, *,
+                   microbatches: int = 1, mesh: jax.sharding.Mesh | None = None) -> tuple[int, int] | None:
+    """token_logprobs' shared_prefix (W, g) for rows whose first W = prompt_width columns repeat
+    in runs of `samples` consecutive rows, split into `microbatches` and each over the mesh's
+    data axes: g is the largest divisor of `samples` whose groups each device's rows hold whole.
+    None when nothing would be shared (g = 1) or the model uses LongRoPE (its rotary factors
+    depend on each whole row)."""
+    per_device = rows // microbatches // sharding.data_shards(mesh)
+    group = math.gcd(samples, per_device)
+    if group < 2 or prompt_width < 1 or config.rope_scaling.rope_type == "longrope":
+        return None
+    return prompt_width, group
 
 
 def span_logprob(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
@@ -74,34 +107,39 @@ class Scorer:
         self.microbatches, self.mesh = microbatches, mesh
         self.scored_tokens = 0  # real tokens scored so far (a running count, for throughput)
 
-        def tokens_fn(params, tokens, valid, *, temperature):
-            return token_logprobs(nnx.merge(graphdef, params), tokens, valid,
-                                  chunk_size=chunk_size, temperature=temperature)
+        def tokens_fn(params, tokens, valid, *, temperature, shared_prefix=None):
+            return token_logprobs(nnx.merge(graphdef, params), tokens, valid, chunk_size=chunk_size,
+                                  temperature=temperature, shared_prefix=shared_prefix)
 
-        def spans_fn(params, tokens, valid, masks, *, temperature):
-            logp = tokens_fn(params, tokens, valid, temperature=temperature)
+        def spans_fn(params, tokens, valid, masks, *, temperature, shared_prefix):
+            logp = tokens_fn(params, tokens, valid, temperature=temperature, shared_prefix=shared_prefix)
             return tuple(span_logprob(logp, m) for m in masks)
 
-        self._tokens = jax.jit(tokens_fn, static_argnames="temperature")
-        self._spans = jax.jit(spans_fn, static_argnames="temperature")
+        self._tokens = jax.jit(tokens_fn, static_argnames=("temperature", "shared_prefix"))
+        self._spans = jax.jit(spans_fn, static_argnames=("temperature", "shared_prefix"))
 
     def _microbatches(self, arrays: dict[str, np.ndarray], names: Sequence[str]):
         self.scored_tokens += int(np.asarray(arrays["valid"]).sum())
         placed = sharding.split_microbatches({k: arrays[k] for k in names}, self.microbatches, self.mesh)
         return [{k: v[m] for k, v in placed.items()} for m in range(self.microbatches)]
 
-    def token_logprobs(self, params, arrays: dict[str, np.ndarray], *,
-                       temperature: float = 1.0) -> np.ndarray:
-        """[B, S] float32: log-probability of every token given the tokens before it."""
-        parts = [self._tokens(params, mb["tokens"], mb["valid"], temperature=float(temperature))
+    def token_logprobs(self, params, arrays: dict[str, np.ndarray], *, temperature: float = 1.0,
+                       shared_prefix: tuple[int, int] | None = None) -> np.ndarray:
+        """[B, S] float32: log-probability of every token given the tokens before it (0 in the
+        shared prompt columns with shared_prefix)."""
+        parts = [self._tokens(params, mb["tokens"], mb["valid"], temperature=float(temperature),
+                              shared_prefix=shared_prefix)
                  for mb in self._microbatches(arrays, ("tokens", "valid"))]
         return np.concatenate([sharding.to_host(p) for p in parts])
 
     def span_logprobs(self, params, arrays: dict[str, np.ndarray], masks: Sequence[str], *,
-                      temperature: float = 1.0) -> tuple[np.ndarray, ...]:
+                      temperature: float = 1.0, shared_prefix: tuple[int, int] | None = None
+                      ) -> tuple[np.ndarray, ...]:
         """One [B] array per mask name: the sum of each row's token log-probabilities under it
-        (e.g. masks=("rationale_mask", "answer_mask") gives log pi(z|x), log pi(y|x+z))."""
+        (e.g. masks=("rationale_mask", "answer_mask") gives log pi(z|x), log pi(y|x+z)).
+        shared_prefix (prefix_sharing's): the rows' shared prompt columns run once per group
+        (the masks must be 0 there)."""
         parts = [self._spans(params, mb["tokens"], mb["valid"], tuple(mb[m] for m in masks),
-                             temperature=float(temperature))
+                             temperature=float(temperature), shared_prefix=shared_prefix)
                  for mb in self._microbatches(arrays, ("tokens", "valid", *masks))]
         return tuple(np.concatenate([sharding.to_host(p[i]) for p in parts]) for i in range(len(masks)))

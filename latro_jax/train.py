@@ -2,7 +2,9 @@
 
 A trainer supplies `loss_fn(model, microbatch, scalars) -> (loss_contribution, aux)`, where the
 contributions of the micro-batches SUM to the loss of the whole batch (each normalises by a
-global denominator passed in `scalars`). The step accumulates gradients over micro-batches with
+global denominator passed in `scalars`). A step's `static` values (hashable, e.g. a prompt width
+that shapes the program) reach the loss in `scalars` too, as Python values; each distinct set
+compiles its own step. The step accumulates gradients over micro-batches with
 `lax.scan`, applies one optax update, and returns the new state (donated in place) and metrics.
 """
 
@@ -113,10 +115,10 @@ class Trainer:
             lambda x: x.sharding if mesh is None or isinstance(x.sharding, NamedSharding)
             else NamedSharding(mesh, P()), state)
         self.state = jax.device_put(state, state_shardings)
-        self._step = jax.jit(self._step_impl, donate_argnums=(0,),
+        self._step = jax.jit(self._step_impl, donate_argnums=(0,), static_argnums=(3,),
                              out_shardings=(state_shardings, None))
-        self._gradients = jax.jit(lambda params, batch, scalars:
-                                  self._accumulate(params, batch, scalars)[0])
+        self._gradients = jax.jit(lambda params, batch, scalars, static:
+                                  self._accumulate(params, batch, scalars, static)[0], static_argnums=(3,))
 
     def load_state(self, params, opt_state, step: int) -> None:
         """Replace the state with restored values, placed on the current state's shardings."""
@@ -128,25 +130,27 @@ class Trainer:
         """The current policy as a model (shares the state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params)
 
-    def step(self, batch: dict[str, np.ndarray], scalars: dict[str, float]) -> dict[str, float]:
+    def step(self, batch: dict[str, np.ndarray], scalars: dict[str, float],
+             static: dict[str, Any] | None = None) -> dict[str, float]:
         """One optimizer update on `batch`; returns the step's metrics as floats."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        self.state, metrics = self._step(self.state, self._place(batch), scalars)
+        self.state, metrics = self._step(self.state, self._place(batch), scalars, _frozen(static))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
-    def gradients(self, batch: dict[str, np.ndarray], scalars: dict[str, float]):
+    def gradients(self, batch: dict[str, np.ndarray], scalars: dict[str, float],
+                  static: dict[str, Any] | None = None):
         """Gradients of the batch loss at the current parameters (summed over micro-batches, as
         a step computes them), without an update."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        return self._gradients(self.state.params, self._place(batch), scalars)
+        return self._gradients(self.state.params, self._place(batch), scalars, _frozen(static))
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.split_microbatches(batch, self.microbatches, self.mesh)
 
-    def _accumulate(self, params, batch: dict, scalars: dict):
+    def _accumulate(self, params, batch: dict, scalars: dict, static: tuple):
         """(grads, loss, aux) of the batch, summed over its micro-batches with lax.scan."""
         def loss_of(params, microbatch):
-            return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, scalars)
+            return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, {**scalars, **dict(static)})
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -159,10 +163,10 @@ class Trainer:
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shape, loss_shape, aux_shape))
         return jax.lax.scan(accumulate, zeros, batch)[0]
 
-    def _step_impl(self, state: TrainState, batch: dict, scalars: dict):
+    def _step_impl(self, state: TrainState, batch: dict, scalars: dict, static: tuple):
         """One update, unless the loss, a gradient or a new parameter is not finite: then the
         state stays as it was (step included) and metrics["nonfinite"] = 1."""
-        grads, loss, aux = self._accumulate(state.params, batch, scalars)
+        grads, loss, aux = self._accumulate(state.params, batch, scalars, static)
         # a non-finite loss poisons the gradient, so that apply_if_finite rejects the update
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -177,3 +181,8 @@ class Trainer:
         new = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state))
         return new, metrics
+
+
+def _frozen(static: dict[str, Any] | None) -> tuple:
+    """A step's static values as a hashable jit argument."""
+    return tuple(sorted((static or {}).items()))

@@ -96,25 +96,41 @@ def test_other_sampling_distributions_leave_the_policy_pass_to_the_scorer():
         assert fast.z_logp is None and fast.y_logp is None, params
 
 
-def test_latro_update_from_the_sampler_equals_the_scoring_pass():
-    """LaTRO's rewards, advantages and gradient with reuse_sampler_logprobs on and off."""
+def _latro_two_ways(configs, microbatches=1):
+    """LaTRO's scored batch and gradient on the same rollout under two LatroConfig variants."""
     model = models.init_model(TINY, seed=5)
-    stops = Stops(ids=(2,), phrases=((7, 8),))
-    scored, grads = [], []
-    for reuse in (True, False):
-        latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=10, reuse_sampler_logprobs=reuse),
-                      Context(task=None, fmt=None, stops=stops))
+    ctx = Context(task=None, fmt=None, stops=Stops(ids=(2,), phrases=((7, 8),)), microbatches=microbatches)
+    runs = []
+    for cfg in configs:
+        latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=10, **cfg), ctx)
         learner = Learner(latro, model, OptimConfig(total_steps=1))
         policies = learner.policies()
         ro = latro.sample(policies, [[5, 9, 11], [12, 4]], [[30, 31, 2], [32, 2]], None, jax.random.key(3))
-        assert (ro.z_logp is not None) == reuse
-        scored.append(latro.score(policies, ro))
-        grads.append(learner.trainer.gradients(scored[-1].arrays, scored[-1].scalars))
+        scored = latro.score(policies, ro)
+        runs.append((ro, scored, learner.trainer.gradients(scored.arrays, scored.scalars, scored.static)))
+    (_, a, grads_a), (_, b, grads_b) = runs
     for k in ("z_logp", "y_logp", "ref_z_logp", "rewards"):
-        np.testing.assert_allclose(scored[0].details[k], scored[1].details[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(scored[0].arrays["advantages"], scored[1].arrays["advantages"], atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.details[k], b.details[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(a.arrays["advantages"], b.arrays["advantages"], atol=1e-5)
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    return runs
+
+
+def test_latro_update_from_the_sampler_equals_the_scoring_pass():
+    """LaTRO's rewards, advantages and gradient with reuse_sampler_logprobs on and off."""
+    (fast, *_), (plain, *_) = _latro_two_ways([dict(reuse_sampler_logprobs=True), dict(reuse_sampler_logprobs=False)])
+    assert fast.z_logp is not None and plain.z_logp is None
+
+
+def test_latro_with_shared_prompts_equals_per_row_passes():
+    """share_prompts (each question's prompt run once for its K rows in the scoring passes and
+    the step, here 2 micro-batches of one question each) against one pass per row: the same
+    log-probs, rewards, advantages and gradient."""
+    (ro, shared, _), (_, plain, _) = _latro_two_ways(
+        [dict(reuse_sampler_logprobs=False, share_prompts=share) for share in (True, False)], microbatches=2)
+    assert shared.static["shared_prefix"] == (ro.rows.prompt_width, 4)
+    assert plain.static["shared_prefix"] is None
 
 
 def test_continuation_needs_the_reserved_slots():

@@ -71,6 +71,8 @@ class ScoredBatch:
 
     arrays:  [rows, ...] host arrays the loss reads, split into micro-batches by the Trainer
     scalars: global values the loss divides by (so micro-batch contributions sum to the loss)
+    static:  hashable values that shape the loss's program (e.g. LaTRO's shared prompt columns);
+             the loss finds them in its scalars as Python values
     metrics: host metrics of this rollout (logged with the step's own)
     details: per-row or per-question values for analysis, never sent to the step
     skip:    nothing to learn from: no optimizer step is taken
@@ -81,6 +83,7 @@ class ScoredBatch:
     metrics: dict[str, float]
     details: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     skip: bool = False
+    static: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Algorithm(Protocol):
@@ -153,7 +156,7 @@ class Learner:
         """One optimizer step on a scored batch (none when it says skip)."""
         if scored.skip:
             return {"skipped": 1.0}
-        return self.trainer.step(scored.arrays, scored.scalars)
+        return self.trainer.step(scored.arrays, scored.scalars, scored.static)
 
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's

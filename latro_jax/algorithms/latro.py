@@ -32,6 +32,9 @@ class LatroConfig:
     # log pi(z|x) and log pi(y|x+z) from the sampler (its token log-probs and its KV cache)
     # instead of a policy pass over the rows, where they are the policy's (T = 1, no top-k/top-p)
     reuse_sampler_logprobs: bool = True
+    # the reference pass and the training step run each question's prompt once for its K rows
+    # (scoring.prefix_sharing) instead of once per row
+    share_prompts: bool = True
 
     def __post_init__(self):
         if self.num_samples < 2:
@@ -92,15 +95,21 @@ class Latro:
         """Rewards R = log pi(y|x+z) - beta * (log pi(z|x) - log pi_0(z|x)) (the non-stop
         penalty for unfinished z) and their RLOO advantages per question. details holds the
         [N, K] log pi(z|x), log pi(y|x+z), log pi_0(z|x) and rewards. The policy's terms come
-        from the rollout when the sampler gave them, otherwise from a scoring pass."""
+        from the rollout when the sampler gave them, otherwise from a scoring pass. With
+        share_prompts the scoring passes and the step run each question's prompt once."""
         cfg, K = self.cfg, self.cfg.num_samples
         arrays = ro.rows.arrays()
+        shared = scoring.prefix_sharing(policies.model().config, ro.rows.prompt_width, K, len(ro.lengths),
+                                        microbatches=self.ctx.microbatches, mesh=self.ctx.mesh
+                                        ) if cfg.share_prompts else None
         if ro.z_logp is not None:
             z_logp, y_logp = ro.z_logp, ro.y_logp
         else:
             z_logp, y_logp = policies.scorer.span_logprobs(policies.params, arrays,
-                                                            ("rationale_mask", "answer_mask"))
-        ref_z_logp, = policies.scorer.span_logprobs(policies.reference, arrays, ("rationale_mask",))
+                                                            ("rationale_mask", "answer_mask"),
+                                                            shared_prefix=shared)
+        ref_z_logp, = policies.scorer.span_logprobs(policies.reference, arrays, ("rationale_mask",),
+                                                    shared_prefix=shared)
         z_logp, y_logp, ref_z_logp = (x.reshape(-1, K) for x in (z_logp, y_logp, ref_z_logp))
         rewards = np.asarray(objectives.latro_rewards(
             y_logp, z_logp, ref_z_logp, ro.finished.reshape(-1, K), beta=cfg.beta,
@@ -111,13 +120,14 @@ class Latro:
                    "rationale_length": float(ro.lengths.mean()),
                    "advantage_std": float(advantages.std()), "sampled_tokens": float(ro.sampled_tokens)}
         return ScoredBatch(arrays={**arrays, "advantages": advantages}, scalars={"rows": len(advantages)},
-                           metrics=metrics, details={"z_logp": z_logp, "y_logp": y_logp,
+                           static={"shared_prefix": shared}, metrics=metrics, details={"z_logp": z_logp, "y_logp": y_logp,
                                                      "ref_z_logp": ref_z_logp, "rewards": rewards})
 
     def loss(self, model: Transformer, mb: dict, scalars: dict):
         """The LaTRO surrogate of a micro-batch, weighted by its share of the batch's rows
         (scalars["rows"]), so micro-batch contributions sum to the batch loss."""
-        logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=self.ctx.logprob_chunk)
+        logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=self.ctx.logprob_chunk,
+                                      shared_prefix=scalars.get("shared_prefix"))
         z_logp = scoring.span_logprob(logp, mb["rationale_mask"])
         y_logp = scoring.span_logprob(logp, mb["answer_mask"])
         share = z_logp.shape[0] / scalars["rows"]  # micro-batch share of the batch mean

@@ -47,7 +47,8 @@ class GrpoConfig:
     0.9); advantage: group | batch (std over the batch) | none (Dr. GRPO); the clipped
     surrogate (clip_eps) with beta * k3 KL to the reference in the loss; aggregation: token |
     sequence | dr_grpo; logprobs_at_temperature: log-probabilities of logits / T (the paper's
-    TRL did not divide)."""
+    TRL did not divide); share_prompts: the reference pass and the step run each question's
+    prompt once for its G rows (scoring.prefix_sharing)."""
 
     num_samples: int = 4
     max_tokens: int = 512
@@ -57,6 +58,7 @@ class GrpoConfig:
     beta: float = 0.04
     aggregation: str = "token"
     logprobs_at_temperature: bool = True
+    share_prompts: bool = True
 
     def __post_init__(self):
         if self.advantage not in objectives.ADVANTAGE_SCALINGS:
@@ -67,7 +69,7 @@ class GrpoConfig:
         return MrtConfig(num_samples=self.num_samples, max_tokens=self.max_tokens, sampling=self.sampling,
                          prefixes="empty", advantage="group", alpha=0.0, scaling=self.advantage,
                          clip_eps=self.clip_eps, beta=self.beta, aggregation=self.aggregation,
-                         logprobs_at_temperature=self.logprobs_at_temperature)
+                         logprobs_at_temperature=self.logprobs_at_temperature, share_prompts=self.share_prompts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,8 @@ class MrtConfig:
     model, N = the policy copied every N updates; budget: full | remaining; advantage:
     termination (default) | mixed | group; alpha: the progress bonus weight (group, episode);
     continuation: full | episode; segment: how traces split into episodes; forcing: the
-    meta-prover (suffix, mc | likelihood, m)."""
+    meta-prover (suffix, mc | likelihood, m); share_prompts: the reference pass and the step run
+    each question's prompt (with its prefix) once for its G rows."""
 
     num_samples: int = 4
     max_tokens: int = 512
@@ -93,6 +96,7 @@ class MrtConfig:
     beta: float = 0.04
     aggregation: str = "token"
     logprobs_at_temperature: bool = True
+    share_prompts: bool = True
     segment: SegmentConfig = SegmentConfig()
     forcing: ForcingConfig = ForcingConfig()
 
@@ -252,9 +256,12 @@ class Mrt:
         rows = rollout.completion_rows(ro.prompts, ro.continuations, pad_id=self.ctx.pad_id)
         arrays = dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask,
                       advantages=advantages)
+        shared = scoring.prefix_sharing(policies.model().config, rows.prompt_width, cfg.num_samples,
+                                        len(advantages), microbatches=self.ctx.microbatches, mesh=self.ctx.mesh
+                                        ) if cfg.share_prompts else None
         if self.needs_reference:
             arrays["ref_logp"] = policies.scorer.token_logprobs(policies.reference, arrays,
-                                                                temperature=self.temperature)
+                                                                temperature=self.temperature, shared_prefix=shared)
         lengths = np.array([len(z) for z in ro.continuations])
         metrics = {"reward": float(ro.rewards.mean()), "finished": float(ro.finished.mean()),
                    "completion_length": float(lengths.mean()), "advantage_abs": float(np.abs(advantages).mean()),
@@ -268,7 +275,8 @@ class Mrt:
         scalars = {"completion_tokens": float(rows.answer_mask.sum()), "rows": float(len(advantages)),
                    "max_length": float(cfg.max_tokens)}
         details = {"rewards": ro.rewards, "advantages": advantages.reshape(ro.rewards.shape)}
-        return ScoredBatch(arrays=arrays, scalars=scalars, metrics=metrics, details=details)
+        return ScoredBatch(arrays=arrays, scalars=scalars, metrics=metrics, details=details,
+                           static={"shared_prefix": shared})
 
     @property
     def temperature(self) -> float:
@@ -282,7 +290,7 @@ class Mrt:
         (an `old_logp` array, when given, replaces it)."""
         cfg = self.cfg
         logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=self.ctx.logprob_chunk,
-                                      temperature=self.temperature)
+                                      temperature=self.temperature, shared_prefix=scalars.get("shared_prefix"))
         old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
         losses = objectives.grpo_token_losses(logp, old, mb.get("ref_logp"), mb["advantages"],
                                               clip_eps=cfg.clip_eps, beta=cfg.beta)

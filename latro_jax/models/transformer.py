@@ -128,6 +128,48 @@ class Attention(nnx.Module):
         """x [B, T, hidden]; rope (cos, sin) of the new tokens; mask [B, T, S] (True = may
         attend); cache None or this layer's (k, v, index) laid out as KVCache.
         Returns (out [B, T, hidden], (k, v) or None)."""
+        B, T, _ = x.shape
+        q, k, v = self._project(x, rope)
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
+            cache = (k_cache, v_cache)
+            k, v, q = k_cache, v_cache, q.astype(k_cache.dtype)
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=accumulation_dtype(self.dtype))
+        probs = self._probs(scores, T, mask[:, None, None]).astype(v.dtype)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=accumulation_dtype(self.dtype))
+        return self._out(out.astype(v.dtype), B, T), cache
+
+    def shared_prefix(self, x_p, x_s, rope_p, rope_s, mask_p, mask_sp, mask_ss):
+        """Attention of rows that share their first W tokens in groups of g consecutive rows,
+        the shared part computed once per group: x_p [N, W, hidden] (each group's prefix),
+        x_s [N*g, C, hidden] (each row's own tokens after it); mask_p [N, W, W], mask_sp
+        [N, C, W] (row's tokens -> its group's prefix), mask_ss [N*g, C, C].
+        Returns (out_p [N, W, hidden], out_s [N*g, C, hidden]), equal to attending over each
+        full row [prefix | own] (gradients of the prefix sum over its g rows)."""
+        N, W, _ = x_p.shape
+        B, C, _ = x_s.shape
+        g, acc = B // N, accumulation_dtype(self.dtype)
+        q_p, k_p, v_p = self._project(x_p, rope_p)
+        q_s, k_s, v_s = self._project(x_s, rope_s)
+        probs = self._probs(jnp.einsum("bkqd,bkds->bkqs", q_p, k_p, preferred_element_type=acc),
+                            W, mask_p[:, None, None]).astype(v_p.dtype)
+        out_p = jnp.einsum("bkqs,bksd->bkqd", probs, v_p, preferred_element_type=acc)
+        # a row's queries against its group's prefix keys (no copy of them per row) and its own
+        q_grouped = q_s.reshape(N, g, *q_s.shape[1:])
+        to_prefix = jnp.einsum("ngkqd,nkds->ngkqs", q_grouped, k_p, preferred_element_type=acc)
+        to_own = jnp.einsum("bkqd,bkds->bkqs", q_s, k_s, preferred_element_type=acc)
+        scores = jnp.concatenate([to_prefix.reshape(B, *to_prefix.shape[2:]), to_own], axis=-1)
+        mask = jnp.concatenate([jnp.repeat(mask_sp, g, axis=0), mask_ss], axis=-1)
+        probs = self._probs(scores, C, mask[:, None, None]).astype(v_s.dtype)
+        out_s = (jnp.einsum("ngkqs,nksd->ngkqd", probs[..., :W].reshape(N, g, *probs.shape[1:-1], W), v_p,
+                            preferred_element_type=acc).reshape(B, *probs.shape[1:-1], -1)
+                 + jnp.einsum("bkqs,bksd->bkqd", probs[..., W:], v_s, preferred_element_type=acc))
+        return self._out(out_p.astype(v_p.dtype), N, W), self._out(out_s.astype(v_s.dtype), B, C)
+
+    def _project(self, x, rope):
+        """q [B, KVH, G*T, D] (rows g-major), k [B, KVH, D, T], v [B, KVH, T, D] of x [B, T, hidden]."""
         c = self.config
         B, T, _ = x.shape
         G = c.num_heads // c.num_kv_heads
@@ -137,28 +179,23 @@ class Attention(nnx.Module):
         q = apply_rope(qkv[:, :, :, :G].reshape(B, T, c.num_heads, c.head_dim), *rope)
         k = apply_rope(qkv[:, :, :, G], *rope)  # [B, T, KVH, D]
         v = qkv[:, :, :, G + 1]
-        # q [B, KVH, G*T, D] (rows g-major), k [B, KVH, D, T], v [B, KVH, T, D]
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(B, c.num_kv_heads, G * T, c.head_dim)
-        k = k.transpose(0, 2, 3, 1)
-        v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
-            k_cache, v_cache, index = cache
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
-            cache = (k_cache, v_cache)
-            k, v, q = k_cache, v_cache, q.astype(k_cache.dtype)
-        S = k.shape[-1]
-        acc = accumulation_dtype(self.dtype)
-        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=acc)
-        scores = scores.reshape(B, c.num_kv_heads, G, T, S) * (c.head_dim ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(acc).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        probs = probs.reshape(B, c.num_kv_heads, G * T, S)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v,  # [B, KVH, G*T, D]
-                         preferred_element_type=acc).astype(v.dtype)
-        out = out.reshape(B, c.num_kv_heads, G, T, c.head_dim).transpose(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)).astype(self.dtype), cache
+        return q.reshape(B, c.num_kv_heads, G * T, c.head_dim), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+    def _probs(self, scores, T, mask):
+        """softmax over keys of scaled scores [B, KVH, G*T, S], masked by mask (broadcasting
+        against [B, KVH, G, T, S]); same layout out."""
+        c = self.config
+        B, S = scores.shape[0], scores.shape[-1]
+        scores = scores.reshape(B, c.num_kv_heads, -1, T, S) * (c.head_dim ** -0.5)
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+        return jax.nn.softmax(scores, axis=-1).reshape(B, c.num_kv_heads, -1, S)
+
+    def _out(self, out, B, T):
+        """o_proj of attention outputs [B, KVH, G*T, D] -> [B, T, hidden]."""
+        c = self.config
+        out = out.reshape(B, c.num_kv_heads, -1, T, c.head_dim).transpose(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)).astype(self.dtype)
 
 
 class MLP(nnx.Module):
@@ -191,6 +228,14 @@ class Block(nnx.Module):
         attn_out, cache = self.attn(self.attn_norm(x), rope, mask, cache)
         h = x + attn_out
         return h + self.mlp(self.mlp_norm(h)), cache
+
+    def shared_prefix(self, x_p, x_s, rope_p, rope_s, mask_p, mask_sp, mask_ss):
+        """The layer on prefixes x_p [N, W, hidden] shared by groups of rows and the rows' own
+        tokens x_s [N*g, C, hidden] (Attention.shared_prefix)."""
+        attn_p, attn_s = self.attn.shared_prefix(self.attn_norm(x_p), self.attn_norm(x_s), rope_p, rope_s,
+                                                 mask_p, mask_sp, mask_ss)
+        h_p, h_s = x_p + attn_p, x_s + attn_s
+        return h_p + self.mlp(self.mlp_norm(h_p)), h_s + self.mlp(self.mlp_norm(h_s))
 
 
 class Transformer(nnx.Module):
@@ -264,10 +309,7 @@ class Transformer(nnx.Module):
             q_slots = cache.index + jnp.arange(T)
             k_slots = jnp.arange(cache.valid.shape[1])
             k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
-        mask = (k_slots[None, :] <= q_slots[:, None])
-        if self.config.sliding_window is not None:
-            mask &= q_slots[:, None] - k_slots[None, :] < self.config.sliding_window
-        mask = mask[None] & k_valid[:, None, :]
+        mask = self._allowed(q_slots, k_slots)[None] & k_valid[:, None, :]
         rope = rope_angles(self.config, positions)
         h = self.embed(tokens)
         if cache is None:
@@ -282,6 +324,48 @@ class Transformer(nnx.Module):
                             lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
                             index=cache.index + T)
         return self.norm(h), cache
+
+    def shared_prefix_hidden_states(self, tokens: jax.Array, valid: jax.Array, *, width: int,
+                                    group: int) -> tuple[jax.Array, jax.Array]:
+        """Final-normed hidden states of rows [B, T] whose first `width` columns (tokens and
+        validity) are the same within each group of `group` consecutive rows, the shared
+        columns computed once per group: (prefix [B / group, width, hidden], the rows' own
+        columns [B, T - width, hidden]). Equal to hidden_states(tokens, valid=valid) at those
+        columns, without (group - 1) / group of the prefix's work. Not for LongRoPE models,
+        whose rotary table depends on each whole row."""
+        if self.config.rope_scaling.rope_type == "longrope":
+            raise ValueError("shared_prefix_hidden_states: LongRoPE picks its rotary factors per "
+                             "whole row; use hidden_states")
+        B, T = tokens.shape
+        valid = valid.astype(bool)
+        tok_p, valid_p = tokens[::group, :width], valid[::group, :width]
+        tok_s, valid_s = tokens[:, width:], valid[:, width:]
+        pos_p = jnp.maximum(jnp.cumsum(valid_p, axis=1, dtype=jnp.int32) - 1, 0)
+        before = jnp.repeat(valid_p.sum(axis=1, dtype=jnp.int32), group)[:, None]
+        pos_s = jnp.maximum(before + jnp.cumsum(valid_s, axis=1, dtype=jnp.int32) - 1, 0)
+        slot_p, slot_s = jnp.arange(width), width + jnp.arange(T - width)
+        mask_p = self._allowed(slot_p, slot_p)[None] & valid_p[:, None, :]
+        mask_sp = self._allowed(slot_s, slot_p)[None] & valid_p[:, None, :]
+        mask_ss = self._allowed(slot_s, slot_s)[None] & valid_s[:, None, :]
+        rope_p, rope_s = rope_angles(self.config, pos_p), rope_angles(self.config, pos_s)
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def layer_fn(h, params):
+            block = nnx.merge(graphdef, params)
+            return block.shared_prefix(*h, rope_p, rope_s, mask_p, mask_sp, mask_ss), None
+
+        if self.remat != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[self.remat])
+        h_p, h_s = jax.lax.scan(layer_fn, (self.embed(tok_p), self.embed(tok_s)), layer_params)[0]
+        return self.norm(h_p), self.norm(h_s)
+
+    def _allowed(self, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
+        """[Tq, Tk] bool: a query at slot q may attend to a key at slot k (causal, within the
+        sliding window if the model has one)."""
+        allowed = k_slots[None, :] <= q_slots[:, None]
+        if self.config.sliding_window is not None:
+            allowed &= q_slots[:, None] - k_slots[None, :] < self.config.sliding_window
+        return allowed
 
     def _scan_layers(self, h, rope, mask):
         graphdef, layer_params = nnx.split(self.layers)
