@@ -12,7 +12,7 @@ rows split over the mesh's data axes, for the policy, the reference or an old po
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ from flax import nnx
 
 from latro_jax import sharding
 from latro_jax.models import ModelConfig, Transformer
+
+if TYPE_CHECKING:  # rollout imports sampling, which imports this module
+    from latro_jax.rollout import Rows
 
 
 def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
@@ -79,18 +82,24 @@ def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
 
 
-def prefix_sharing(config: ModelConfig, prompt_width: int, samples: int, rows: int, *,
-                   microbatches: int = 1, mesh: jax.sharding.Mesh | None = None) -> tuple[int, int] | None:
-    """token_logprobs' shared_prefix (W, g) for rows whose first W = prompt_width columns repeat
-    in runs of `samples` consecutive rows, split into `microbatches` and each over the mesh's
-    data axes: g is the largest divisor of `samples` whose groups each device's rows hold whole.
-    None when nothing would be shared (g = 1) or the model uses LongRoPE (its rotary factors
-    depend on each whole row)."""
-    per_device = rows // microbatches // sharding.data_shards(mesh)
+def prefix_sharing(config: ModelConfig, rows: Rows, samples: int, *, microbatches: int = 1,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[int, int] | None:
+    """token_logprobs' shared_prefix (W, g) for rows whose first W = rows.prompt_width columns
+    repeat in runs of `samples` consecutive rows, split into `microbatches` and each over the
+    mesh's data axes: g is the largest divisor of `samples` whose groups each device's rows hold
+    whole. None when nothing would be shared (g = 1) or the model uses LongRoPE (its rotary
+    factors depend on each whole row). Raises ValueError when the prompt columns do not repeat."""
+    width, tokens = rows.prompt_width, rows.tokens
+    per_device = len(tokens) // microbatches // sharding.data_shards(mesh)
     group = math.gcd(samples, per_device)
-    if group < 2 or prompt_width < 1 or config.rope_scaling.rope_type == "longrope":
+    if group < 2 or width < 1 or config.rope_scaling.rope_type == "longrope":
         return None
-    return prompt_width, group
+    for name in ("tokens", "valid"):
+        prompts = getattr(rows, name)[:, :width].reshape(-1, samples, width)
+        if not (prompts == prompts[:, :1]).all():
+            raise ValueError(f"prefix_sharing: the rows' first {width} {name} columns are not the same "
+                             f"within each run of {samples} rows")
+    return width, group
 
 
 def span_logprob(token_logp: jax.Array, mask: jax.Array) -> jax.Array:

@@ -141,16 +141,26 @@ def test_shared_prompt_columns_give_the_per_row_logprobs_and_gradients(variant):
 
 def test_prefix_sharing_groups_what_each_device_holds_whole():
     config = _tiny_model().config
-    assert scoring.prefix_sharing(config, 64, 16, 64, microbatches=2) == (64, 16)
-    assert scoring.prefix_sharing(config, 64, 16, 32, microbatches=4) == (64, 8)
+
+    def rows(questions, K, width=8):
+        prompts = [[5 + q] * (1 + q % width) for q in range(questions) for _ in range(K)]
+        return rollout.assemble_rows(prompts, [[20]] * len(prompts), [[30]] * len(prompts),
+                                     prompt_width=width, length=12)
+
+    assert scoring.prefix_sharing(config, rows(4, 16), 16, microbatches=2) == (8, 16)
+    assert scoring.prefix_sharing(config, rows(2, 16), 16, microbatches=4) == (8, 8)
     mesh = sharding.make_mesh(data=8)  # 8 fake CPU devices (conftest)
-    assert scoring.prefix_sharing(config, 64, 16, 32, mesh=mesh) == (64, 4)
-    assert scoring.prefix_sharing(config, 64, 4, 8, mesh=mesh) is None  # one row per device
-    assert scoring.prefix_sharing(config, 64, 3, 8) is None  # no common divisor
+    assert scoring.prefix_sharing(config, rows(2, 16), 16, mesh=mesh) == (8, 4)
+    assert scoring.prefix_sharing(config, rows(2, 4), 4, mesh=mesh) is None  # one row per device
+    assert scoring.prefix_sharing(config, rows(2, 3), 3, microbatches=3) is None  # 2 rows each: gcd(3, 2) = 1
     longrope = dataclasses.replace(config, rope_scaling=models.RopeScaling(
         rope_type="longrope", short_factor=(1.0, 1.0), long_factor=(2.0, 2.0),
         original_max_position_embeddings=64))
-    assert scoring.prefix_sharing(longrope, 64, 16, 64) is None
+    assert scoring.prefix_sharing(longrope, rows(4, 16), 16) is None
+    mixed = rows(4, 4)
+    mixed.tokens[1, 7] = 39  # row 1's prompt differs from row 0's
+    with pytest.raises(ValueError, match="first 8 tokens columns are not the same within each run of 4"):
+        scoring.prefix_sharing(config, mixed, 4)
 
 
 # ---------------------------------------------------------------- gradients
