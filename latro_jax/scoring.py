@@ -1,6 +1,6 @@
 """Log-probabilities of rows under any parameters: the one place every algorithm scores tokens.
 
-    scorer = Scorer(graphdef, microbatches=8, mesh=mesh)
+    scorer = Scorer(graphdef, model.config, microbatches=8, mesh=mesh)
     z_logp, y_logp = scorer.span_logprobs(params, rows.arrays(), ("rationale_mask", "answer_mask"))
     ref_z_logp, = scorer.span_logprobs(reference_params, rows.arrays(), ("rationale_mask",))
 
@@ -109,11 +109,11 @@ def span_logprob(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
 
 class Scorer:
     """Scores host rows (dicts of [B, S] arrays holding at least `tokens` and `valid`) under
-    given parameters of one model graph, without gradients."""
+    given parameters of one model graph (of `config`), without gradients."""
 
-    def __init__(self, graphdef: Any, *, microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
-                 chunk_size: int = 128):
-        self.microbatches, self.mesh = microbatches, mesh
+    def __init__(self, graphdef: Any, config: ModelConfig, *, microbatches: int = 1,
+                 mesh: jax.sharding.Mesh | None = None, chunk_size: int = 128):
+        self.config, self.microbatches, self.mesh = config, microbatches, mesh
         self.scored_tokens = 0  # real tokens scored so far (a running count, for throughput)
 
         def tokens_fn(params, tokens, valid, *, temperature, shared_prefix=None):
@@ -131,6 +131,11 @@ class Scorer:
         self.scored_tokens += int(np.asarray(arrays["valid"]).sum())
         placed = sharding.split_microbatches({k: arrays[k] for k in names}, self.microbatches, self.mesh)
         return [{k: v[m] for k, v in placed.items()} for m in range(self.microbatches)]
+
+    def prefix_sharing(self, rows: Rows, samples: int) -> tuple[int, int] | None:
+        """prefix_sharing for rows split as this scorer (and the step, under the same Context)
+        splits them."""
+        return prefix_sharing(self.config, rows, samples, microbatches=self.microbatches, mesh=self.mesh)
 
     def token_logprobs(self, params, arrays: dict[str, np.ndarray], *, temperature: float = 1.0,
                        shared_prefix: tuple[int, int] | None = None) -> np.ndarray:

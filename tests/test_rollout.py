@@ -68,7 +68,7 @@ def _scored_both_ways(model, sampling_params, key):
     fast = rollout.sample_rows(model, prompts, answers, [[44, 2]] * 3, policy_logprobs=True, **kw)
     plain = rollout.sample_rows(model, prompts, answers, [[44, 2]] * 3, **kw)
     graphdef, params = nnx.split(model)
-    scored = Scorer(graphdef).span_logprobs(params, plain.rows.arrays(), ("rationale_mask", "answer_mask"))
+    scored = Scorer(graphdef, model.config).span_logprobs(params, plain.rows.arrays(), ("rationale_mask", "answer_mask"))
     return fast, plain, scored
 
 

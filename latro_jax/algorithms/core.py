@@ -117,7 +117,7 @@ class Learner:
         ctx = algorithm.ctx
         self.algorithm = algorithm
         self.trainer = Trainer(model, optim, algorithm.loss, microbatches=ctx.microbatches, mesh=ctx.mesh)
-        self.scorer = Scorer(self.trainer.graphdef, microbatches=ctx.microbatches, mesh=ctx.mesh,
+        self.scorer = Scorer(self.trainer.graphdef, model.config, microbatches=ctx.microbatches, mesh=ctx.mesh,
                              chunk_size=ctx.logprob_chunk)
         copy = lambda: jax.tree.map(jnp.copy, self.trainer.state.params)
         self.reference = copy() if algorithm.needs_reference else None

@@ -99,8 +99,7 @@ class Latro:
         share_prompts the scoring passes and the step run each question's prompt once."""
         cfg, K = self.cfg, self.cfg.num_samples
         arrays = ro.rows.arrays()
-        shared = scoring.prefix_sharing(policies.model().config, ro.rows, K, microbatches=self.ctx.microbatches,
-                                        mesh=self.ctx.mesh) if cfg.share_prompts else None
+        shared = policies.scorer.prefix_sharing(ro.rows, K) if cfg.share_prompts else None
         if ro.z_logp is not None:
             z_logp, y_logp = ro.z_logp, ro.y_logp
         else:

@@ -256,9 +256,7 @@ class Mrt:
         rows = rollout.completion_rows(ro.prompts, ro.continuations, pad_id=self.ctx.pad_id)
         arrays = dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask,
                       advantages=advantages)
-        shared = scoring.prefix_sharing(policies.model().config, rows, cfg.num_samples,
-                                        microbatches=self.ctx.microbatches, mesh=self.ctx.mesh
-                                        ) if cfg.share_prompts else None
+        shared = policies.scorer.prefix_sharing(rows, cfg.num_samples) if cfg.share_prompts else None
         if self.needs_reference:
             arrays["ref_logp"] = policies.scorer.token_logprobs(policies.reference, arrays,
                                                                 temperature=self.temperature, shared_prefix=shared)

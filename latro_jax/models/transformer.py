@@ -136,10 +136,7 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
             cache = (k_cache, v_cache)
             k, v, q = k_cache, v_cache, q.astype(k_cache.dtype)
-        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=accumulation_dtype(self.dtype))
-        probs = self._probs(scores, T, mask[:, None, None]).astype(v.dtype)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=accumulation_dtype(self.dtype))
-        return self._out(out.astype(v.dtype), B, T), cache
+        return self._out(self._attend(q, k, v, T, mask[:, None, None]), B, T), cache
 
     def shared_prefix(self, x_p, x_s, rope_p, rope_s, mask_p, mask_sp, mask_ss):
         """Attention of rows that share their first W tokens in groups of g consecutive rows,
@@ -153,9 +150,7 @@ class Attention(nnx.Module):
         g, acc = B // N, accumulation_dtype(self.dtype)
         q_p, k_p, v_p = self._project(x_p, rope_p)
         q_s, k_s, v_s = self._project(x_s, rope_s)
-        probs = self._probs(jnp.einsum("bkqd,bkds->bkqs", q_p, k_p, preferred_element_type=acc),
-                            W, mask_p[:, None, None]).astype(v_p.dtype)
-        out_p = jnp.einsum("bkqs,bksd->bkqd", probs, v_p, preferred_element_type=acc)
+        out_p = self._attend(q_p, k_p, v_p, W, mask_p[:, None, None])
         # a row's queries against its group's prefix keys (no copy of them per row) and its own
         q_grouped = q_s.reshape(N, g, *q_s.shape[1:])
         to_prefix = jnp.einsum("ngkqd,nkds->ngkqs", q_grouped, k_p, preferred_element_type=acc)
@@ -166,7 +161,7 @@ class Attention(nnx.Module):
         out_s = (jnp.einsum("ngkqs,nksd->ngkqd", probs[..., :W].reshape(N, g, *probs.shape[1:-1], W), v_p,
                             preferred_element_type=acc).reshape(B, *probs.shape[1:-1], -1)
                  + jnp.einsum("bkqs,bksd->bkqd", probs[..., W:], v_s, preferred_element_type=acc))
-        return self._out(out_p.astype(v_p.dtype), N, W), self._out(out_s.astype(v_s.dtype), B, C)
+        return self._out(out_p, N, W), self._out(out_s.astype(v_s.dtype), B, C)
 
     def _project(self, x, rope):
         """q [B, KVH, G*T, D] (rows g-major), k [B, KVH, D, T], v [B, KVH, T, D] of x [B, T, hidden]."""
@@ -181,6 +176,13 @@ class Attention(nnx.Module):
         v = qkv[:, :, :, G + 1]
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)
         return q.reshape(B, c.num_kv_heads, G * T, c.head_dim), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+    def _attend(self, q, k, v, T, mask):
+        """softmax(q k / sqrt(D), masked by mask as in _probs) v, in v's dtype, for q [B, KVH, G*T, D],
+        k [B, KVH, D, S], v [B, KVH, S, D] -> [B, KVH, G*T, D]."""
+        acc = accumulation_dtype(self.dtype)
+        probs = self._probs(jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=acc), T, mask)
+        return jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=acc).astype(v.dtype)
 
     def _probs(self, scores, T, mask):
         """softmax over keys of scaled scores [B, KVH, G*T, S], masked by mask (broadcasting
@@ -236,6 +238,12 @@ class Block(nnx.Module):
                                                  mask_p, mask_sp, mask_ss)
         h_p, h_s = x_p + attn_p, x_s + attn_s
         return h_p + self.mlp(self.mlp_norm(h_p)), h_s + self.mlp(self.mlp_norm(h_s))
+
+
+def _positions(valid: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """[B, T] int32 position of each token: offset + the number of real tokens before it
+    (padding takes its next real token's, or 0 before the first)."""
+    return jnp.maximum(offset + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
 
 
 class Transformer(nnx.Module):
@@ -302,7 +310,7 @@ class Transformer(nnx.Module):
         valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
         offset = 0 if cache is None else cache.lengths[:, None]
         if positions is None:
-            positions = jnp.maximum(offset + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+            positions = _positions(valid, offset)
         if cache is None:
             q_slots, k_slots, k_valid = jnp.arange(T), jnp.arange(T), valid
         else:
@@ -313,7 +321,7 @@ class Transformer(nnx.Module):
         rope = rope_angles(self.config, positions)
         h = self.embed(tokens)
         if cache is None:
-            h = self._scan_layers(h, rope, mask)
+            h = self._scan_layers(h, lambda block, h: block(h, rope, mask)[0])
         else:
             ks, vs = [], []
             for block, k, v in zip(layers or self.unstack_layers(), cache.k, cache.v):
@@ -340,23 +348,16 @@ class Transformer(nnx.Module):
         valid = valid.astype(bool)
         tok_p, valid_p = tokens[::group, :width], valid[::group, :width]
         tok_s, valid_s = tokens[:, width:], valid[:, width:]
-        pos_p = jnp.maximum(jnp.cumsum(valid_p, axis=1, dtype=jnp.int32) - 1, 0)
-        before = jnp.repeat(valid_p.sum(axis=1, dtype=jnp.int32), group)[:, None]
-        pos_s = jnp.maximum(before + jnp.cumsum(valid_s, axis=1, dtype=jnp.int32) - 1, 0)
+        pos_p = _positions(valid_p)
+        pos_s = _positions(valid_s, jnp.repeat(valid_p.sum(axis=1, dtype=jnp.int32), group)[:, None])
         slot_p, slot_s = jnp.arange(width), width + jnp.arange(T - width)
         mask_p = self._allowed(slot_p, slot_p)[None] & valid_p[:, None, :]
         mask_sp = self._allowed(slot_s, slot_p)[None] & valid_p[:, None, :]
         mask_ss = self._allowed(slot_s, slot_s)[None] & valid_s[:, None, :]
         rope_p, rope_s = rope_angles(self.config, pos_p), rope_angles(self.config, pos_s)
-        graphdef, layer_params = nnx.split(self.layers)
-
-        def layer_fn(h, params):
-            block = nnx.merge(graphdef, params)
-            return block.shared_prefix(*h, rope_p, rope_s, mask_p, mask_sp, mask_ss), None
-
-        if self.remat != "none":
-            layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[self.remat])
-        h_p, h_s = jax.lax.scan(layer_fn, (self.embed(tok_p), self.embed(tok_s)), layer_params)[0]
+        h_p, h_s = self._scan_layers(
+            (self.embed(tok_p), self.embed(tok_s)),
+            lambda block, h: block.shared_prefix(*h, rope_p, rope_s, mask_p, mask_sp, mask_ss))
         return self.norm(h_p), self.norm(h_s)
 
     def _allowed(self, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
@@ -367,12 +368,13 @@ class Transformer(nnx.Module):
             allowed &= q_slots[:, None] - k_slots[None, :] < self.config.sliding_window
         return allowed
 
-    def _scan_layers(self, h, rope, mask):
+    def _scan_layers(self, h, apply_layer):
+        """h (an array or a tuple of them) through the stacked layers under lax.scan, with remat if
+        configured: h = apply_layer(block, h) per layer. One compiled layer for training."""
         graphdef, layer_params = nnx.split(self.layers)
 
         def layer_fn(h, params):
-            h, _ = nnx.merge(graphdef, params)(h, rope, mask)
-            return h, None
+            return apply_layer(nnx.merge(graphdef, params), h), None
 
         if self.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[self.remat])
