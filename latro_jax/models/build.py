@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -14,7 +15,7 @@ from latro_jax.models.config import ConfigError, ModelConfig
 from latro_jax.models.transformer import Remat, Transformer
 
 
-def _construct(config: ModelConfig, dtype, param_dtype, remat: Remat, seed: int) -> Transformer:
+def _construct(config: ModelConfig, dtype, param_dtype, remat: Remat, seed: int | jax.Array) -> Transformer:
     # Partition annotations are metadata only; placement happens through jit / device_put.
     with nnx.use_eager_sharding(False):
         return Transformer(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
@@ -32,11 +33,19 @@ def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", param_dty
                remat: Remat = "none", mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """A randomly initialised model (normal(initializer_range) weights, unit norms), its
     parameters sharded over `mesh` when given."""
+    graphdef, initialise = _initializer(config, str(dtype), str(param_dtype), remat, mesh)
+    return nnx.merge(graphdef, initialise(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(config: ModelConfig, dtype: str, param_dtype: str, remat: Remat,
+                 mesh: jax.sharding.Mesh | None):
+    """(graphdef, jitted PRNG key -> parameters placed on mesh): compiled once per model shape, so
+    models differing only in their seed (tests, sweeps over seeds) reuse the program."""
     graphdef, abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
     shardings = None if mesh is None else sharding.param_shardings(abstract, mesh)
-    state = jax.jit(lambda: nnx.state(_construct(config, dtype, param_dtype, remat, seed)),
-                    out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    return graphdef, jax.jit(lambda key: nnx.state(_construct(config, dtype, param_dtype, remat, key)),
+                             out_shardings=shardings)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
