@@ -20,6 +20,24 @@ TINY = models.ModelConfig(family="llama", vocab_size=40, hidden_size=16, interme
                           initializer_range=0.3, eos_token_id=(2,))
 
 
+def test_init_model_is_the_seeded_construction_however_its_dtype_is_spelled():
+    """init_model's cached, compiled initialiser gives the model built eagerly from the seed
+    (nnx.Rngs(seed); equal to float32 rounding: the compiled normal sampler rounds differently),
+    the same arrays for dtypes given as names or as jnp types, and another seed differs."""
+    from latro_jax.models.build import _construct
+    eager = models.param_arrays(_construct(TINY, "bfloat16", "float32", "none", 7))
+    named, typed = (models.init_model(TINY, seed=7, dtype=dtype, param_dtype=param_dtype)
+                    for dtype, param_dtype in (("bfloat16", "float32"), (jnp.bfloat16, jnp.float32)))
+    assert named.dtype == typed.dtype == jnp.bfloat16
+    got, got_typed = models.param_arrays(named), models.param_arrays(typed)
+    assert got.keys() == got_typed.keys() == eager.keys()
+    for name in eager:
+        np.testing.assert_array_equal(np.asarray(got_typed[name]), np.asarray(got[name]), err_msg=name)
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(eager[name]), rtol=1e-6, atol=0, err_msg=name)
+    other = models.param_arrays(models.init_model(TINY, seed=8, dtype="bfloat16"))
+    assert not np.array_equal(np.asarray(other["embed/embedding"]), np.asarray(eager["embed/embedding"]))
+
+
 @pytest.mark.parametrize("schedule,warmup", [("linear", 0), ("linear", 3), ("cosine", 2), ("constant", 4)])
 def test_schedules_follow_their_definitions(schedule, warmup):
     cfg = OptimConfig(learning_rate=1e-3, schedule=schedule, warmup_steps=warmup, total_steps=10)

@@ -33,7 +33,7 @@ def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", param_dty
                remat: Remat = "none", mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """A randomly initialised model (normal(initializer_range) weights, unit norms), its
     parameters sharded over `mesh` when given."""
-    graphdef, initialise = _initializer(config, str(dtype), str(param_dtype), remat, mesh)
+    graphdef, initialise = _initializer(config, jnp.dtype(dtype).name, jnp.dtype(param_dtype).name, remat, mesh)
     return nnx.merge(graphdef, initialise(jax.random.key(seed)))
 
 
