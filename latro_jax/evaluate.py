@@ -267,5 +267,8 @@ def _define_flags():
 
 if __name__ == "__main__":
     from absl import app
+
+    from latro_jax.huge_pages import reexec_with_huge_pages
+    reexec_with_huge_pages()
     _define_flags()
     app.run(main)

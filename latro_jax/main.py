@@ -90,4 +90,6 @@ def _initialize_distributed(jax) -> None:
 
 
 if __name__ == "__main__":
+    from latro_jax.huge_pages import reexec_with_huge_pages
+    reexec_with_huge_pages()
     app.run(lambda argv: sys.exit(main(argv)))

@@ -249,3 +249,47 @@ def test_mrt_resumes_bit_exactly_with_its_refreshed_pi_old(tmp_path):
     expected, got = _final_tensors(tmp_path / "whole"), _final_tensors(workdir)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+_PROBE = """
+import os, resource, sys
+from latro_jax import huge_pages
+huge_pages.reexec_with_huge_pages()
+import jax, jax.numpy as jnp
+double = jax.jit(lambda x: x * 2)
+x = jnp.ones(2**24)  # each call's output: a fresh 64 MiB buffer, freed before the next
+for _ in range(2):
+    double(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    double(x).block_until_ready()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(repr(os.environ.get("GLIBC_TUNABLES")), os.getpid(), faults)
+"""
+
+
+def _probe(env):
+    proc = subprocess.Popen([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    tunables, pid, faults = out.split()
+    return eval(tunables), int(pid), int(faults), proc.pid
+
+
+def test_entry_points_run_again_once_with_malloc_on_transparent_huge_pages():
+    """huge_pages.reexec_with_huge_pages (main's first call) replaces the process -- same pid, so
+    launchers and signals still reach it -- by itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+    where glibc >= 2.35 and transparent huge pages are on; XLA's fresh 64 MiB buffers then fault
+    in as huge pages. A GLIBC_TUNABLES the user set, even empty, is kept."""
+    from latro_jax import huge_pages
+    plain = {k: v for k, v in ENV.items() if k != "GLIBC_TUNABLES"}
+    kept, _, faults_4k, _ = _probe({**plain, "GLIBC_TUNABLES": ""})
+    assert kept == ""
+    tunables, pid, faults, popen_pid = _probe(plain)
+    assert pid == popen_pid
+    usable = (huge_pages.glibc_version() or (0, 0)) >= (2, 35) and huge_pages.transparent_huge_pages_usable()
+    assert tunables == (huge_pages.TUNABLE if usable else None)
+    if usable and "[madvise]" in open(huge_pages.THP_MODE).read():  # huge pages only where asked for
+        assert faults_4k > 8 * 2**26 // 4096 // 2, faults_4k  # ~16384 faults per call in 4 KiB pages
+        assert faults < faults_4k / 10, (faults, faults_4k)
