@@ -56,6 +56,8 @@ flags.DEFINE_integer("rounds", 3, "Measured updates per implementation (after on
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default, all cores).")
 flags.DEFINE_bool("skip_torch", False, "Only time latro_jax.")
 flags.DEFINE_bool("reuse_sampler_logprobs", True, "latro_jax takes the policy's log-probs from the sampler.")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "latro_jax's layer rematerialisation in the step "
+                  "(config model.remat): dots keeps the matmul outputs and recomputes the rest.")
 flags.DEFINE_bool("share_prompts", True, "latro_jax runs each question's prompt once in the reference pass and the step.")
 
 MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
@@ -89,7 +91,7 @@ class LatroJax:
                           max_rationale_tokens=s["L"], reuse_sampler_logprobs=FLAGS.reuse_sampler_logprobs,
                           share_prompts=FLAGS.share_prompts)
         self.algorithm = Latro(cfg, Context(task=None, fmt=None, stops=Stops(ids=()), microbatches=s["microbatches"]))
-        self.learner = Learner(self.algorithm, models.load_hf(folder), OptimConfig(learning_rate=LR))
+        self.learner = Learner(self.algorithm, models.load_hf(folder, remat=FLAGS.remat), OptimConfig(learning_rate=LR))
         self.prompts, self.answers = prompts, answers
 
     def update(self, round_: int) -> dict:

@@ -36,6 +36,7 @@ flags.DEFINE_integer("top", 20, "Slowest ops to list.")
 flags.DEFINE_integer("group", 1, "Rows per shared prompt (the bench shape's K = 4): > 1 runs each "
                      "group's first --prompt_width columns once (token_logprobs' shared_prefix).")
 flags.DEFINE_integer("prompt_width", 64, "Prompt columns shared within a --group.")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "The layers' rematerialisation (models' remat).")
 
 
 def op_kind(name: str) -> str:
@@ -69,7 +70,7 @@ def main(_):
 
     with tempfile.TemporaryDirectory() as folder:
         make_model(folder)
-        graphdef, params = nnx.split(models.load_hf(folder))
+        graphdef, params = nnx.split(models.load_hf(folder, remat=FLAGS.remat))
     tokens = np.random.default_rng(0).integers(1, 8192, (FLAGS.rows, FLAGS.tokens)).astype(np.int32)
     shared = (FLAGS.prompt_width, FLAGS.group) if FLAGS.group > 1 else None
     if shared:
