@@ -1,6 +1,7 @@
 """The training job end to end on configs/tiny.py: bad configs, resume after SIGKILL, SIGTERM,
 export loaded by transformers."""
 
+import ast
 import json
 import os
 import shutil
@@ -274,7 +275,7 @@ def _probe(env):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     tunables, pid, faults = out.split()
-    return eval(tunables), int(pid), int(faults), proc.pid
+    return ast.literal_eval(tunables), int(pid), int(faults), proc.pid
 
 
 def test_entry_points_run_again_once_with_malloc_on_transparent_huge_pages():
