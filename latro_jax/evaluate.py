@@ -21,6 +21,10 @@ cut at b tokens as it stands, which can extract "-6" from "10-6=" (no forcing).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, so the jax imports below are not done twice
+    from latro_jax.huge_pages import reexec_with_huge_pages
+    reexec_with_huge_pages()
+
 import collections
 import dataclasses
 import json
@@ -268,7 +272,5 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
 
-    from latro_jax.huge_pages import reexec_with_huge_pages
-    reexec_with_huge_pages()
     _define_flags()
     app.run(main)

@@ -40,10 +40,16 @@ def transparent_huge_pages_usable() -> bool:
         return False
 
 
+def supported() -> bool:
+    """Whether this system honours the tunable: Linux, glibc >= 2.35, transparent huge pages on."""
+    return (sys.platform == "linux" and (glibc_version() or (0, 0)) >= (2, 35)
+            and transparent_huge_pages_usable())
+
+
 def wanted() -> bool:
-    """Whether this process should re-execute itself with the tunable."""
-    return ("GLIBC_TUNABLES" not in os.environ and sys.platform == "linux"
-            and (glibc_version() or (0, 0)) >= (2, 35) and transparent_huge_pages_usable())
+    """Whether this process should re-execute itself with the tunable: supported() and the user
+    set no GLIBC_TUNABLES."""
+    return "GLIBC_TUNABLES" not in os.environ and supported()
 
 
 def reexec_with_huge_pages() -> None:

@@ -289,7 +289,7 @@ def test_entry_points_run_again_once_with_malloc_on_transparent_huge_pages():
     assert kept == ""
     tunables, pid, faults, popen_pid = _probe(plain)
     assert pid == popen_pid
-    usable = (huge_pages.glibc_version() or (0, 0)) >= (2, 35) and huge_pages.transparent_huge_pages_usable()
+    usable = huge_pages.supported()
     assert tunables == (huge_pages.TUNABLE if usable else None)
     if usable and "[madvise]" in open(huge_pages.THP_MODE).read():  # huge pages only where asked for
         assert faults_4k > 8 * 2**26 // 4096 // 2, faults_4k  # ~16384 faults per call in 4 KiB pages
