@@ -1,5 +1,5 @@
 """Test set-up: 8 fake CPU devices (before jax initialises), float32 matmuls everywhere, and one
-persistent compilation cache for the session's subprocess jobs."""
+persistent compilation cache for the whole session."""
 
 import atexit
 import os
@@ -10,21 +10,22 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# One JAX persistent compilation cache for the session, set before jax is imported so this process
+# and the ~60 training jobs the tests run as subprocesses (python -m latro_jax.main, launch/*.py,
+# most on configs/tiny.py) all compile each distinct program once: tests build fresh models and
+# learners whose jitted functions lower to programs earlier tests compiled. A tiny job takes ~19 s
+# cold and ~7 s warm with bit-identical outputs; tests/test_mrt.py 135-147 s without, 92 s with.
+# A cache hit still fires jax's backend-compile event, so compile counts mean what they did.
+_XLA_CACHE = tempfile.mkdtemp(prefix="latro_jax_tests_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# The tests run the training job (python -m latro_jax.main, launch/*.py) in ~60 subprocesses, most
-# on configs/tiny.py: with one JAX persistent compilation cache they compile each program once
-# per session instead of once per job (a tiny job: ~19 s cold, ~7 s warm, bit-identical outputs).
-# Set after `import jax` above, so this process keeps jax's default (no cache) and its compile
-# counts stay what the tests measure.
-_XLA_CACHE = tempfile.mkdtemp(prefix="latro_jax_tests_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,7 @@ def test_no_update_after_the_first_compiles_anything_new(name):
     """Updates 2-4 on the same questions (rows of the widths the first update met, given the
     tiny config's budget) compile no new XLA program: no jit of a fresh closure per update, no
     Python scalar or weak type that changes an argument's signature. Counted with JAX's own
-    backend-compile event."""
+    backend-compile event (which fires on a persistent-cache hit too)."""
     config = get_config()
     config.stages = name
     job = run.build(config)
