@@ -235,10 +235,9 @@ class Logger:
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         if self.active:
-            from tensorboardX import SummaryWriter
             self._rewrite(lambda row: True)
             self.jsonl = open(self.path, "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
 
     def _rewrite(self, keep) -> None:
         """Keep the complete rows for which keep(row) holds."""
@@ -277,6 +276,21 @@ class Logger:
         if self.active:
             self.jsonl.close()
             self.tb.close()
+
+
+def _tensorboard_writer(logdir: str):
+    """tensorboardX's SummaryWriter, imported with torch hidden. tensorboardX imports torch where it
+    is installed, only to recognise torch tensors among the values it is given: that cost each job
+    ~1.5-2 s and put a second framework (with, on GPUs, its own CUDA libraries) in the process."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
 
 
 class Preempted(Exception):
