@@ -10,16 +10,20 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# One JAX persistent compilation cache for the session, set before jax is imported so this process
-# and the ~60 training jobs the tests run as subprocesses (python -m latro_jax.main, launch/*.py,
-# most on configs/tiny.py) all compile each distinct program once: tests build fresh models and
-# learners whose jitted functions lower to programs earlier tests compiled. A tiny job takes ~19 s
-# cold and ~7 s warm with bit-identical outputs; tests/test_mrt.py 135-147 s without, 92 s with.
-# A cache hit still fires jax's backend-compile event, so compile counts mean what they did.
-_XLA_CACHE = tempfile.mkdtemp(prefix="latro_jax_tests_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# One JAX persistent compilation cache for the session, set before jax is imported so the pytest
+# processes (pytest-xdist's workers inherit the first process's folder) and the ~60 training jobs
+# the tests run as subprocesses (python -m latro_jax.main, launch/*.py, most on configs/tiny.py)
+# all compile each distinct program once: tests build fresh models and learners whose jitted
+# functions lower to programs earlier tests compiled. A tiny job takes ~19 s cold and ~7 s warm
+# with bit-identical outputs; tests/test_mrt.py 135-147 s without, 92 s with. A cache hit still
+# fires jax's backend-compile event, so compile counts mean what they did.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="latro_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A size limit turns on jax's file lock around cache reads and writes (filelock, a dependency of
+# huggingface_hub): processes that run at the same time never read an entry another is writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
