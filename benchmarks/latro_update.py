@@ -3,6 +3,7 @@ r"""One LaTRO update, latro_jax against the PyTorch way, side by side on the sam
     python benchmarks/latro_update.py                  # the bench shape (below), 3 rounds
     python benchmarks/latro_update.py --paper          # K = 16, 128-token prompts (GSM8K chat prompts)
     python benchmarks/latro_update.py --questions=4 --samples=4 --rationale_tokens=32   # any shape
+    python benchmarks/latro_update.py --layers=16      # a model with twice the layers
 
 Both sides load the same randomly initialised Llama from one HF folder (bench shape: hidden
 512, 8 layers, 8 heads, 2 KV heads, intermediate 1408, vocab 8192) and run the same update
@@ -50,6 +51,7 @@ flags.DEFINE_integer("samples", 4, "K, rationales per question.")
 flags.DEFINE_integer("prompt_tokens", 64, "P, prompt length.")
 flags.DEFINE_integer("rationale_tokens", 128, "L, rationale length (no stop: every rationale runs to L).")
 flags.DEFINE_integer("answer_tokens", 8, "Answer length.")
+flags.DEFINE_integer("layers", 8, "Decoder layers of the benchmark's model (16: twice its layer parameters).")
 flags.DEFINE_integer("microbatches", 0, "Micro-batches of the scoring and training passes, both sides "
                      "(0: 1 for the bench shape, 8 for --paper, as configs/base.py's LaTRO recipes).")
 flags.DEFINE_integer("rounds", 3, "Measured updates per implementation (after one warm-up each).")
@@ -69,14 +71,15 @@ def shape() -> dict:
     samples, prompt = (16, 128) if FLAGS.paper else (FLAGS.samples, FLAGS.prompt_tokens)
     microbatches = FLAGS.microbatches or (8 if FLAGS.paper else 1)
     return dict(N=FLAGS.questions, K=samples, P=prompt, L=FLAGS.rationale_tokens, A=FLAGS.answer_tokens,
-                microbatches=microbatches)
+                microbatches=microbatches, layers=FLAGS.layers)
 
 
 def make_model(folder: str) -> None:
     import torch
     import transformers
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL)).save_pretrained(folder)
+    config = transformers.LlamaConfig(**{**MODEL, "num_hidden_layers": FLAGS.layers})
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
 
 
 class LatroJax:
