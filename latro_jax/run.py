@@ -281,7 +281,7 @@ class Logger:
 def _tensorboard_writer(logdir: str):
     """tensorboardX's SummaryWriter, imported with torch hidden. tensorboardX imports torch where it
     is installed, only to recognise torch tensors among the values it is given: that cost each job
-    ~1.5-2 s and put a second framework (with, on GPUs, its own CUDA libraries) in the process."""
+    ~1 s and ~190 MB and put a second framework (on GPUs, with its own CUDA libraries) beside jax."""
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles

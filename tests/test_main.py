@@ -298,7 +298,7 @@ def _probe(env):
 
 def test_the_job_logs_to_tensorboard_without_importing_torch(tmp_path):
     """tensorboardX imports torch when it is installed (as it is here); the job's writer hides it:
-    ~1.5-2 s and ~190 MB less per job, and no second framework beside jax in the process."""
+    ~1 s and ~190 MB less per job, and no second framework beside jax in the process."""
     code = ("import sys; from latro_jax.run import Logger; log = Logger(sys.argv[1]); "
             "log.log('latro', 3, {'reward': 0.25}); log.close(); "
             "print([m for m in sys.modules if m.split('.')[0] == 'torch'])")
