@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from bench_model import MODEL, make_model  # noqa: E402  (benchmarks/ is the script's folder)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("paper", False, "The paper's shape: K = 16 rationales, 128-token prompts (overrides those flags).")
 flags.DEFINE_integer("questions", 8, "N, questions per update.")
@@ -62,8 +64,6 @@ flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "latro_jax's layer 
                   "(config model.remat): dots keeps the matmul outputs and recomputes the rest.")
 flags.DEFINE_bool("share_prompts", True, "latro_jax runs each question's prompt once in the reference pass and the step.")
 
-MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-             intermediate_size=1408, vocab_size=8192, max_position_embeddings=2048)
 BETA, NONSTOP_PENALTY, SFT_COEF, LR = 0.05, 2.0, 1.0, 5e-7
 
 
@@ -72,14 +72,6 @@ def shape() -> dict:
     microbatches = FLAGS.microbatches or (8 if FLAGS.paper else 1)
     return dict(N=FLAGS.questions, K=samples, P=prompt, L=FLAGS.rationale_tokens, A=FLAGS.answer_tokens,
                 microbatches=microbatches, layers=FLAGS.layers)
-
-
-def make_model(folder: str) -> None:
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**MODEL, "num_hidden_layers": FLAGS.layers})
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
 
 
 class LatroJax:
@@ -177,7 +169,7 @@ def main(_):
     prompts = rng.integers(1, MODEL["vocab_size"], (s["N"], s["P"])).tolist()
     answers = rng.integers(1, MODEL["vocab_size"], (s["N"], s["A"])).tolist()
     with tempfile.TemporaryDirectory() as folder:
-        make_model(folder)
+        make_model(folder, FLAGS.layers)
         impls = {"latro_jax": LatroJax(folder, s, prompts, answers)}
         if not FLAGS.skip_torch:
             impls["torch"] = Torch(folder, s, prompts, answers)

@@ -9,7 +9,7 @@ Prints, for the jitted forward and forward + backward (after a warm-up call): th
 of --repeats calls, the CPU time (user / system) and minor page faults per call; then, from a
 jax.profiler trace of one forward + backward, the time per XLA op kind (dots are `ynn_fusion` /
 `dot` on XLA:CPU; the rest is memory traffic: scan residual stacking, zero fills, copies, pads)
-and the --top slowest ops. The model is the bench shape's random Llama (benchmarks/latro_update.py).
+and the --top slowest ops. The model is the bench shape's random Llama (benchmarks/bench_model.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(_):
     import jax
     import numpy as np
     from flax import nnx
-    from latro_update import make_model  # benchmarks/ is the script's folder
+    from bench_model import make_model  # benchmarks/ is the script's folder
 
     from latro_jax import models, scoring
 
