@@ -30,9 +30,9 @@ def test_latro_update_times_both_implementations_and_reports_their_ratio():
     for r in rounds:
         assert {k: r[k] for k in shape} == shape
         parts = [r["sample_s"], r["score_s"], r["step_s"]]
-        assert min(parts) > 0 and abs(sum(parts) - r["total_s"]) < 2e-3, r
+        assert min(parts) > 0 and abs(sum(parts) - r["total_s"]) < 3e-3, r  # each rounded to 1 ms
     totals = {impl: [r["total_s"] for r in rounds if r["impl"] == impl] for impl in ("latro_jax", "torch")}
-    assert summary["latro_jax_median_s"] == round(float(np.median(totals["latro_jax"])), 3)
+    assert abs(summary["latro_jax_median_s"] - np.median(totals["latro_jax"])) < 1.5e-3
     ratio = np.median(totals["torch"]) / np.median(totals["latro_jax"])
     assert abs(summary["ratio_torch_over_latro_jax"] - ratio) < 0.02 and summary["peak_rss_gb"] > 0
 
