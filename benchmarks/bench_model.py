@@ -1,6 +1,7 @@
 """The benchmarks' model: a randomly initialised Llama (torch seed 0) saved as an HF folder, which
-latro_jax and transformers both load (hidden 512, 8 layers, 8 heads, 2 KV heads, intermediate 1408,
-vocab 8192: the bench shape of benchmarks/latro_update.py and benchmarks/step_profile.py)."""
+latro_jax and transformers both load. MODEL is the bench shape (hidden 512, 8 layers, 8 heads,
+2 KV heads, intermediate 1408, vocab 8192) of benchmarks/latro_update.py, step_profile.py and
+sampling.py's CPU preset."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_ke
              intermediate_size=1408, vocab_size=8192, max_position_embeddings=2048)
 
 
-def make_model(folder: str, layers: int = MODEL["num_hidden_layers"]) -> None:
-    """Write the model, with `layers` decoder layers, to `folder`."""
+def make_model(folder: str, dtype: str = "float32", **config) -> None:
+    """Write the model to `folder` in `dtype`, MODEL's LlamaConfig fields overridden by `config`
+    (e.g. num_hidden_layers=16)."""
     import torch
     import transformers
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**MODEL, "num_hidden_layers": layers})
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**MODEL, **config}))
+    model.to(getattr(torch, dtype)).save_pretrained(folder)

@@ -169,7 +169,7 @@ def main(_):
     prompts = rng.integers(1, MODEL["vocab_size"], (s["N"], s["P"])).tolist()
     answers = rng.integers(1, MODEL["vocab_size"], (s["N"], s["A"])).tolist()
     with tempfile.TemporaryDirectory() as folder:
-        make_model(folder, FLAGS.layers)
+        make_model(folder, num_hidden_layers=s["layers"])
         impls = {"latro_jax": LatroJax(folder, s, prompts, answers)}
         if not FLAGS.skip_torch:
             impls["torch"] = Torch(folder, s, prompts, answers)

@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from bench_model import make_model  # noqa: E402  (benchmarks/ is the script's folder)
+
 PRESETS = {
     # The issue's bench configuration for a 2-core CPU.
     "cpu": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=8192,
@@ -42,14 +44,10 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 
 
 def make_hf_folder(cfg: dict, out: str) -> None:
-    import torch
-    import transformers
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["kv_heads"], max_position_embeddings=2048)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"])).save_pretrained(out)
+    """The preset's model (benchmarks/bench_model.py) in its dtype."""
+    make_model(out, dtype=cfg["dtype"], vocab_size=cfg["vocab"], hidden_size=cfg["hidden"],
+               intermediate_size=cfg["intermediate"], num_hidden_layers=cfg["layers"],
+               num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"])
 
 
 def best_time(fn, repeats: int) -> float:
