@@ -25,6 +25,10 @@ each; every measurement is one JSON line: {"impl", "round", "sample_s", "score_s
 last line gives the medians, the median ratio torch / latro_jax and the process's peak RSS
 (latro_jax's alone with --skip_torch).
 
+Like the job (`python -m latro_jax.main`), the script first re-executes itself with glibc's malloc on
+transparent huge pages (latro_jax/huge_pages.py; the summary's "glibc_tunables" records it; both
+implementations share the process, so both run with it). `GLIBC_TUNABLES= python ...` opts out.
+
 latro_jax's score is the reference pass alone: the policy's log pi(z|x) and log pi(y|x+z) come
 from the sampler (`latro.reuse_sampler_logprobs`, on by default; --noreuse_sampler_logprobs runs
 the policy scoring pass as before), and the reference pass and the step run each question's
@@ -188,10 +192,13 @@ def main(_):
     summary = {f"{name}_median_s": round(float(np.median(v)), 3) for name, v in totals.items()}
     # the process's peak resident memory (both implementations, unless --skip_torch)
     summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    summary["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")  # the malloc both ran under
     if "torch" in totals:
         summary["ratio_torch_over_latro_jax"] = round(float(np.median(totals["torch"]) / np.median(totals["latro_jax"])), 2)
     print(json.dumps({"summary": True, **s, **summary}), flush=True)
 
 
 if __name__ == "__main__":
+    from latro_jax.huge_pages import reexec_with_huge_pages
+    reexec_with_huge_pages()  # as the job does: malloc on transparent huge pages (GLIBC_TUNABLES= opts out)
     app.run(main)

@@ -152,4 +152,6 @@ def main(_):
 
 
 if __name__ == "__main__":
+    from latro_jax.huge_pages import reexec_with_huge_pages
+    reexec_with_huge_pages()  # as the job does: malloc on transparent huge pages (GLIBC_TUNABLES= opts out)
     app.run(main)

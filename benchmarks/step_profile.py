@@ -83,6 +83,7 @@ def main(_):
     forward, backward = jax.jit(loglik), jax.jit(jax.grad(loglik))
     for name, fn in (("forward", forward), ("forward+backward", backward)):
         print(json.dumps({"call": name, "rows": FLAGS.rows, "tokens": FLAGS.tokens, "shared_prefix": shared,
+                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                           **per_call(lambda fn=fn: fn(params), FLAGS.repeats)}), flush=True)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
@@ -107,4 +108,6 @@ def main(_):
 
 
 if __name__ == "__main__":
+    from latro_jax.huge_pages import reexec_with_huge_pages
+    reexec_with_huge_pages()  # as the job does: malloc on transparent huge pages (GLIBC_TUNABLES= opts out)
     app.run(main)

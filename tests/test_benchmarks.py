@@ -9,8 +9,12 @@ import sys
 
 import numpy as np
 
+from latro_jax import huge_pages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+# the scripts re-execute with malloc on transparent huge pages, as the job does (latro_jax.huge_pages)
+MALLOC = os.environ.get("GLIBC_TUNABLES", huge_pages.TUNABLE if huge_pages.supported() else None)
 
 
 def _lines(script, *flags):
@@ -35,6 +39,7 @@ def test_latro_update_times_both_implementations_and_reports_their_ratio():
     assert abs(summary["latro_jax_median_s"] - np.median(totals["latro_jax"])) < 1.5e-3
     ratio = np.median(totals["torch"]) / np.median(totals["latro_jax"])
     assert abs(summary["ratio_torch_over_latro_jax"] - ratio) < 0.02 and summary["peak_rss_gb"] > 0
+    assert summary["glibc_tunables"] == MALLOC
 
 
 def test_step_profile_times_the_step_and_splits_it_by_op_kind():
@@ -43,6 +48,7 @@ def test_step_profile_times_the_step_and_splits_it_by_op_kind():
     forward, backward, kinds, slowest = lines
     assert (forward["call"], backward["call"]) == ("forward", "forward+backward")
     assert forward["shared_prefix"] == [8, 2] and 0 < forward["wall_s"] and 0 < backward["wall_s"]
+    assert forward["glibc_tunables"] == backward["glibc_tunables"] == MALLOC
     (by_kind,) = kinds.values()
     assert any(k.startswith("dot") and v > 0 for k, v in by_kind.items()), by_kind
     (top,) = slowest.values()
