@@ -57,10 +57,11 @@ def token_logprobs(model: Transformer, tokens: jax.Array, valid: jax.Array, *,
 def _chunked_target_logprobs(model: Transformer, hidden: jax.Array, targets: jax.Array,
                              chunk_size: int, temperature: float) -> jax.Array:
     """[B, T] log-probabilities of targets [B, T] under the LM head on hidden [B, T, H], one
-    rematerialised chunk of positions at a time."""
+    rematerialised chunk of positions at a time: ceil(T / chunk_size) equal chunks, so fewer
+    than one position per chunk is padding (160 positions run as 2 x 80, not 2 x 128)."""
     B, T, H = hidden.shape
-    chunk = min(chunk_size, T)
-    n_chunks = -(-T // chunk)
+    n_chunks = -(-T // chunk_size)
+    chunk = -(-T // n_chunks)
     pad = n_chunks * chunk - T
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n_chunks, chunk, H).swapaxes(0, 1)
     targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).swapaxes(0, 1)

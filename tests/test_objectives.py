@@ -72,7 +72,7 @@ def _tiny_model(seed=0, dtype="float32"):
     return models.init_model(config, seed=seed, dtype=dtype, param_dtype=dtype)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 128])
+@pytest.mark.parametrize("chunk", [1, 5, 6, 128])  # 16 positions: 16 x 1, 4 x 4, 3 x 6 (2 padded), 1 x 16
 def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
     model = _tiny_model()
     rng = np.random.RandomState(2)
