@@ -21,6 +21,10 @@ import numpy as np
 from latro_jax import sampling
 from latro_jax.models import Transformer
 
+# A rollout row's columns after its prompt: L + the longest y of the batch, rounded up to this
+# (at most 7 padded columns; a new program only when the longest y crosses a multiple of 8).
+ROLLOUT_BODY_MULTIPLE = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class Stops:
@@ -67,10 +71,16 @@ class Rows:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt_width"}
 
 
-def row_widths(prompts: Sequence[Sequence[int]], body: int) -> tuple[int, int]:
+def row_widths(prompts: Sequence[Sequence[int]], body: int, *, body_multiple: int = 0) -> tuple[int, int]:
     """(prompt width, row length) of rows holding `prompts` and at most `body` tokens after
-    them: both bucketed (sampling.bucket), so a run compiles few programs."""
+    them, so that a run compiles few programs: the width is bucketed (sampling.bucket), and the
+    length too, or, with body_multiple, it is the width plus `body` rounded up to that multiple.
+    The second is for rows whose body is a fixed budget plus a few varying tokens (a rollout's
+    L + y) and whose prompt columns run once per question (prefix sharing): every row pays for
+    the padding after its prompt, and bucketing the whole length could pad that part by 40%."""
     width = sampling.bucket(max(map(len, prompts)), sampling.MIN_PROMPT_BUCKET)
+    if body_multiple:
+        return width, width + sampling.round_up(body, body_multiple)
     return width, sampling.bucket(width + body)
 
 
@@ -155,7 +165,8 @@ def sample_rows(model: Transformer, prompts: Sequence[Sequence[int]],
         kept = [n for n, _ in cut]
         z_logp = np.array([out.logprob_array[r, :n].sum(dtype=np.float32) for r, n in enumerate(kept)])
         y_logp = sampling.continuation_logprobs(model, out, prompts, kept, row_answers, pad_id=pad_id, mesh=mesh)
-    width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)))
+    width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)),
+                               body_multiple=ROLLOUT_BODY_MULTIPLE)
     rows = assemble_rows([p for p in prompts for _ in range(K)], rationales, row_answers,
                          prompt_width=width, length=length, pad_id=pad_id)
     return Rollout(rows=rows, finished=np.array([stopped for _, stopped in cut]),

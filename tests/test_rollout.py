@@ -96,6 +96,23 @@ def test_other_sampling_distributions_leave_the_policy_pass_to_the_scorer():
         assert fast.z_logp is None and fast.y_logp is None, params
 
 
+def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
+    """A rollout row is its prompt bucket plus L + the longest y rounded up to 8 columns: every
+    row pays for the columns after a shared prompt, and bucketing the whole row padded them by
+    up to 40% (the bench shape's 64 + 128 + 8 tokens: 224 columns, now 200). Rows of varying
+    bodies (SFT completions, MRT contexts) keep whole-row buckets."""
+    prompts = [[1] * 64, [2] * 50]
+    assert rollout.row_widths(prompts, 128 + 8, body_multiple=8) == (64, 200)
+    assert rollout.row_widths(prompts, 128 + 9, body_multiple=8) == (64, 208)
+    assert rollout.row_widths(prompts, 128 + 8) == (64, 224)
+    model = models.init_model(TINY, seed=3)
+    ro = rollout.sample_rows(model, [[5] * 20, [6] * 17], [[30, 31, 2], [32, 2]], num_samples=2,
+                             max_new_tokens=10, sampling_params=SamplingParams(1.0), stops=Stops(ids=()),
+                             key=jax.random.key(0))
+    assert (ro.rows.prompt_width, ro.rows.tokens.shape[1]) == (20, 20 + 16)  # whole-row bucket: 40
+    np.testing.assert_array_equal(ro.rows.answer_mask.sum(1), [3, 3, 2, 2])
+
+
 def _latro_two_ways(configs, microbatches=1):
     """LaTRO's scored batch and gradient on the same rollout under two LatroConfig variants."""
     model = models.init_model(TINY, seed=5)
