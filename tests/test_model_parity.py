@@ -94,6 +94,23 @@ def test_remat_gives_the_gradients_of_no_remat(tmp_path, remat):
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=3e-5)  # measured: 9e-6 (summation order)
 
 
+def test_split_of_fused_matmul_outputs_has_the_slices_gradient():
+    """transformer.split (q/k/v and gate/up out of their fused matmuls) concatenates the pieces'
+    gradients where slicing would pad and add them: the same numbers, bitwise, pieces in order."""
+    import jax
+    import jax.numpy as jnp
+    from latro_jax.models import transformer
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(2, 3, 6, 4), jnp.float32)
+    cotangents = tuple(jnp.asarray(rng.randn(2, 3, n, 4), jnp.float32) for n in (4, 1, 1))
+    pieces, vjp = jax.vjp(lambda x: transformer.split(x, 2, (4, 1, 1)), x)
+    sliced, vjp_sliced = jax.vjp(lambda x: (x[:, :, :4], x[:, :, 4:5], x[:, :, 5:]), x)
+    for a, b in zip(pieces, sliced):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(vjp(cotangents)[0], vjp_sliced(cotangents)[0])
+    np.testing.assert_array_equal(vjp(cotangents)[0][:, :, 5], cotangents[2][:, :, 0])
+
+
 def test_bf16_parameters_are_stored_in_bf16_and_compute_as_transformers_on_rounded_weights(tmp_path):
     """param_dtype="bfloat16" stores every parameter in bf16; with float32 compute the logits
     equal transformers' float32 model whose weights were rounded to bf16."""

@@ -12,11 +12,13 @@ Parameters carry partition annotations on the mesh axes `fsdp` and `tensor`
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from latro_jax.models.config import ModelConfig
@@ -74,6 +76,25 @@ def _dense(din: int, dout: int, sharding: tuple, *, config: ModelConfig, dtype, 
     return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                       preferred_element_type=accumulation_dtype(dtype),  # callers round to their dtype
                       kernel_init=nnx.with_partitioning(init, sharding), rngs=rngs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split(x: jax.Array, axis: int, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """x cut along `axis` into consecutive pieces of `sizes` (a fused matmul's outputs). Its
+    gradient concatenates the pieces' gradients; differentiating slices instead pads each to
+    x's shape and adds them, which on XLA:CPU costs a pass over every padded copy."""
+    return tuple(jnp.split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+def _split_fwd(x, axis, sizes):
+    return split(x, axis, sizes), None
+
+
+def _split_bwd(axis, sizes, _, cotangents):
+    return (jnp.concatenate(cotangents, axis=axis),)
+
+
+split.defvjp(_split_fwd, _split_bwd)
 
 
 def _matmul(spec: str, x, kernel: nnx.Param, dtype, out_dtype=None):
@@ -171,9 +192,10 @@ class Attention(nnx.Module):
         qkv = _matmul("bti,ikgd->btkgd", x, self.qkv_kernel, self.dtype)
         if c.attention_bias:
             qkv = qkv + self.qkv_bias[...].astype(self.dtype)
-        q = apply_rope(qkv[:, :, :, :G].reshape(B, T, c.num_heads, c.head_dim), *rope)
-        k = apply_rope(qkv[:, :, :, G], *rope)  # [B, T, KVH, D]
-        v = qkv[:, :, :, G + 1]
+        q, k, v = split(qkv, 3, (G, 1, 1))
+        q = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), *rope)
+        k = apply_rope(k.squeeze(3), *rope)  # [B, T, KVH, D]
+        v = v.squeeze(3)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)
         return q.reshape(B, c.num_kv_heads, G * T, c.head_dim), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
@@ -212,8 +234,8 @@ class MLP(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        gate_up = _matmul("bti,icj->btcj", x, self.gate_up_kernel, self.dtype)
-        return self.down_proj(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]).astype(self.dtype)
+        gate, up = split(_matmul("bti,icj->btcj", x, self.gate_up_kernel, self.dtype), 2, (1, 1))
+        return self.down_proj(jax.nn.silu(gate.squeeze(2)) * up.squeeze(2)).astype(self.dtype)
 
 
 class Block(nnx.Module):
