@@ -1,7 +1,7 @@
 r"""Where the training step's time goes: one forward + backward of the log-likelihood of B rows
 of T tokens (the LaTRO step's shape without the optimizer), profiled op by op.
 
-    python benchmarks/step_profile.py                       # bench shape: 32 rows x 224 tokens
+    python benchmarks/step_profile.py                       # bench shape: 32 rows x 200 tokens
     python benchmarks/step_profile.py --rows=64 --tokens=256 --top=30
     python benchmarks/step_profile.py --group=4             # each prompt (64 columns) once per 4 rows
 
@@ -30,7 +30,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rows", 32, "B, rows (the bench shape's N x K).")
-flags.DEFINE_integer("tokens", 224, "T, tokens per row (the bench shape's bucketed row length).")
+flags.DEFINE_integer("tokens", 200, "T, tokens per row (the bench shape's row length: 64 + 128 + 8).")
 flags.DEFINE_integer("repeats", 3, "Timed calls per function.")
 flags.DEFINE_integer("top", 20, "Slowest ops to list.")
 flags.DEFINE_integer("group", 1, "Rows per shared prompt (the bench shape's K = 4): > 1 runs each "
