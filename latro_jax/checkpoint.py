@@ -9,15 +9,19 @@ checkpoint of a run converts to HF through `restore_model` + `models.save_hf`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import sys
+import tempfile
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import nnx
 
 from latro_jax import models, sharding
@@ -133,7 +137,7 @@ class TrainCheckpoints:
                                             keep_checkpoints_without_metrics=False))
         self.directory = os.path.abspath(directory)
         self.notify = notify
-        _check_writable(self.directory)
+        check_writable(self.directory)
         # synchronous: a failed write raises in save(), with no background thread left behind
         self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies),
                                enable_async_checkpointing=False)
@@ -158,10 +162,11 @@ class TrainCheckpoints:
                                   f"but the disk has {free / 2**20:.0f} MiB free; {last_good}. Free disk space, "
                                   "then rerun to resume.")
         try:
-            self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-                **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
-                meta=ocp.args.JsonSave(meta), **items))
-            self.manager.wait_until_finished()
+            with _writer_noise_held():
+                self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                    **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
+                    meta=ocp.args.JsonSave(meta), **items))
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - every write failure gets the same report
             raise CheckpointError(
                 f"writing checkpoint {step} to {self.directory} failed ({type(e).__name__}: "
@@ -170,6 +175,12 @@ class TrainCheckpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def newest_meta(self) -> dict[str, Any] | None:
+        """The meta of the newest checkpoint whose meta reads (its arrays not read or verified),
+        or None when there is none."""
+        self.skipped = []
+        return next((meta for _, meta in self._candidates()), None)
 
     def _candidates(self):
         """Steps, newest first, with their meta (unreadable meta: a skipped step)."""
@@ -256,7 +267,30 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def _check_writable(directory: str) -> None:
+@contextlib.contextmanager
+def _writer_noise_held():
+    """Hold what is written to stderr (file descriptor 2, so C++ writers too) during a save: a
+    failed write makes Orbax's and TensorStore's writer threads print dozens of tracebacks and
+    error logs before the save raises; the caller reports the failure in one line. Held output
+    is replayed when the save succeeds, and on failure too with --verbosity >= 1."""
+    sys.stderr.flush()
+    held, saved = tempfile.TemporaryFile(), os.dup(2)
+    os.dup2(held.fileno(), 2)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if not failed or absl_logging.get_verbosity() >= 1:
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+        held.close()
+
+
+def check_writable(directory: str) -> None:
     """Fail at once, naming the path, when checkpoints cannot be written there."""
     try:
         os.makedirs(directory, exist_ok=True)

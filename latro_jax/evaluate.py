@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -85,6 +86,10 @@ class EvalConfig:
         return bool(self.forced_budgets or self.regret_cutoffs)
 
 
+class EvaluationStopped(Exception):
+    """`stop()` turned true between two batches of an evaluation."""
+
+
 def majority_vote(task: Task, answers: Sequence[str | None]) -> str | None:
     """The most frequent answer (by task.vote_key); ties to the first seen; None if none."""
     counts: collections.Counter = collections.Counter()
@@ -102,16 +107,21 @@ def majority_vote(task: Task, answers: Sequence[str | None]) -> str | None:
 
 def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: PromptFormatter,
              cfg: EvalConfig = EvalConfig(), *, mesh=None, out_dir: str | None = None,
-             progress: bool = True, desc: str = "eval") -> dict[str, Any]:
+             progress: bool = True, desc: str = "eval", stop=None) -> dict[str, Any]:
     """Accuracy of `model` on `examples`; writes examples.jsonl and summary.json to out_dir.
     The summary holds greedy, maj@k, forced@<b> (forced-answer accuracy at budget b),
-    regret@<C0> (normalised regret, mean over problems) and truncated@<b>, as configured."""
+    regret@<C0> (normalised regret, mean over problems) and truncated@<b>, as configured.
+    `stop` (a callable) is asked before each batch; when it says True, EvaluationStopped is
+    raised and nothing is written."""
     records, greedy_ok, maj_ok = [], 0, 0
     truncated_ok = collections.Counter()
     prover = MetaProver(cfg.forcing, task, fmt, mesh) if cfg.forced else None
     segmenter = make_segmenter(cfg.segment, fmt) if cfg.forced else None
     bar = tqdm(total=len(examples), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(examples), cfg.batch_size):
+        if stop is not None and stop():
+            bar.close()
+            raise EvaluationStopped(f"the evaluation '{desc}' (after {start} of {len(examples)} questions)")
         batch = examples[start:start + cfg.batch_size]
         prompts = [fmt.prompt_ids(e.question) for e in batch]
         greedy = sampling.generate(model, prompts, cfg.max_new_tokens, stop_token_ids=fmt.stop_ids,
@@ -211,11 +221,27 @@ def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts
 
 
 def main(argv):
+    """The command line: one line and exit status 2 for a user error (--verbosity=1: traceback)."""
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
+    from latro_jax import checkpoint, models, run_dir
+    from latro_jax.data import DataError
+    expected = (ValueError, FileNotFoundError, DataError, checkpoint.CheckpointError, run_dir.WorkdirError)
+    try:
+        _evaluate_from_flags(argv)
+    except expected as e:
+        if flags.FLAGS.verbosity >= 1:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _evaluate_from_flags(argv) -> None:
     import transformers
-    from latro_jax import checkpoint, models
+    from absl import flags
+    from latro_jax import checkpoint, models, run_dir
     from latro_jax.data import get_task, load_examples
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -223,11 +249,23 @@ def main(argv):
     if bool(FLAGS.hf) == bool(FLAGS.ckpt):
         raise ValueError("give exactly one of --hf (HF folder) and --ckpt (Orbax checkpoint directory)")
     model = models.load_hf(FLAGS.hf) if FLAGS.hf else checkpoint.restore_model(FLAGS.ckpt, FLAGS.step)
-    tokenizer_dir = FLAGS.tokenizer or FLAGS.hf
+    # a checkpoint of a run (<workdir>/checkpoints/<stage>) comes with the run's tokenizer
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(FLAGS.ckpt))) if FLAGS.ckpt else FLAGS.hf
+    own = os.path.join(workdir, "tokenizer") if FLAGS.ckpt else FLAGS.hf
+    tokenizer_dir = FLAGS.tokenizer or (own if FLAGS.hf or os.path.isdir(own) else None)
     if not tokenizer_dir:
-        raise ValueError("--tokenizer is required with --ckpt (a folder with the tokenizer files)")
-    fmt = PromptFormatter(transformers.AutoTokenizer.from_pretrained(tokenizer_dir),
-                          eos_ids=model.config.eos_token_id)
+        raise ValueError(f"--tokenizer is required with --ckpt outside a run's workdir (no {own})")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--tokenizer: cannot load a tokenizer from {tokenizer_dir!r}: {e}") from e
+    if FLAGS.tokenizer and FLAGS.ckpt:
+        run_dir.check_tokenizer(tokenizer, workdir, f"--tokenizer={FLAGS.tokenizer}",
+                                "leave --tokenizer out to use the run's own.")
+    fmt = PromptFormatter(tokenizer, eos_ids=model.config.eos_token_id)
+    problem = fmt.vocabulary_problem(model.config.vocab_size, FLAGS.hf or FLAGS.ckpt)
+    if problem:
+        raise ValueError(f"--tokenizer={tokenizer_dir}: {problem}")
     task = get_task(FLAGS.task)
     examples = load_examples(task, FLAGS.data, FLAGS.split, limit=FLAGS.limit)
     forcing = ForcingConfig(suffix=FLAGS.forced_suffix, sampling=SamplingParams(temperature=0.0), samples=1,
@@ -248,7 +286,7 @@ def _define_flags():
     flags.DEFINE_string("hf", None, "HF model folder to evaluate.")
     flags.DEFINE_string("ckpt", None, "latro_jax checkpoint directory to evaluate.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --hf).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --hf, or the run's own for a --ckpt in a workdir).")
     flags.DEFINE_string("task", "gsm8k", "gsm8k | arc_challenge | synthetic")
     flags.DEFINE_string("data", None, "Data file, folder with <split>.jsonl, or hub id.", required=True)
     flags.DEFINE_string("split", "test", "Split name.")
@@ -273,4 +311,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from latro_jax import algorithms
 from latro_jax.data.synthetic import SyntheticConfig
+from latro_jax.data.tasks import TASKS
 from latro_jax.evaluate import EvalConfig
 from latro_jax.train import OptimConfig
 
@@ -104,6 +105,8 @@ class TaskSection:
     too_long: str = "refuse"  # examples longer than max_position_embeddings: refuse | drop
 
     def __post_init__(self):
+        if self.name not in TASKS:
+            raise ValueError(f"name={self.name!r}: unknown task; choose one of {sorted(TASKS)}")
         if self.too_long not in ("refuse", "drop"):
             raise ValueError(f"too_long={self.too_long!r}: choose 'refuse' or 'drop'")
 

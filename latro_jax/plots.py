@@ -73,6 +73,12 @@ def plot_run(workdir: str, curves: dict[str, tuple[str, ...]]) -> str:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(workdir, "training.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path + ".tmp.png"  # a failed write leaves the previous plot
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

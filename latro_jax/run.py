@@ -19,11 +19,11 @@ import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from latro_jax import checkpoint, models, sharding
+from latro_jax import checkpoint, models, run_dir, sharding
 from latro_jax.algorithms import Algorithm, Context, Learner
 from latro_jax.data import BatchIterator, PromptFormatter, get_task, load_examples, select
 from latro_jax.data.task_tokenizers import build_char_tokenizer, build_word_tokenizer
-from latro_jax.evaluate import evaluate
+from latro_jax.evaluate import EvaluationStopped, evaluate
 from latro_jax.job_config import ConfigError, JobConfig, StageConfig, parse
 from latro_jax.meta_prover import MetaProver
 from latro_jax.rollout import Stops
@@ -84,7 +84,9 @@ def build(raw_config, *, load_model: bool = True) -> Job:
     model_config = models.read_config(model_dir) if model_dir else None
     fmt = PromptFormatter(tokenizer, eos_ids=model_config.eos_token_id if model_config else ())
     model_config = model_config or _init_config(c, len(tokenizer), fmt)
-    _check_vocabulary(tokenizer, fmt, model_config.vocab_size, model_dir or "config.model.init")
+    problem = fmt.vocabulary_problem(model_config.vocab_size, model_dir or "config.model.init")
+    if problem:
+        raise ConfigError(f"{problem} (config.tokenizer.path)")
     eval_examples = load(c.task.eval_split, c.eval.limit or None, eval_source)
     val_examples = []
     if c.eval.every:
@@ -108,19 +110,6 @@ def build(raw_config, *, load_model: bool = True) -> Job:
                               f"{len(stage.examples)} training examples that fit the model.")
     model = _model(c, mesh, model_dir, model_config) if load_model else None
     return Job(c, raw_config, mesh, tokenizer, fmt, task, stages, eval_examples, val_examples, model)
-
-
-def _check_vocabulary(tokenizer, fmt: PromptFormatter, vocab_size: int, source: str) -> None:
-    """Refuse a tokenizer whose ids reach past the model's embedding (NaN logits otherwise)."""
-    largest = max(tokenizer.get_vocab().values())
-    if largest >= vocab_size:
-        raise ConfigError(f"the tokenizer has ids up to {largest} ({len(tokenizer)} tokens) but the model "
-                          f"({source}) has {vocab_size} embedding rows; use the model's own tokenizer "
-                          "(config.tokenizer.path) or a model built for this one.")
-    outside = [i for i in (*fmt.stop_ids, fmt.pad_id, tokenizer.bos_token_id) if i is not None and i >= vocab_size]
-    if outside:
-        raise ConfigError(f"token ids {outside} (stops, pad, bos) lie beyond the model's {vocab_size} "
-                          f"embedding rows ({source}).")
 
 
 class _LengthCheck:
@@ -220,10 +209,26 @@ def _model(c: JobConfig, mesh, model_dir: str | None, config: models.ModelConfig
 
 def restore_final(job: Job, workdir: str) -> models.Transformer:
     """The latest checkpoint of the last stage, with the config's compute dtype, remat and mesh
-    (parameters as stored): what --mode=eval and --mode=export work on."""
-    m = job.config.model
-    return checkpoint.restore_model(os.path.join(workdir, "checkpoints", job.stages[-1].name),
-                                    dtype=m.dtype, remat=m.remat, mesh=job.mesh)
+    (parameters as stored): what --mode=eval and --mode=export work on. The job's tokenizer must
+    be the one the run trained with (<workdir>/tokenizer) and fit the model."""
+    run_dir.check_tokenizer(job.tokenizer, workdir, "the config's tokenizer",
+                            "drop the --config.tokenizer overrides so that the run's own is used.")
+    m, directory = job.config.model, os.path.join(workdir, "checkpoints", job.stages[-1].name)
+    model = checkpoint.restore_model(directory, dtype=m.dtype, remat=m.remat, mesh=job.mesh)
+    problem = job.fmt.vocabulary_problem(model.config.vocab_size, directory)
+    if problem:
+        raise ConfigError(problem)
+    return model
+
+
+def evaluate_final(job: Job, model, workdir: str) -> dict[str, float]:
+    """--mode=eval: `model` evaluated as eval/<last stage>-latest; SIGTERM or Ctrl-C stop it
+    between two batches."""
+    with StopSignals() as stop:
+        try:
+            return evaluate_stage(job, model, workdir, f"{job.stages[-1].name}-latest", stop=stop)
+        except EvaluationStopped as e:
+            raise Preempted(f"stopped by a signal during {e}; nothing was written") from e
 
 
 # ---------------------------------------------------------------- running
@@ -294,15 +299,41 @@ def _tensorboard_writer(logdir: str):
 
 
 class Preempted(Exception):
-    """SIGTERM or Ctrl-C arrived; a checkpoint was written."""
+    """SIGTERM or Ctrl-C arrived; the checkpoints written so far are safe."""
 
 
 class NonFiniteError(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
 
 
-class WorkdirError(RuntimeError):
-    """The workdir is in use, or holds a run of a different config."""
+class OutputError(RuntimeError):
+    """The run trained, but writing one of its outputs (the export, the plot) failed."""
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C while the job runs. The first asks it to stop at the next safe point:
+    after the running update (which is then checkpointed), or at once during an evaluation (the
+    checkpoints are already safe; the evaluation reruns on resume). A second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():  # once stopping, the job only reports and exits
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, *_):
+        if self.requested:
+            raise Preempted("stopped at once by a second signal; the checkpoints written before are "
+                            "kept: rerun to resume")
+        self.requested = True
 
 
 def train(job: Job, workdir: str, *, allow_config_change: bool = False) -> dict[str, Any]:
@@ -310,105 +341,110 @@ def train(job: Job, workdir: str, *, allow_config_change: bool = False) -> dict[
 
     The workdir is locked against a second run. A workdir that holds a run of a config that
     trains differently (anything but mesh, eval, checkpoint, export) is refused unless
-    allow_config_change; a stage that trains further in this run is evaluated again, and so is
-    every stage after it. SIGTERM and Ctrl-C checkpoint the current update and stop."""
-    os.makedirs(workdir, exist_ok=True)
-    lock = _lock(workdir)
+    allow_config_change. The workdir's record (config.json, the tokenizer) is written only once
+    the run can start, so a refused or failed attempt leaves it as it was. A stage that trains
+    further in this run is evaluated again, and every stage after it starts again from it (its
+    older checkpoints set aside); a stage whose evaluation settings changed is evaluated again.
+    SIGTERM and Ctrl-C checkpoint the current update (or cut an evaluation short) and stop."""
+    run_dir.prepare(workdir)
+    lock = run_dir.lock(workdir)
     try:
-        _record_config(job, workdir, allow_config_change)
+        record = json.loads(job.raw_config.to_json_best_effort())
+        changed = run_dir.config_changes(workdir, record, allow_config_change)
+        for stage in job.stages:  # an unwritable checkpoint folder stops the run before it starts
+            checkpoint.check_writable(_stage_dir(workdir, stage))
         results_path = os.path.join(workdir, "results.json")
-        results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-        stop = {"requested": False}
-        handler = lambda *_: stop.update(requested=True)
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        results = run_dir.read_json(results_path, "delete it to evaluate every stage again (training "
+                                    "is not repeated).", default={})
+        if changed:
+            _say(f"config changed in {', '.join(changed)}: continuing with the new values (--allow_config_change)")
+        run_dir.record(workdir, record, job.tokenizer)
         logger = Logger(workdir)
-        model = job.model
+        model, origin = job.model, _initial_origin(job.config)
         try:
-            if "init" not in results:
-                results["init"] = evaluate_stage(job, model, workdir, "init")
-                _write_json(results_path, results)
-            stale = False
-            for stage in job.stages:
-                model, trained = _run_stage(job, stage, model, workdir, logger, stop)
-                stale = stale or trained
-                if stale or stage.name not in results:
-                    results[stage.name] = {**evaluate_stage(job, model, workdir, stage.name),
-                                           "updates": stage.config.stage.steps}
-                    _write_json(results_path, results)
-            if job.config.export.hf:
-                path = models.save_hf(model, os.path.join(workdir, "hf"),
-                                      tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
-                _say(f"exported {path}")
-            if jax.process_index() == 0:
-                from latro_jax.plots import plot_run
-                plot_run(workdir, {s.name: s.algorithm.curves for s in job.stages})
+            with StopSignals() as stop:
+                evaluations = Evaluations(job, workdir, results, stop)
+                evaluations.ensure("init", model, redo=False)
+                redo = False
+                for stage in job.stages:
+                    model, trained, origin = _run_stage(job, stage, model, origin, workdir, logger, stop)
+                    redo = redo or trained
+                    evaluations.ensure(stage.name, model, redo, updates=stage.config.stage.steps)
+                if job.config.export.hf:
+                    _say(f"exported {export(model, workdir)}")
+                if jax.process_index() == 0:
+                    _plot(workdir, job)
         finally:
             logger.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         return results
     finally:
         lock.close()
 
 
-TRAINING_INVARIANT = ("mesh", "eval", "checkpoint", "export")  # config sections a resume may change
-
-
-def _record_config(job: Job, workdir: str, allow_change: bool) -> None:
-    """Write config.json (and the tokenizer) into the workdir; if it already holds a config
-    whose training fields differ, refuse (naming them) unless allow_change."""
-    path = os.path.join(workdir, "config.json")
-    new = json.loads(job.raw_config.to_json_best_effort())
-    if os.path.exists(path):
-        old = json.load(open(path))
-        changed = sorted(set(_flatten(old, TRAINING_INVARIANT)) ^ set(_flatten(new, TRAINING_INVARIANT)))
-        fields = sorted({k for k, _ in changed})
-        if fields and not allow_change:
-            raise WorkdirError(f"{workdir} holds a run whose config differs in {', '.join(fields[:8])}"
-                               f"{' ...' if len(fields) > 8 else ''}; resuming would mix the two. Use a "
-                               "new --workdir, or pass --allow_config_change to continue it with the new config.")
-        if fields:
-            _say(f"config changed in {', '.join(fields)}: continuing with the new values (--allow_config_change)")
-    if jax.process_index() == 0:
-        job.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-        _write_json(path, new)
-        training = json.dumps(sorted(_flatten(new, TRAINING_INVARIANT)))
-        with open(os.path.join(workdir, "config.sha256"), "w") as f:  # of the fields that change training
-            f.write(hashlib.sha256(training.encode()).hexdigest() + "\n")
-
-
-def _flatten(config: dict, skip: tuple[str, ...], prefix: str = "") -> list[tuple[str, str]]:
-    out = []
-    for k, v in config.items():
-        if not prefix and k in skip:
-            continue
-        if isinstance(v, dict):
-            out += _flatten(v, (), f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", json.dumps(v)))
-    return out
-
-
-def _lock(workdir: str):
-    """An exclusive lock on <workdir>/.lock-<process index> (released when the process ends, however it ends)."""
-    import fcntl
-    f = open(os.path.join(workdir, f".lock-{jax.process_index()}"), "w")
+def export(model, workdir: str) -> str:
+    """The model as an HF folder <workdir>/hf with the run's tokenizer (written whole or not at all)."""
+    from safetensors import SafetensorError
+    path = os.path.join(workdir, "hf")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise WorkdirError(f"{workdir} is in use by another run (it holds the lock .lock-"
-                           f"{jax.process_index()}); wait for it to finish or use another --workdir.")
-    return f
+        return models.save_hf(model, path, tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
+    except (OSError, SafetensorError) as e:
+        raise OutputError(f"exporting the model to {path} failed ({getattr(e, 'strerror', None) or e}); "
+                          f"{path} is as it was and the run's checkpoints are intact: free disk space, "
+                          "then run --mode=export.") from e
 
 
-def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None) -> dict[str, float]:
+def _plot(workdir: str, job: Job) -> None:
+    from latro_jax.plots import plot_run
+    try:
+        plot_run(workdir, {s.name: s.algorithm.curves for s in job.stages})
+    except OSError as e:
+        raise OutputError(f"writing the training plot in {workdir} failed ({e.strerror or e}); the "
+                          "run finished: its checkpoints, results.json and export are complete.") from e
+
+
+class Evaluations:
+    """The evaluations of a run, as results.json records them: one per stage (and "init"), each
+    with its settings in eval/<name>/settings.json. An evaluation is run when its stage trained
+    (redo), when results.json lacks it, or when its recorded settings differ from the config's."""
+
+    def __init__(self, job: Job, workdir: str, results: dict, stop: StopSignals):
+        self.job, self.workdir, self.results, self.stop = job, workdir, results, stop
+        self.settings = _eval_settings(job.config)
+
+    def ensure(self, name: str, model, redo: bool, **extra) -> None:
+        settings_path = os.path.join(self.workdir, "eval", name, "settings.json")
+        recorded = run_dir.read_json(settings_path, "delete it to evaluate this stage again.")
+        if not redo and name in self.results and recorded == self.settings:
+            return
+        if name in self.results and not redo:
+            _say(f"{name}: evaluating again, with the config's evaluation settings")
+        try:
+            summary = evaluate_stage(self.job, model, self.workdir, name, stop=self.stop)
+        except EvaluationStopped as e:
+            raise Preempted(f"stopped by a signal during {e}; the checkpoints are saved: rerun to "
+                            "evaluate again and go on") from e
+        run_dir.write_json(settings_path, self.settings)
+        self.results[name] = {**summary, **extra}
+        run_dir.write_json(os.path.join(self.workdir, "results.json"), self.results)
+
+
+def _eval_settings(c: JobConfig) -> dict:
+    """What an evaluation's result depends on: the eval section (but its validation cadence)
+    and the evaluation data, as JSON values."""
+    settings = {k: v for k, v in dataclasses.asdict(c.eval).items() if k != "every"}
+    settings["data"] = {"task": c.task.name, "source": c.task.eval_source or c.task.source,
+                        "split": c.task.eval_split}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None, stop=None) -> dict[str, float]:
     """Greedy and maj@k accuracy of `model` on the evaluation split (or `examples`), its mean
     greedy output tokens, and (when configured) forced-answer accuracy by budget and regret,
-    with the per-example records in workdir/eval/<name>."""
+    with the per-example records in workdir/eval/<name>. Raises EvaluationStopped when `stop()`
+    turns true between batches."""
     summary = evaluate(model, job.task, job.eval_examples if examples is None else examples,
                        job.fmt, job.config.eval, mesh=job.mesh, out_dir=os.path.join(workdir, "eval", name),
-                       desc=f"eval {name}", progress=jax.process_index() == 0)
+                       desc=f"eval {name}", progress=jax.process_index() == 0, stop=stop)
     return {k: v for k, v in summary.items()
             if k in ("greedy", f"maj@{job.config.eval.maj_k}", "greedy_tokens") or k.startswith(("forced@", "regret@"))}
 
@@ -420,21 +456,59 @@ def rollout_key(seed: int, stage: str, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode())), step)
 
 
-def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop: dict):
-    """Train `stage` from `model` (or resume it from its newest usable checkpoint) to its last
-    update; returns (the trained model, whether any update ran now). A stage whose checkpoints
-    say it finished only restores its final parameters."""
+def _initial_origin(c: JobConfig) -> str:
+    """The identity of the model the first stage starts from: its folder, or its init config and seed."""
+    source = {"path": c.model.path} if c.model.path else {"init": c.model.init, "seed": c.seed}
+    return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _next_origin(origin: str, stage: str, step: int) -> str:
+    """The identity of the model a stage hands on: its start's identity, its name and its last update."""
+    return hashlib.sha256(f"{origin}/{stage}@{step}".encode()).hexdigest()[:16]
+
+
+def _stage_dir(workdir: str, stage: Stage) -> str:
+    return os.path.join(workdir, "checkpoints", stage.name)
+
+
+def _set_aside(directory: str) -> str:
+    """Rename a stage's checkpoint folder to <folder>.stale (+ when taken) and return the new name."""
+    aside = directory + ".stale"
+    while os.path.exists(aside):
+        aside += "+"
+    if jax.process_index() == 0:
+        os.rename(directory, aside)
+    if jax.process_count() > 1:  # every process reopens the folder only once it is empty
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"set aside {directory}")
+    return aside
+
+
+def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger: Logger, stop: StopSignals):
+    """Train `stage` from `model` (whose identity is `origin`) or resume it from its newest usable
+    checkpoint, to its last update; returns (the trained model, whether any update ran now, the
+    identity of the model it hands on). Every checkpoint records the origin it started from: one
+    that started from another model (an earlier stage trained further since) is set aside and the
+    stage trains again. A stage whose checkpoints say it finished only restores its final
+    parameters."""
     cfg, every_eval = stage.config.stage, job.config.eval.every
-    ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints", stage.name),
-                                        keep=job.config.checkpoint.keep,
-                                        best_metric="val_greedy" if every_eval else None, notify=_say)
+    open_checkpoints = lambda: checkpoint.TrainCheckpoints(
+        _stage_dir(workdir, stage), keep=job.config.checkpoint.keep,
+        best_metric="val_greedy" if every_eval else None, notify=_say)
+    ckpts = open_checkpoints()
     try:
         graphdef, params = nnx.split(model)
-        newest = next(iter(sorted(ckpts.manager.all_steps(), reverse=True)), None)
-        if newest is not None and newest >= cfg.steps:
+        newest = ckpts.newest_meta()
+        if newest is not None and newest.get("origin", origin) != origin:
+            ckpts.close()
+            aside = _set_aside(ckpts.directory)
+            _say(f"{stage.name}: its checkpoints started from another model (an earlier stage trained "
+                 f"further since); set aside as {aside}, training {stage.name} again")
+            ckpts = open_checkpoints()
+        elif newest is not None and newest["step"] >= cfg.steps:
             finished = ckpts.restore_latest_params(params)
             if finished is not None and finished[1]["step"] >= cfg.steps:
-                return nnx.merge(graphdef, finished[0]), False
+                return nnx.merge(graphdef, finished[0]), False, _next_origin(origin, stage.name, finished[1]["step"])
         learner = Learner(stage.algorithm, model, cfg.optim)
         batches = BatchIterator(len(stage.examples), cfg.batch_size, seed=job.config.seed)
         step, skipped = 0, 0
@@ -467,19 +541,22 @@ def _run_stage(job: Job, stage: Stage, model, workdir: str, logger: Logger, stop
                         "(with --allow_config_change) to resume from it.")
                 validation = None
                 if every_eval and step % every_eval == 0:
-                    val = evaluate_stage(job, learner.model(), workdir, f"{stage.name}-val-{step}",
-                                         job.val_examples)
-                    validation = {f"val_{k.replace('@', '_at_')}": v for k, v in val.items()}
-                    logger.log(stage.name, step, validation)
-                due = step % job.config.checkpoint.every == 0 or step == cfg.steps or stop["requested"]
+                    try:
+                        val = evaluate_stage(job, learner.model(), workdir, f"{stage.name}-val-{step}",
+                                             job.val_examples, stop=stop)
+                        validation = {f"val_{k.replace('@', '_at_')}": v for k, v in val.items()}
+                        logger.log(stage.name, step, validation)
+                    except EvaluationStopped:
+                        pass  # the update is checkpointed below, without its validation
+                due = step % job.config.checkpoint.every == 0 or step == cfg.steps or stop.requested
                 if due and not streak:  # during a non-finite streak the newest checkpoint stays the good one
                     ckpts.save(step, learner.model(), learner.state,
-                               {"step": step, "skipped": skipped, "data": batches.state()},
+                               {"step": step, "skipped": skipped, "data": batches.state(), "origin": origin},
                                metrics=validation, extras=learner.extras())
-                if stop["requested"] and step < cfg.steps:
+                if stop.requested and step < cfg.steps:
                     raise Preempted(f"stopped by a signal: saved {stage.name} step {step} in {workdir}; "
                                     "rerun to resume")
-        return learner.model(), step > started
+        return learner.model(), step > started, _next_origin(origin, stage.name, step)
     finally:
         ckpts.close()
 
@@ -493,14 +570,6 @@ def _say(message: str) -> None:
     """A one-line notice on stderr (process 0), above any progress bar."""
     if jax.process_index() == 0:
         tqdm.write(message, file=sys.stderr)
-
-
-def _write_json(path: str, obj) -> None:
-    if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
 
 
 def results_table(results: dict[str, Any]) -> str:

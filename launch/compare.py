@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,9 +40,12 @@ def run_job(workdir: str, config: str, seed: int, stage: str, extra: list[str]) 
     os.makedirs(workdir, exist_ok=True)
     sft = os.path.join(os.path.dirname(workdir), "sft", "hf")
     if stage != "sft" and not os.path.exists(results_path):  # the warm start is evaluated once
-        warm_results = json.load(open(os.path.join(os.path.dirname(workdir), "sft", "results.json")))
+        warm = os.path.join(os.path.dirname(workdir), "sft")
+        warm_results = json.load(open(os.path.join(warm, "results.json")))
         with open(results_path, "w") as f:
             json.dump({"init": warm_results["sft"]}, f, indent=2)
+        os.makedirs(os.path.join(workdir, "eval", "init"), exist_ok=True)  # with the settings it ran with
+        shutil.copy(os.path.join(warm, "eval", "sft", "settings.json"), os.path.join(workdir, "eval", "init"))
     warm = [] if stage == "sft" else [f"--config.model.path={sft}", f"--config.tokenizer.path={sft}",
                                       "--config.tokenizer.build="]
     cmd = [sys.executable, "-m", "latro_jax.main", f"--config={config}", f"--workdir={workdir}",

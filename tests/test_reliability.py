@@ -6,10 +6,12 @@ the weights of an uninterrupted one."""
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -161,7 +163,8 @@ def test_a_changed_config_is_refused_unless_allowed_and_further_training_is_eval
     harmless = _run(workdir, "--config.eval.every=0", "--config.eval.maj_k=0")  # eval only: allowed
     assert harmless.returncode == 0, harmless.stderr[-2000:]
     before = json.load(open(workdir / "results.json"))
-    continued = _run(workdir, "--config.eval.every=0", "--config.latro.steps=5", "--allow_config_change")
+    continued = _run(workdir, "--config.eval.every=0", "--config.eval.maj_k=0", "--config.latro.steps=5",
+                     "--allow_config_change")
     assert continued.returncode == 0, continued.stderr[-2000:]
     after = json.load(open(workdir / "results.json"))
     assert before["latro"]["updates"] == 4 and after["latro"]["updates"] == 5
@@ -186,16 +189,15 @@ def _no_big_files(limit):
 
 def test_a_failed_write_stops_the_run_at_that_save_with_one_message(tmp_path):
     """Files may not grow past 20 kB (RLIMIT_FSIZE, a full disk as a writer sees it): the first
-    checkpoint fails to write and the run stops right there -- no further update -- ending with
-    one message that names the directory and the last good step. (TensorStore's own threads
-    print tracebacks before it; they are not ours to silence.)"""
+    checkpoint fails to write and the run stops right there -- no further update -- with one
+    message that names the directory and the last good step, and nothing else: the dozens of
+    tracebacks Orbax's and TensorStore's writer threads print are held back."""
     workdir = tmp_path / "run"
     result = subprocess.run(_cmd(workdir, "--config.eval.every=0", "--config.checkpoint.every=1"), cwd=ROOT,
                             env=ENV, capture_output=True, text=True, timeout=600, preexec_fn=_no_big_files(20_000))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: writing checkpoint 1 to") and "checkpoints/sft" in last, last
-    assert "the last good checkpoint is none" in last and "File too large" in last
+    _one_line_error(result, "writing checkpoint 1 to", "checkpoints/sft", "the last good checkpoint is none",
+                    "File too large")
+    assert len([l for l in result.stderr.splitlines() if "%|" not in l and l.strip()]) == 1  # no writer noise
     rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
     assert [(r["stage"], r["step"]) for r in rows] == [("sft", 1)]  # stopped at the failed save
     assert not (workdir / "hf").exists()
@@ -317,3 +319,90 @@ def test_kills_at_random_points_and_a_damaged_checkpoint_end_as_an_uninterrupted
     rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
     for stage in ("sft", "latro"):
         assert [r["step"] for r in rows if r["stage"] == stage and "loss" in r] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- second round
+def test_the_runtime_needs_only_requirements_txt():
+    """In a process where every installed package outside requirements.txt's dependency closure
+    is unimportable (torch and what it brings, jinja2 among them; tests/requirements_only.py):
+    every latro_jax module imports, and a job whose tokenizer has a chat template (Phi-3's, the
+    paper recipes' kind) builds and formats its prompts with it."""
+    code = f"""
+import importlib, pkgutil, sys
+import latro_jax
+for module in pkgutil.walk_packages(latro_jax.__path__, "latro_jax."):
+    importlib.import_module(module.name)
+from configs.tiny import get_config
+from latro_jax import run
+config = get_config()
+config.stages = "latro"
+config.tokenizer.update(build="", path={os.path.abspath(PHI3_TOKENIZER)!r})
+job = run.build(config, load_model=False)
+assert job.fmt.chat and sys.modules["torch"] is None and sys.modules["jinja2"] is not None
+print("prompt", job.fmt.decode(job.fmt.prompt_ids("2 + 2?")).count("2 + 2?"))
+"""
+    result = subprocess.run([sys.executable, "tests/requirements_only.py", "-c", code], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["prompt", "1"]
+
+
+def test_a_signal_during_an_evaluation_stops_it_at_once(tmp_path):
+    """Ctrl-C once the initial evaluation of 4,000 questions (8 a batch) is under way: it stops
+    before its next batch, writes no evaluation, runs no update and exits 0 naming where it
+    stopped (before this, it finished all 4,000 questions and one more update first)."""
+    workdir = tmp_path / "run"
+    log = open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen(_cmd(workdir, "--config.task.synthetic.sizes.test=4000", "--config.eval.batch_size=8"),
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log)
+    under_way = re.compile(r"eval init: .*\| *[1-9]\d*/4000")
+    try:
+        start = time.time()
+        while not under_way.search((tmp_path / "stderr").read_text()):
+            assert proc.poll() is None and time.time() - start < 300, (tmp_path / "stderr").read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    stopped = re.search(r"stopped by a signal during the evaluation 'eval init' \(after (\d+) of 4000 questions\)", stderr)
+    assert stopped and int(stopped.group(1)) < 4000 and "Traceback" not in stderr, stderr[-2000:]
+    assert not (workdir / "results.json").exists() and not (workdir / "eval" / "init" / "summary.json").exists()
+    assert not os.path.exists(workdir / "metrics.jsonl") or not (workdir / "metrics.jsonl").read_text()
+
+
+def test_user_errors_anywhere_give_one_line(tmp_path):
+    """Command-line typos and unknown values, a workdir that is a file, a data file that is not
+    UTF-8: one line each, naming the argument, path or row."""
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes(b'{"question": "q", "answer": "1\\n#### 1"}\n{"question": "caf\xe9", "answer": "2\\n#### 2"}\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [(("--config.latro.nonstop_penalti=3",), "--config.latro.nonstop_penalti=3: config.latro has no field "
+                                                      "'nonstop_penalti' (did you mean 'nonstop_penalty'?)"),
+             (("--config.task.name=gsm9k",), "config.task: name='gsm9k': unknown task"),
+             (("--config.latro.steps=many",), "--config.latro.steps=many"),
+             ((f"--config.task.source={not_utf8}", "--config.task.name=gsm8k", "--config.tokenizer.build=char"),
+              f"{not_utf8}: line 2 has bytes that are not UTF-8")]
+    for args, message in cases:
+        _one_line_error(_run(tmp_path / "run", *args), message)
+    _one_line_error(_run(a_file), f"--workdir={a_file} is a file, not a folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plot_that_cannot_be_written_keeps_the_previous_one_and_says_the_run_finished(monkeypatch, tmp_path):
+    from latro_jax import plots
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "loss": 1.0}\n')
+    (tmp_path / "training.png").write_bytes(b"the previous plot")
+
+    def disk_full(path, **kw):
+        open(path, "wb").write(b"half a png")
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(plots.plt.Figure, "savefig", lambda self, path, **kw: disk_full(path, **kw))
+    job = type("Job", (), {"stages": [type("Stage", (), {"name": "sft", "algorithm": type("A", (), {"curves": ("loss",)})})]})
+    with pytest.raises(run.OutputError, match=r"writing the training plot in .* failed \(No space left on device\); "
+                                              r"the run finished"):
+        run._plot(str(tmp_path), job)
+    assert (tmp_path / "training.png").read_bytes() == b"the previous plot"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "training.png"]

@@ -41,6 +41,8 @@ def load_rows(source: str, split: str, *, config_name: str | None = None):
             raise DataError(f"{path}: unsupported data file type {ext!r}; use one of {sorted(BUILDERS)}")
         if os.path.getsize(path) == 0:
             raise DataError(f"{path}: the file is empty; check the data source and split.")
+        if BUILDERS[ext] == "json":
+            _check_utf8(path)
         try:
             return datasets.load_dataset(BUILDERS[ext], data_files=path, split="train")
         except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in its own
@@ -53,6 +55,17 @@ def load_rows(source: str, split: str, *, config_name: str | None = None):
         raise FileNotFoundError(f"{source!r} is not a local data file or folder and could not be "
                                 f"loaded from the hub ({type(e).__name__}: {e}). Point the data "
                                 "source at local jsonl/json/parquet/arrow files.") from e
+
+
+def _check_utf8(path: str) -> None:
+    """Refuse a text file with bytes that are not UTF-8, naming the first such line."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {n} has bytes that are not UTF-8 ({line[e.start:e.end]!r} at "
+                                f"byte {e.start + 1} of the line); re-encode the file as UTF-8.") from e
 
 
 def _bad_json_line(path: str) -> str | None:

@@ -63,6 +63,19 @@ class PromptFormatter:
         special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
         return next((i for i in after if i in special), tok.eos_token_id)
 
+    def vocabulary_problem(self, vocab_size: int, source: str) -> str | None:
+        """Why this tokenizer cannot drive a model of `vocab_size` embedding rows (named by
+        `source`), or None: ids past the embedding would read NaN logits."""
+        tok = self.tokenizer
+        largest = max(tok.get_vocab().values())
+        if largest >= vocab_size:
+            return (f"the tokenizer has ids up to {largest} ({len(tok)} tokens) but the model ({source}) "
+                    f"has {vocab_size} embedding rows; use the model's own tokenizer or a model built for this one.")
+        outside = [i for i in (*self.stop_ids, self.pad_id, tok.bos_token_id) if i is not None and i >= vocab_size]
+        if outside:
+            return f"token ids {outside} (stops, pad, bos) lie beyond the model's {vocab_size} embedding rows ({source})."
+        return None
+
     def prompt_ids(self, question: str) -> list[int]:
         if self.chat:
             return list(self.tokenizer.apply_chat_template(
