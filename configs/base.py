@@ -46,7 +46,8 @@ def get_base() -> ml_collections.ConfigDict:
     # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): the GRPO keys (scaling = the std of `group`
     # advantages) plus prefixes traces | empty (a pi_old trace cut after j ~ U{0..k-1} episodes),
     # prefix_refresh (0: pi_old = the stage's start; N: the policy every N updates), budget
-    # full | remaining, advantage termination | mixed | group, alpha (progress bonus; SPEC: not
+    # full | remaining, advantage termination | mixed | group, alpha (the progress bonus of
+    # `group` and `episode`; refused > 0 with termination / mixed, which do not read it; SPEC: not
     # published, the authors' re-implementation used 1.0), continuation full | episode, segment
     # (episodes.py:SegmentConfig: rule markers | end_tokens, markers, gap, max_splits, end_texts,
     # group_size, thinking_end) and forcing (meta_prover.py:ForcingConfig: suffix, estimator
@@ -59,16 +60,17 @@ def get_base() -> ml_collections.ConfigDict:
                    sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=16)
     c.mrt = dict(steps=100, batch_size=16, num_samples=4, max_tokens=512,
                  sampling=dict(temperature=0.9, top_k=0, top_p=1.0), prefixes="traces", prefix_refresh=0,
-                 budget="full", advantage="termination", alpha=1.0, continuation="full", scaling="group",
+                 budget="full", advantage="termination", alpha=0.0, continuation="full", scaling="group",
                  clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True,
                  share_prompts=True, segment=dict(segment), forcing=dict(forcing), microbatches=1, logprob_chunk=128,
                  optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
     # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question, J at every
     # prefix, filter max_prefix | nonneg | outcome (vanilla STaR), keep_per_question, then
-    # completion-only fine-tuning on the kept traces.
+    # completion-only fine-tuning on the kept traces: `epochs` optimizer steps on them per round
+    # (the paper: 3 epochs over the collected set; the schedule counts steps x epochs).
     c.mrt_star = dict(steps=20, batch_size=16, num_samples=4, max_tokens=512,
                       sampling=dict(temperature=1.0, top_k=0, top_p=1.0), filter="max_prefix",
-                      keep_per_question=1, segment=dict(segment), forcing=dict(forcing), microbatches=1,
+                      keep_per_question=1, epochs=3, segment=dict(segment), forcing=dict(forcing), microbatches=1,
                       logprob_chunk=128, optim=optim(1e-6, "constant"))
     # every: validate on task.val_split every N updates (0 = off); the checkpoint with the best
     # validation greedy accuracy is kept besides the last `checkpoint.keep`.
@@ -116,8 +118,9 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
     the paper's Table 3 where published): DeepScaleR problems, bare problem as the user turn,
     answers in the last \\boxed{}; lr 1e-6 cosine with 10% warm-up, weight decay 0.01, 256
     completions per update (64 problems x G = 4) at T 0.9, completions up to 16,384 tokens, bf16
-    compute, fsdp over 8 devices. Not published (our choices, SPEC 2.6): alpha 1.0 (the
-    authors' later re-implementation), m = 8 forced answers at T 0.6 / top-p 0.95 (the analysis
+    compute, fsdp over 8 devices. Not published (our choices, SPEC 2.6): the `termination`
+    advantage of the authors' RL README (alpha unused; `group` with alpha 1.0 is the authors'
+    later re-implementation's bonus), m = 8 forced answers at T 0.6 / top-p 0.95 (the analysis
     code), beta 0.04 (TRL's default then), prefixes from the starting model, the number of
     updates. Evaluation on MATH-500: greedy pass@1 at 16,384 tokens, the forced-answer curve at
     episode boundaries and normalised regret."""
@@ -137,7 +140,7 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
               optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
     c.grpo.update(**rl, advantage="group")
     c.mrt.update(**rl, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
-                 alpha=1.0, continuation="full", segment=r1_segment, forcing=r1_forcing)
+                 alpha=0.0, continuation="full", segment=r1_segment, forcing=r1_forcing)
     c.eval.update(max_new_tokens=16384, batch_size=64, maj_k=0, forced_budgets=(2048, 4096, 8192, 16384),
                   forced_at="episode", regret_cutoffs=(4096, 8192, 16384), segment=r1_segment,
                   forcing=dict(r1_forcing, samples=1, sampling=dict(temperature=0.0, top_k=0, top_p=1.0)))

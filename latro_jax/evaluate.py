@@ -170,7 +170,8 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
         summary[f"forced@{b}"] = float(np.mean([r["forced"]["budgets"][str(b)] for r in records]))
     for c in cfg.regret_cutoffs:
         per_problem = [[objectives.normalised_regret([p[0] for p in r["forced"]["episodes"]],
-                                                     [p[1] for p in r["forced"]["episodes"]], c)]
+                                                     [p[1] for p in r["forced"]["episodes"]], c,
+                                                     empty=r["forced"]["empty"])]
                        for r in records]
         summary[f"regret@{c}"] = objectives.mean_of_means(per_problem)
     if cfg.regret_cutoffs:

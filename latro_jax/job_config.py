@@ -235,7 +235,8 @@ def _stage(name: str, section: Mapping[str, Any], check_only: bool = False) -> S
         return None
     optim = dict(own.pop("optim", {}))
     stage = read(StageSection, {**own, "algorithm": algo_name}, name)
+    config = read(algorithm.Config, rest, name)
+    steps_per_update = getattr(config, "epochs", 1)  # optimizer steps per update (ScoredBatch.epochs)
     stage = dataclasses.replace(stage, optim=read(OptimConfig, optim, f"{name}.optim",
-                                                  total_steps=stage.steps))
-    return StageConfig(name=name, stage=stage, algorithm=algorithm,
-                       config=read(algorithm.Config, rest, name))
+                                                  total_steps=stage.steps * steps_per_update))
+    return StageConfig(name=name, stage=stage, algorithm=algorithm, config=config)

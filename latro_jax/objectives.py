@@ -136,13 +136,16 @@ def bonus_rewards(rewards: np.ndarray, j_after: np.ndarray, j_prefix: np.ndarray
                                                       - np.asarray(j_prefix, np.float64)[:, None])
 
 
-def normalised_regret(tokens: Sequence[float], accuracy: Sequence[float], cutoff: float) -> float:
-    """Normalised regret of one trace at cutoff C0 (the analysis code): points (x_j, y_j) =
-    (tokens used, forced-answer accuracy) with (0, 0) prepended; when every x < C0 the last y
-    is held to C0, else y is interpolated at C0 and later points dropped; area = trapezoid / C0;
-    regret = 1 - area (the oracle answers right at once)."""
-    xs = [0.0, *map(float, tokens)]
-    ys = [0.0, *map(float, accuracy)]
+def normalised_regret(tokens: Sequence[float], accuracy: Sequence[float], cutoff: float,
+                      empty: float = 0.0) -> float:
+    """Normalised regret of one trace at cutoff C0 (SPEC 2.4, the analysis code): points
+    (x_j, y_j) = (tokens used, forced-answer accuracy) after each prefix, the empty one included:
+    (0, 0), then (0, J(empty)) -- the curve starts at J(empty) -- then the episodes' points; when
+    every x < C0 the last y is held to C0, else y is interpolated at C0 and later points dropped;
+    area = trapezoid / C0; regret = 1 - area (the oracle answers right at once). A trace right
+    from the start has regret 0; one with no thinking 1 - J(empty)."""
+    xs = [0.0, 0.0, *map(float, tokens)]
+    ys = [0.0, float(empty), *map(float, accuracy)]
     if xs[-1] < cutoff:
         xs.append(float(cutoff))
         ys.append(ys[-1])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from hf_models import STORIES_HF, gpt2_tokenizer
 from latro_jax import models, objectives
@@ -371,7 +372,8 @@ def test_prefix_cuts_are_deterministic_within_the_episode_count_and_hold_no_answ
 def test_every_mrt_reading_updates_with_both_estimators(synthetic, advantage, estimator):
     forcing = ForcingConfig(estimator=estimator, samples=3, answer_tokens=4)
     cfg = MrtConfig(num_samples=2, max_tokens=12, advantage=advantage, forcing=forcing,
-                    continuation="episode" if advantage == "group" else "full")
+                    continuation="episode" if advantage == "group" else "full",
+                    alpha=1.0 if advantage == "group" else 0.0)
     learner = _learner(Mrt(cfg, synthetic.ctx), synthetic)
     ro = learner.algorithm.rollout(learner.policies(), synthetic.examples, jax.random.key(1))
     assert ro.j_prefix.shape == (4,) and ((0 <= ro.j_prefix) & (ro.j_prefix <= 1)).all()
@@ -386,9 +388,24 @@ def test_every_mrt_reading_updates_with_both_estimators(synthetic, advantage, es
     assert np.isfinite(metrics["loss"]) and learner.step == 1
 
 
-def test_the_bonus_reading_warns_when_it_cannot_act(synthetic):
-    with pytest.warns(UserWarning, match="cancels the bonus"):
-        Mrt(MrtConfig(advantage="group", alpha=1.0, continuation="full"), synthetic.ctx)
+def test_alpha_is_refused_or_warned_where_it_cannot_act_and_reserves_budget_only_where_read(synthetic):
+    """alpha > 0 with `termination` / `mixed` (which never read it): refused. `episode` rewards
+    divided by their group std: warned (alpha cancels). `group` with full continuations: the
+    bonus acts (J_after is the meta-prover's, not the outcome): no warning, and only there is
+    the continuation's budget reserved before the forced answer."""
+    for advantage in ("termination", "mixed"):
+        with pytest.raises(ValueError, match=f"alpha=1.0 has no effect with advantage='{advantage}'"):
+            MrtConfig(advantage=advantage, alpha=1.0)
+    with pytest.warns(UserWarning, match="alpha=1.0 cancels"):
+        Mrt(MrtConfig(advantage="group", alpha=1.0, continuation="episode"), synthetic.ctx)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bonus = Mrt(MrtConfig(advantage="group", alpha=1.0, max_tokens=10), synthetic.ctx)
+        plain = Mrt(MrtConfig(advantage="termination", max_tokens=10), synthetic.ctx)
+    forced = bonus.prover.forced_tokens()
+    assert bonus.tokens_after_prompt(None) == 10 + 10 + forced
+    assert plain.tokens_after_prompt(None) == max(10 + 10, 10 + forced)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -509,3 +526,188 @@ def test_a_star_step_on_kept_traces_is_the_same_on_8_devices(synthetic):
     assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5) and m1["loss"] > 0
     for k in p1:
         np.testing.assert_allclose(p1[k], p8[k], atol=1e-6, err_msg=k)
+
+
+# ---------------------------------------------------------------- J(empty) in regret, training rewards (SPEC 2.4, 2.6)
+def test_regret_starts_at_j_of_the_empty_prefix():
+    """SPEC 2.4's corrected curve: J(empty) = 0.5, then J = 1 after a first episode ending at 4
+    thinking tokens: the curve rises linearly from 0.5 to 1 over x in [0, 4], regret at C0 = 16
+    is (4 x 0.5 / 2) / 16 = 0.0625; right from the start: 0; no thinking: 1 - J(empty)."""
+    assert objectives.normalised_regret([4], [1.0], 16, empty=0.5) == pytest.approx(0.0625)
+    assert objectives.normalised_regret([3], [1.0], 16, empty=1.0) == 0.0
+    assert objectives.normalised_regret([], [], 16, empty=0.25) == pytest.approx(0.75)
+    assert objectives.normalised_regret([10, 20, 30], [0.25, 0.5, 1.0], 15) == pytest.approx(0.8125)  # J(empty) = 0
+
+
+def test_forced_answers_right_from_the_start_give_regret_0_through_the_evaluation(word, monkeypatch):
+    """evaluate() with forced answers scripted to be always right: a greedy trace with no thinking
+    ("The answer is 9.") and a one-episode trace ("Total: 9. The answer is 9.") both have regret
+    0 (before J(empty) was counted: 1.0 and 0.125 at C0 = 16)."""
+    from latro_jax import evaluate as ev
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = word
+    task = get_task("synthetic")
+    right = tok(" 9.", add_special_tokens=False).input_ids + [fmt.end_id]
+    for thinking in ("", "Total: 9."):
+        full = tok(thinking, add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 9.") \
+            if thinking else fmt.answer_ids("The answer is 9.")
+
+        def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
+            if max_new_tokens == 64:  # the greedy trace
+                return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
+            return GenerateOutput([[right] for _ in prompts], None, None, None, np.full(len(prompts), len(right)), None)
+
+        monkeypatch.setattr(ev.sampling, "generate", scripted)
+        example = Example(id="q", question="Ann has 9 pens. How many pens?", gold="9")
+        cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, regret_cutoffs=(16,))
+        summary = ev.evaluate(None, task, [example], fmt, cfg, progress=False)
+        assert summary["regret@16"] == 0.0, thinking
+
+
+def test_training_rewards_need_a_finished_continuation_that_states_the_answer(synthetic, monkeypatch):
+    """MRT-RL / GRPO rewards through the rollout (scripted continuations, gold 9): finished with
+    "The answer is 9." -> 1; the same text cut by the budget -> 0; finished but stating no answer
+    although its text ends in the gold number -> 0; finished with a wrong answer -> 0. The
+    evaluation's rule (Task.score) still falls back to the last number."""
+    from latro_jax.algorithms import mrt as mrt_module
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt, task = synthetic.tok, synthetic.fmt, synthetic.task
+    texts = [("4+5=9. The answer is 9.", True), ("4+5=9. The answer is 9.", False), ("4+5=9.", True),
+             ("4+5=9. The answer is 8.", True)]
+    rows = [tok(t, add_special_tokens=False).input_ids + ([fmt.end_id] if done else []) for t, done in texts]
+    width = max(map(len, rows))
+
+    def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
+        assert len(prompts) == 1 and num_samples == 4
+        array = np.array([r + [fmt.pad_id] * (width - len(r)) for r in rows], np.int32)
+        return GenerateOutput([rows], None, array, None, np.array([len(r) for r in rows]),
+                              np.array([done for _, done in texts]))
+
+    monkeypatch.setattr(mrt_module.sampling, "generate", scripted)
+    grpo = Grpo(GrpoConfig(num_samples=4, max_tokens=width, beta=0.0), synthetic.ctx)
+    learner = _learner(grpo, synthetic)
+    example = Example(id="q", question=synthetic.examples[0].question, gold="9")
+    ro = grpo.rollout(learner.policies(), [example], jax.random.key(0))
+    assert ro.rewards.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert [task.score(t, "9") for t, _ in texts] == [True, True, True, False]  # evaluation keeps its fallback
+
+
+def test_prefixes_come_from_pi_old_and_j_is_forced_after_them(synthetic, monkeypatch):
+    """MRT-RL's rollout wiring, with the sampler wrapped to record its calls: the traces that
+    give the prefixes are sampled from pi_old (here a model other than the policy; its traces are
+    scripted to a two-episode "2+3=5. 5+4=9. The answer is 9."), and every forced prompt of J(c)
+    is x + c + the termination suffix for the prefix c of its question (c non-empty here)."""
+    from latro_jax import meta_prover
+    from latro_jax.algorithms import mrt as mrt_module
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = synthetic.tok, synthetic.fmt
+    trace = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 9.")
+    real, calls = mrt_module.sampling.generate, []
+
+    def recording(model, prompts, max_new_tokens, **kw):
+        calls.append((model, [list(p) for p in prompts], max_new_tokens))
+        if len(calls) == 1:  # the traces the prefixes are cut from
+            return GenerateOutput([[trace] for _ in prompts], None, None, None, np.full(len(prompts), len(trace)), None)
+        return real(model, prompts, max_new_tokens, **kw)
+
+    monkeypatch.setattr(mrt_module.sampling, "generate", recording)
+    monkeypatch.setattr(meta_prover.sampling, "generate", recording)
+    cfg = MrtConfig(num_samples=2, max_tokens=len(trace), prefixes="traces", advantage="termination", beta=0.0,
+                    forcing=ForcingConfig(samples=2, answer_tokens=3))
+    algorithm = Mrt(cfg, synthetic.ctx)
+    learner = _learner(algorithm, synthetic, seed=0)
+    other = models.init_model(synthetic.config, seed=1)
+    policies = dataclasses.replace(learner.policies(), old=nnx.split(other)[1])
+    examples = synthetic.examples
+    ro = algorithm.rollout(policies, examples, jax.random.key(3))
+    embed = lambda m: np.asarray(nnx.state(m, nnx.Param)["embed"]["embedding"][...])
+    np.testing.assert_array_equal(embed(calls[0][0]), embed(other))  # pi_old, not pi_theta
+    assert not np.array_equal(embed(calls[0][0]), embed(learner.model()))
+    assert ro.prefix_episodes.tolist() != [0] * len(examples)  # some prefixes hold an episode
+    prompts = [fmt.prompt_ids(e.question) for e in examples]
+    forced = [p for _, ps, n in calls if n == cfg.forcing.answer_tokens for p in ps]
+    assert forced == algorithm.prover.forced_prompts(prompts, ro.prefixes)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "mrt"])
+def test_the_reference_is_scored_at_the_policys_temperature(synthetic, algorithm):
+    """The first update at T = 0.7 with beta > 0: the policy is the reference, so the k3 KL is
+    exactly 0 -- unless one of them is scored at another temperature."""
+    sampling = SamplingParams(temperature=0.7)
+    if algorithm == "grpo":
+        algo = Grpo(GrpoConfig(num_samples=4, max_tokens=8, beta=0.04, sampling=sampling), synthetic.ctx)
+    else:
+        algo = Mrt(MrtConfig(num_samples=4, max_tokens=8, beta=0.04, sampling=sampling, prefixes="traces",
+                             advantage="termination", forcing=ForcingConfig(samples=2, answer_tokens=3)),
+                   synthetic.ctx)
+    assert algo.temperature == 0.7
+    metrics = _learner(algo, synthetic).update(synthetic.examples[:2], jax.random.key(0))
+    assert metrics["kl"] == 0.0
+
+
+def test_a_forced_answer_is_graded_alone_not_with_its_prefix(synthetic, monkeypatch):
+    """J by mc after a prefix that holds the gold ("4+5=9."): a forced answer with no number
+    scores 0 (grading prefix + answer would find the 9 by the last-number fallback), a right
+    one scores 1."""
+    from latro_jax import meta_prover
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = synthetic.tok, synthetic.fmt
+    prefix = tok("4+5=9.", add_special_tokens=False).input_ids
+    for answer, expected in ((" nine.", 0.0), (" 9.", 1.0)):
+        ids = tok(answer, add_special_tokens=False).input_ids + [fmt.end_id]
+        monkeypatch.setattr(meta_prover.sampling, "generate", lambda model, prompts, n, *, num_samples=1, **_:
+                            GenerateOutput([[ids] * num_samples for _ in prompts], None, None, None,
+                                           np.full(len(prompts) * num_samples, len(ids)), None))
+        prover = MetaProver(ForcingConfig(samples=2, answer_tokens=3), synthetic.task, fmt)
+        prompt = fmt.prompt_ids(synthetic.examples[0].question)
+        assert prover.mc(None, [prompt], [prefix], ["9"], jax.random.key(0)).j.tolist() == [expected], answer
+
+
+def test_budget_cuts_never_reach_past_the_thinking(word, monkeypatch):
+    """Forced-answer budgets larger than the greedy trace's thinking cut at the thinking's end:
+    the forced prompt is x + "2+3=5. 5+4=9." + suffix, never with the answer phrase or its gold."""
+    from latro_jax import evaluate as ev
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = word
+    thinking = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids
+    full = thinking + fmt.answer_ids("The answer is 9.")
+    forced_prompts = []
+
+    def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
+        if max_new_tokens == 64:
+            return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
+        forced_prompts.extend(prompts)
+        answer = tok(" 1.", add_special_tokens=False).input_ids
+        return GenerateOutput([[answer] for _ in prompts], None, None, None, np.full(len(prompts), len(answer)), None)
+
+    monkeypatch.setattr(ev.sampling, "generate", scripted)
+    example = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")
+    cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, forced_budgets=(len(thinking) + 2, 100))
+    ev.evaluate(None, get_task("synthetic"), [example], fmt, cfg, progress=False)
+    prompt = fmt.prompt_ids(example.question)
+    prover = MetaProver(cfg.forcing, get_task("synthetic"), fmt)
+    assert forced_prompts == prover.forced_prompts([prompt], [thinking])  # both budgets: one prefix
+
+
+def test_a_star_round_trains_epochs_passes_over_its_kept_traces(synthetic):
+    """epochs = 3: one round (update) takes three optimizer steps on the kept set, the same
+    parameters as three single-step applications of that batch; the schedule counts them."""
+    from latro_jax.algorithms.mrt_star import Kept, StarRollout
+    from latro_jax.job_config import parse
+    fmt, examples = synthetic.fmt, synthetic.examples
+    prompts = [fmt.prompt_ids(e.question) for e in examples]
+    kept = [Kept(q, fmt.completion_ids(examples[q].rationale)) for q in (0, 2)]
+    ro = StarRollout(prompts, kept, np.array([[1.0, 0.0]] * 4), [np.array([0.5])] * 8, np.ones(8), 10)
+    three = _learner(MrtStar(MrtStarConfig(num_samples=2, keep_per_question=1, epochs=3), synthetic.ctx), synthetic)
+    one = _learner(MrtStar(MrtStarConfig(num_samples=2, keep_per_question=1, epochs=1), synthetic.ctx), synthetic)
+    metrics = three.apply(three.algorithm.score(three.policies(), ro))
+    losses = [one.apply(one.algorithm.score(one.policies(), ro))["loss"] for _ in range(3)]
+    assert three.step == 3 and one.step == 3
+    assert metrics["first_loss"] == pytest.approx(losses[0]) and metrics["loss"] == pytest.approx(losses[2])
+    for k, v in models.param_arrays(three.model()).items():
+        np.testing.assert_allclose(v, models.param_arrays(one.model())[k], atol=1e-6, err_msg=k)
+    from configs.tiny import get_config
+    config = get_config()
+    config.stages = "mrt_star"
+    config.mrt_star.epochs = 3
+    assert parse(config).stages[0].stage.optim.total_steps == 3 * config.mrt_star.steps

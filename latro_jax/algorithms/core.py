@@ -76,6 +76,8 @@ class ScoredBatch:
     metrics: host metrics of this rollout (logged with the step's own)
     details: per-row or per-question values for analysis, never sent to the step
     skip:    nothing to learn from: no optimizer step is taken
+    epochs:  optimizer steps on this batch, each a pass over all of it (MRT-STaR's rounds); an
+             algorithm whose Config has `epochs` gets a schedule of steps x epochs
     """
 
     arrays: dict[str, np.ndarray]
@@ -84,6 +86,7 @@ class ScoredBatch:
     details: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     skip: bool = False
     static: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 1
 
 
 class Algorithm(Protocol):
@@ -153,10 +156,14 @@ class Learner:
                         self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
-        """One optimizer step on a scored batch (none when it says skip)."""
+        """scored.epochs optimizer steps on a scored batch (none when it says skip); the metrics
+        of the last, with the first's loss as first_loss when there are several."""
         if scored.skip:
             return {"skipped": 1.0}
-        return self.trainer.step(scored.arrays, scored.scalars, scored.static)
+        first = metrics = self.trainer.step(scored.arrays, scored.scalars, scored.static)
+        for _ in range(scored.epochs - 1):
+            metrics = self.trainer.step(scored.arrays, scored.scalars, scored.static)
+        return {**metrics, "first_loss": first["loss"]} if scored.epochs > 1 else metrics
 
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's

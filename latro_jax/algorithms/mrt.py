@@ -5,7 +5,8 @@ Per question and update:
    refreshed every `prefix_refresh` updates), cut after j episodes, j uniform in {0, ..., k-1}
    (j = 0: the empty prefix); `prefixes = "empty"` always takes c = empty (GRPO);
 2. G continuations z_i ~ pi_theta(. | x + c) to their end (budget `full` L, or `remaining`
-   L - |c|); r_i = the task's 0/1 score of c + z_i;
+   L - |c|); r_i = the task's training reward of z_i (Task.reward: 1 only when z_i finished
+   within its budget and the answer it states is right);
 3. J(c) by the meta-prover (mc or likelihood); with `group` and alpha > 0 also
    J_after,i = J(c + thinking of z_i);
 4. advantages: `termination` A_i = r_i - J(c); `mixed` {r_i} and the m forced outcomes at c as
@@ -77,7 +78,9 @@ class MrtConfig:
     """MRT-RL (SPEC 2.6). The GRPO fields as in GrpoConfig (scaling: the std of `group`
     advantages); prefixes: traces | empty; prefix_refresh: 0 = pi_old is the stage's starting
     model, N = the policy copied every N updates; budget: full | remaining; advantage:
-    termination (default) | mixed | group; alpha: the progress bonus weight (group, episode);
+    termination (default) | mixed | group; alpha: the progress bonus weight, read by `group`
+    (R_i = r_i + alpha (J_after,i - J(c)), J_after the meta-prover's estimate after z_i's
+    thinking: the bonus acts) and `episode` (refused where it can have no effect);
     continuation: full | episode; segment: how traces split into episodes; forcing: the
     meta-prover (suffix, mc | likelihood, m); share_prompts: the reference pass and the step run
     each question's prompt (with its prefix) once for its G rows."""
@@ -89,7 +92,7 @@ class MrtConfig:
     prefix_refresh: int = 0
     budget: str = "full"
     advantage: str = "termination"
-    alpha: float = 1.0
+    alpha: float = 0.0
     continuation: str = "full"
     scaling: str = "group"
     clip_eps: float = 0.2
@@ -119,6 +122,10 @@ class MrtConfig:
         if self.advantage == "mixed" and self.forcing.estimator != "mc":
             raise ValueError("advantage='mixed' normalises the forced-answer outcomes with the rewards: it "
                              "needs forcing.estimator='mc'")
+        if self.alpha > 0 and self.advantage in ("termination", "mixed"):
+            raise ValueError(f"alpha={self.alpha} has no effect with advantage={self.advantage!r} (its "
+                             "advantages do not read the progress bonus); set alpha=0, or advantage='group' "
+                             "for R_i = r_i + alpha (J_after,i - J(c)).")
         if self.continuation == "episode" and (self.advantage != "group" or self.alpha <= 0):
             raise ValueError("continuation='episode' rewards an episode by alpha (J(c + z) - J(c)): it needs "
                              "advantage='group' and alpha > 0")
@@ -128,6 +135,11 @@ class MrtConfig:
     @property
     def uses_j(self) -> bool:
         return self.advantage in ("termination", "mixed") or self.alpha > 0
+
+    @property
+    def uses_j_after(self) -> bool:
+        """J after each continuation's thinking (the `group` bonus; `episode`'s reward)."""
+        return self.advantage == "group" and self.alpha > 0
 
 
 @dataclasses.dataclass
@@ -161,22 +173,22 @@ class Mrt:
         self.old_policy_refresh = cfg.prefix_refresh if cfg.prefixes == "traces" else None
         self.prover = MetaProver(cfg.forcing, ctx.task, ctx.fmt, ctx.mesh) if cfg.uses_j else None
         self.segmenter = make_segmenter(cfg.segment, ctx.fmt)
-        if cfg.advantage == "group" and cfg.alpha > 0 and cfg.continuation == "full":
-            warnings.warn(f"{self.name}: advantage='group' with alpha={cfg.alpha} and full continuations: "
-                          "J_after of a finished continuation is its own outcome, so R_i = (1 + alpha) r_i "
-                          "and GRPO's normalisation cancels the bonus (SPEC 2.6). Use continuation='episode' "
-                          "or advantage='termination' for a bonus that acts.", stacklevel=2)
+        if cfg.continuation == "episode" and cfg.scaling != "none":
+            warnings.warn(f"{self.name}: continuation='episode' rewards are alpha (J(c + z) - J(c)) and "
+                          f"scaling={cfg.scaling!r} divides them by their std, so alpha={cfg.alpha} cancels: "
+                          "any alpha > 0 trains alike. Set scaling='none' for alpha to scale the step.",
+                          stacklevel=2)
 
     def rows(self, questions: int) -> int:
         return questions * self.cfg.num_samples
 
     def tokens_after_prompt(self, example: Example) -> int:
-        """A prefix (at most L) and a continuation (L), or a prefix with the forcing suffix and
-        answer."""
+        """A prefix (at most L) and a continuation (L), or a prefix (plus, where J_after is
+        computed, the continuation's thinking) with the forcing suffix and answer."""
         cfg = self.cfg
         prefix = cfg.max_tokens if cfg.prefixes == "traces" else 0
         forced = self.prover.forced_tokens() if self.prover else 0
-        return max(prefix + cfg.max_tokens, prefix + cfg.max_tokens * (cfg.alpha > 0) + forced)
+        return max(prefix + cfg.max_tokens, prefix + cfg.max_tokens * cfg.uses_j_after + forced)
 
     # ------------------------------------------------------------ rollout
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> MrtRollout:
@@ -204,9 +216,10 @@ class Mrt:
         if cfg.continuation == "episode":
             rewards = np.zeros((len(examples), G))
         else:
-            rewards = np.array([[self.ctx.task.score(fmt.decode(prefixes[n] + continuations[n * G + g]), golds[n])
+            rewards = np.array([[self.ctx.task.reward(fmt.decode(continuations[n * G + g]), golds[n],
+                                                      finished[n * G + g])
                                  for g in range(G)] for n in range(len(examples))], np.float64)
-        if cfg.advantage == "group" and cfg.alpha > 0:
+        if cfg.uses_j_after:
             thinking = [z[:truncate(z, self.segmenter.thinking_end)[0]] for z in continuations]
             after = self.prover.estimate(policies, [prompts[r // G] for r in range(len(thinking))],
                                          [prefixes[r // G] + z for r, z in enumerate(thinking)],

@@ -1,5 +1,7 @@
-"""MRT-STaR (SPEC 2.7): each update is one round of sample -> segment -> J at every prefix ->
-filter -> completion-only fine-tuning on the kept traces.
+"""MRT-STaR (SPEC 2.7): each update is one round: sample num_samples traces on the round's
+questions -> segment -> J at every prefix -> filter -> completion-only fine-tuning on the kept
+traces for `epochs` passes over them (the paper: 3), one optimizer step each (the kept set is one
+batch).
 
 Filters (the exact rule was not published):
 - `max_prefix` (default): cut each trace at its first prefix of maximal J and append a
@@ -34,22 +36,24 @@ FILTERS = ("max_prefix", "nonneg", "outcome")
 class MrtStarConfig:
     """num_samples traces of at most max_tokens per question, drawn at `sampling`; filter:
     max_prefix | nonneg | outcome; keep_per_question: at most this many kept traces per
-    question; segment and forcing as for MRT-RL."""
+    question; epochs: optimizer steps on the kept set per round (each a pass over all of it; the
+    stage's optimizer schedule counts steps x epochs); segment and forcing as for MRT-RL."""
 
     num_samples: int = 4
     max_tokens: int = 512
     sampling: SamplingParams = SamplingParams(temperature=1.0)
     filter: str = "max_prefix"
     keep_per_question: int = 1
+    epochs: int = 3
     segment: SegmentConfig = SegmentConfig()
     forcing: ForcingConfig = ForcingConfig()
 
     def __post_init__(self):
         if self.filter not in FILTERS:
             raise ValueError(f"filter={self.filter!r}: choose one of {FILTERS}")
-        if self.num_samples < 1 or self.max_tokens < 1 or self.keep_per_question < 1:
-            raise ValueError(f"num_samples={self.num_samples}, max_tokens={self.max_tokens} and "
-                             f"keep_per_question={self.keep_per_question} must be >= 1")
+        if min(self.num_samples, self.max_tokens, self.keep_per_question, self.epochs) < 1:
+            raise ValueError(f"num_samples={self.num_samples}, max_tokens={self.max_tokens}, keep_per_question="
+                             f"{self.keep_per_question} and epochs={self.epochs} must be >= 1")
 
 
 @dataclasses.dataclass
@@ -104,8 +108,8 @@ class MrtStar:
                                 top_k=p.top_k, top_p=p.top_p, num_samples=K, stop_token_ids=fmt.stop_ids,
                                 key=k_sample, pad_id=fmt.pad_id, mesh=self.ctx.mesh)
         traces = [t for row in out.tokens for t in row]
-        outcomes = np.array([[self.ctx.task.score(fmt.decode(t), golds[n]) for t in row]
-                             for n, row in enumerate(out.tokens)], np.float64)
+        outcomes = np.array([[self.ctx.task.reward(fmt.decode(t), golds[n], out.finished[n * K + k])
+                              for k, t in enumerate(row)] for n, row in enumerate(out.tokens)], np.float64)
         episodes = [self.segmenter(t) for t in traces]
         j_values, forced = self.j_at_every_prefix(policies, prompts, golds, episodes, k_j)
         progress = [objectives.progress(j) for j in j_values] if j_values else [np.zeros(0)] * len(traces)
@@ -191,7 +195,8 @@ class MrtStar:
         rows = rollout.completion_rows(prompts, completions, pad_id=self.ctx.pad_id)
         rows.valid[len(ro.kept):] = False
         return ScoredBatch(arrays=dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask),
-                           scalars={"completion_tokens": float(rows.answer_mask.sum())}, metrics=metrics)
+                           scalars={"completion_tokens": float(rows.answer_mask.sum())}, metrics=metrics,
+                           epochs=self.cfg.epochs)
 
     def loss(self, model: Transformer, mb: dict, scalars: dict):
         """Completion-only NLL on the kept traces (as SFT)."""

@@ -64,7 +64,18 @@ class Task:
         raise NotImplementedError
 
     def score(self, text: str, gold: str) -> bool:
+        """The evaluation rule: extract (with the task's fallbacks) and grade."""
         return self.is_correct(self.extract(text), gold)
+
+    def given_answer(self, text: str) -> str | None:
+        """The answer an output states, without extract's fallbacks (none when it states none)."""
+        return self.extract(text)
+
+    def reward(self, text: str, gold: str, finished: bool) -> float:
+        """The training reward of an output (SPEC 2.6; MRT-RL, GRPO, STaR): 1 only when it finished
+        within its budget and the answer it states is right. A cut-off output scores 0 even when
+        its text holds the gold, or nothing would press on length."""
+        return float(finished and self.is_correct(self.given_answer(text), gold))
 
     def vote_key(self, extracted: str):
         """What maj@k votes over: answers with equal keys are the same answer."""
@@ -107,6 +118,11 @@ class GSM8K(Task):
         is absent), the last number in the text ("9 * 2 = 18. The answer is eighteen." -> 18)."""
         after = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1]) if ANSWER_PHRASE in text else []
         numbers = after[:1] or NUMBER.findall(text)[-1:]
+        return numbers[0].replace(",", "") if numbers else None
+
+    def given_answer(self, text):
+        """The first number after the last "The answer is" (no last-number fallback)."""
+        numbers = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1]) if ANSWER_PHRASE in text else []
         return numbers[0].replace(",", "") if numbers else None
 
     def vote_key(self, extracted):
@@ -157,6 +173,10 @@ class ARCChallenge(Task):
             return after.split("\n", 1)[0].strip(_ARC_STRIP)
         segments = [s for s in lowered.split(".") if s.strip()]
         return segments[-1].strip(_ARC_STRIP) if segments else None
+
+    def given_answer(self, text):
+        """extract's answer after "the answer is"; none without the phrase (no last-segment fallback)."""
+        return self.extract(text) if ANSWER_PHRASE.lower() in text.lower() else None
 
     def vote_key(self, extracted):
         return _first_sentence(extracted)
@@ -262,6 +282,10 @@ class MathBoxed(Task):
 
     def extract(self, text):
         return last_boxed(text)
+
+    def given_answer(self, text):
+        """The last \\boxed{} of the solution: after the last "</think>" when the output thinks."""
+        return last_boxed(text.rsplit("</think>", 1)[1] if "</think>" in text else text)
 
     def vote_key(self, extracted):
         return normalize_math_answer(extracted)
