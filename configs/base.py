@@ -121,9 +121,15 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
     compute, fsdp over 8 devices. Not published (our choices, SPEC 2.6): the `termination`
     advantage of the authors' RL README (alpha unused; `group` with alpha 1.0 is the authors'
     later re-implementation's bonus), m = 8 forced answers at T 0.6 / top-p 0.95 (the analysis
-    code), beta 0.04 (TRL's default then), prefixes from the starting model, the number of
-    updates. Evaluation on MATH-500: greedy pass@1 at 16,384 tokens, the forced-answer curve at
-    episode boundaries and normalised regret."""
+    code), beta 0.04 (TRL's default then), prefixes from the starting model (at most 4,096
+    tokens, the paper's prompt length), log-probabilities at T = 1 as the paper's TRL computed
+    them, the number of updates. Evaluation on MATH-500, the authors' analysis recipe: greedy
+    and sampled pass@1 (16 traces per problem at T 0.6 / top-p 0.95) at 16,384 tokens, the
+    forced-answer curve at episode boundaries (episodes in groups of 10) and normalised regret
+    at cutoffs up to 16,384 over those traces, forced answers m = 8 at T 0.6 / top-p 0.95 of up
+    to 4,096 tokens ("\n</think>" after the whole thinking). What still differs from the paper:
+    the data (DeepScaleR / MATH-500 from local copies, the paper's AIME / AMC / Minerva sets not
+    included), the unpublished values above, and the RL trainer itself (never released)."""
     c = get_base()
     c.stages = algorithm
     c.model.update(path="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dtype="bfloat16",
@@ -132,16 +138,23 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
                   eval_source="HuggingFaceH4/MATH-500", eval_split="test", sft_examples=0)
     c.mesh.update(data=-1, fsdp=8, tensor=1)
     r1_segment = dict(c.mrt.segment, rule="markers", max_splits=99, group_size=1, thinking_end=("</think>",))
-    r1_forcing = dict(suffix=R1_SUFFIX, estimator="mc", samples=8,
-                      sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=1024)
+    # forced answers: "Time is up. ..." after a partial thinking, "\n</think>" after the whole one
+    # (the model then answers on its own), m = 8 at T 0.6 / top-p 0.95, up to 4,096 answer tokens
+    r1_forcing = dict(suffix=R1_SUFFIX, final_suffix="\n</think>", estimator="mc", samples=8,
+                      sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=4096)
+    # the paper's TRL scored log-probabilities without dividing by T (policy and reference alike)
     rl = dict(steps=300, batch_size=64, num_samples=4, max_tokens=16384,
               sampling=dict(temperature=0.9, top_k=0, top_p=1.0), clip_eps=0.2, beta=0.04,
-              aggregation="token", microbatches=32,
+              aggregation="token", logprobs_at_temperature=False, microbatches=32,
               optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
     c.grpo.update(**rl, advantage="group")
-    c.mrt.update(**rl, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
-                 alpha=0.0, continuation="full", segment=r1_segment, forcing=r1_forcing)
-    c.eval.update(max_new_tokens=16384, batch_size=64, maj_k=0, forced_budgets=(2048, 4096, 8192, 16384),
-                  forced_at="episode", regret_cutoffs=(4096, 8192, 16384), segment=r1_segment,
-                  forcing=dict(r1_forcing, samples=1, sampling=dict(temperature=0.0, top_k=0, top_p=1.0)))
+    c.mrt.update(**rl, prefixes="traces", prefix_refresh=0, max_prefix_tokens=4096, budget="full",
+                 advantage="termination", alpha=0.0, continuation="full", segment=r1_segment, forcing=r1_forcing)
+    # the analysis recipe: 16 traces per problem at T 0.6 / top-p 0.95 (pass@1 beside greedy),
+    # episodes merged in groups of 10, forced answers as in training, cutoffs up to 16,384
+    c.eval.update(max_new_tokens=16384, batch_size=64, maj_k=0, traces=16,
+                  trace_sampling=dict(temperature=0.6, top_k=0, top_p=0.95),
+                  forced_budgets=(2048, 4096, 8192, 12288, 16384), forced_at="episode",
+                  regret_cutoffs=(4096, 8192, 12288, 16384), segment=dict(r1_segment, group_size=10),
+                  forcing=dict(r1_forcing))
     return c

@@ -55,7 +55,10 @@ class EvalConfig:
     forced_budgets: token budgets of the forced-answer curve; forced_at: tokens | episode (cut at
     the last episode boundary <= b); regret_cutoffs: C0s of normalised regret; forcing and
     segment: the termination suffix and episode rule (meta_prover.py, episodes.py; forced
-    answers greedy by default); truncated_budgets: score of the plain output cut at b tokens."""
+    answers greedy by default); traces: 0 = the forced curve and regret of the greedy trace, N =
+    of N traces per problem sampled at trace_sampling (the analysis recipe: 16 at T 0.6, top-p
+    0.95), averaged per problem first, with their accuracy as pass@1; truncated_budgets: score
+    of the plain output cut at b tokens."""
 
     max_new_tokens: int = 500
     batch_size: int = 32
@@ -66,13 +69,15 @@ class EvalConfig:
     regret_cutoffs: tuple[int, ...] = ()
     forcing: ForcingConfig = GREEDY_FORCING
     segment: SegmentConfig = SegmentConfig()
+    traces: int = 0
+    trace_sampling: SamplingParams = SamplingParams(temperature=0.6, top_p=0.95)
     truncated_budgets: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.maj_k < 0:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.maj_k < 0 or self.traces < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} "
-                             f"must be >= 1, maj_k={self.maj_k} >= 0")
+                             f"must be >= 1, maj_k={self.maj_k} and traces={self.traces} >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.forced_at not in FORCED_AT:
@@ -109,11 +114,12 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
              cfg: EvalConfig = EvalConfig(), *, mesh=None, out_dir: str | None = None,
              progress: bool = True, desc: str = "eval", stop=None) -> dict[str, Any]:
     """Accuracy of `model` on `examples`; writes examples.jsonl and summary.json to out_dir.
-    The summary holds greedy, maj@k, forced@<b> (forced-answer accuracy at budget b),
-    regret@<C0> (normalised regret, mean over problems) and truncated@<b>, as configured.
+    The summary holds greedy, maj@k, pass@1 (with traces), forced@<b> (forced-answer accuracy at
+    budget b) and regret@<C0> (normalised regret; both the mean over problems of the mean over
+    their traces) and truncated@<b>, as configured.
     `stop` (a callable) is asked before each batch; when it says True, EvaluationStopped is
     raised and nothing is written."""
-    records, greedy_ok, maj_ok = [], 0, 0
+    records, greedy_ok, maj_ok, pass_at_1 = [], 0, 0, []
     truncated_ok = collections.Counter()
     prover = MetaProver(cfg.forcing, task, fmt, mesh) if cfg.forced else None
     segmenter = make_segmenter(cfg.segment, fmt) if cfg.forced else None
@@ -131,10 +137,19 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
             sampled = sampling.generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
                                         num_samples=cfg.maj_k, stop_token_ids=fmt.stop_ids,
                                         pad_id=fmt.pad_id, seed=cfg.seed + start, mesh=mesh)
+        traces = [[t[0]] for t in greedy.tokens]  # the traces the forced curves are measured on
+        if cfg.traces:
+            p = cfg.trace_sampling
+            traces = sampling.generate(model, prompts, cfg.max_new_tokens, temperature=p.temperature,
+                                       top_k=p.top_k, top_p=p.top_p, num_samples=cfg.traces,
+                                       stop_token_ids=fmt.stop_ids, pad_id=fmt.pad_id,
+                                       seed=cfg.seed + start + 1_000_003, mesh=mesh).tokens
         forced = []
         if cfg.forced:
-            forced = forced_curves(model, prover, segmenter, cfg, prompts, [t[0] for t in greedy.tokens],
-                                   [e.gold for e in batch], jax.random.key(cfg.seed + start))
+            flat = [(i, t) for i, row in enumerate(traces) for t in row]
+            curves = forced_curves(model, prover, segmenter, cfg, [prompts[i] for i, _ in flat], [t for _, t in flat],
+                                   [batch[i].gold for i, _ in flat], jax.random.key(cfg.seed + start))
+            forced = [[c for (i, _), c in zip(flat, curves) if i == n] for n in range(len(batch))]
         for i, ex in enumerate(batch):
             ids = greedy.tokens[i][0]
             text = fmt.decode(ids)
@@ -152,8 +167,13 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
                 record["maj"] = {"outputs": outputs, "extracted": answers, "vote": vote,
                                  "correct": task.is_correct(vote, ex.gold)}
                 maj_ok += record["maj"]["correct"]
-            if cfg.forced:
-                record["forced"] = forced[i]
+            if cfg.traces:
+                outputs = [fmt.decode(t) for t in traces[i]]
+                correct = [task.score(o, ex.gold) for o in outputs]
+                record["traces"] = {"outputs": outputs, "correct": correct}
+                pass_at_1.append(float(np.mean(correct)))
+            if cfg.forced:  # one curve (the greedy trace), or one per sampled trace
+                record["forced"] = forced[i] if cfg.traces else forced[i][0]
             records.append(record)
         bar.update(len(batch))
         postfix = {"greedy": f"{greedy_ok / len(records):.3f}"}
@@ -166,16 +186,18 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
                                "greedy_tokens": float(np.mean([r["greedy"]["tokens"] for r in records]))}
     if cfg.maj_k:
         summary[f"maj@{cfg.maj_k}"] = maj_ok / n
+    if cfg.traces:
+        summary["pass@1"] = float(np.mean(pass_at_1))
+    curves = [r["forced"] if cfg.traces else [r["forced"]] for r in records] if cfg.forced else []
     for b in cfg.forced_budgets:
-        summary[f"forced@{b}"] = float(np.mean([r["forced"]["budgets"][str(b)] for r in records]))
+        summary[f"forced@{b}"] = objectives.mean_of_means([[t["budgets"][str(b)] for t in ts] for ts in curves])
     for c in cfg.regret_cutoffs:
-        per_problem = [[objectives.normalised_regret([p[0] for p in r["forced"]["episodes"]],
-                                                     [p[1] for p in r["forced"]["episodes"]], c,
-                                                     empty=r["forced"]["empty"])]
-                       for r in records]
+        per_problem = [[objectives.normalised_regret([p[0] for p in t["episodes"]], [p[1] for p in t["episodes"]],
+                                                     c, empty=t["empty"]) for t in ts] for ts in curves]
         summary[f"regret@{c}"] = objectives.mean_of_means(per_problem)
     if cfg.regret_cutoffs:
         summary["regret_x"] = "tokens of the prefix (the forced answer not counted)"
+        summary["regret_traces"] = f"{cfg.traces} sampled per problem" if cfg.traces else "the greedy trace"
     for b in cfg.truncated_budgets:
         summary[f"truncated@{b}"] = truncated_ok[b] / n
     if out_dir is not None:
@@ -206,9 +228,10 @@ def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts
             wanted[(i, tuple(e.prefix(j)))] = None
     items = list(wanted)
     accuracy = {}
-    if items:
+    if items:  # the whole thinking is ended by the final suffix
+        final = [0 < len(c) == episodes[i].thinking for i, c in items]
         result = prover.mc(model, [prompts[i] for i, _ in items], [list(c) for _, c in items],
-                           [golds[i] for i, _ in items], key)
+                           [golds[i] for i, _ in items], key, final=final)
         accuracy = dict(zip(items, result.j.tolist()))
     out = [{"budgets": {}, "episodes": []} for _ in traces]
     for i, b, cut in cuts:
@@ -269,14 +292,18 @@ def _evaluate_from_flags(argv) -> None:
         raise ValueError(f"--tokenizer={tokenizer_dir}: {problem}")
     task = get_task(FLAGS.task)
     examples = load_examples(task, FLAGS.data, FLAGS.split, limit=FLAGS.limit)
-    forcing = ForcingConfig(suffix=FLAGS.forced_suffix, sampling=SamplingParams(temperature=0.0), samples=1,
-                            answer_tokens=FLAGS.forced_answer_tokens)
-    segment = SegmentConfig(rule=FLAGS.segment_rule, thinking_end=tuple(FLAGS.thinking_end))
+    forcing = ForcingConfig(suffix=FLAGS.forced_suffix, final_suffix=FLAGS.final_suffix,
+                            sampling=SamplingParams(temperature=FLAGS.forced_temperature, top_p=FLAGS.forced_top_p),
+                            samples=FLAGS.forced_samples, answer_tokens=FLAGS.forced_answer_tokens)
+    segment = SegmentConfig(rule=FLAGS.segment_rule, thinking_end=tuple(FLAGS.thinking_end),
+                            group_size=FLAGS.group_size)
     ints = lambda values: tuple(int(v) for v in values)
     cfg = EvalConfig(max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      maj_k=FLAGS.maj_k, temperature=FLAGS.temperature,
                      forced_budgets=ints(FLAGS.forced_budgets), forced_at=FLAGS.forced_at,
                      regret_cutoffs=ints(FLAGS.regret_cutoffs), forcing=forcing, segment=segment,
+                     traces=FLAGS.traces, trace_sampling=SamplingParams(temperature=FLAGS.trace_temperature,
+                                                                        top_p=FLAGS.trace_top_p),
                      truncated_budgets=ints(FLAGS.truncated_budgets), seed=FLAGS.seed)
     summary = evaluate(model, task, examples, fmt, cfg, out_dir=FLAGS.out)
     print(json.dumps(summary, indent=2))
@@ -300,7 +327,17 @@ def _define_flags():
     flags.DEFINE_enum("forced_at", "tokens", list(FORCED_AT), "Cut at b tokens or at the last episode end <= b.")
     flags.DEFINE_list("regret_cutoffs", [], "Cutoffs C0 of normalised regret.")
     flags.DEFINE_string("forced_suffix", ForcingConfig.suffix, "Termination suffix of forced answers.")
+    flags.DEFINE_string("final_suffix", "", "Suffix after the whole thinking (R1: '\\n</think>'; empty: --forced_suffix).")
     flags.DEFINE_integer("forced_answer_tokens", ForcingConfig.answer_tokens, "Tokens of a forced answer.")
+    flags.DEFINE_integer("forced_samples", 1, "Forced answers per prefix, m (1 with temperature 0: greedy).")
+    flags.DEFINE_float("forced_temperature", 0.0, "Temperature of forced answers (analysis recipe: 0.6).")
+    flags.DEFINE_float("forced_top_p", 1.0, "Top-p of forced answers (analysis recipe: 0.95).")
+    flags.DEFINE_integer("traces", 0, "Sampled traces per problem for pass@1, the forced curve and regret "
+                         "(0: the greedy trace; analysis recipe: 16).")
+    flags.DEFINE_float("trace_temperature", 0.6, "Temperature of the sampled traces.")
+    flags.DEFINE_float("trace_top_p", 0.95, "Top-p of the sampled traces.")
+    flags.DEFINE_integer("group_size", SegmentConfig.group_size, "Merge episodes in groups of this size "
+                         "(analysis regret study: 10).")
     flags.DEFINE_enum("segment_rule", SegmentConfig.rule, ["markers", "end_tokens"], "Episode rule.")
     flags.DEFINE_list("thinking_end", [], "Texts ending the thinking (default: the answer phrases).")
     flags.DEFINE_list("truncated_budgets", [], "Score of the greedy output cut at b tokens (no forcing).")

@@ -12,6 +12,8 @@ answer at once.
   the prefix); J = their mean.
 - `likelihood` (ours): J = π(t | x ⊕ c ⊕ suffix) with t the gold answer's tokens after the
   suffix (" {gold}." and the end token), one forward pass; the suffix is context, not scored.
+A prefix that is the whole thinking is ended by `final_suffix` when one is set (R1: "\n</think>",
+the model then answers on its own), any other by `suffix` ("Time is up. ..." for R1).
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ ESTIMATORS = ("mc", "likelihood")
 @dataclasses.dataclass(frozen=True)
 class ForcingConfig:
     """suffix: the termination text appended after a prefix (an empty prefix gets it without
-    leading whitespace); estimator: mc | likelihood; samples: m forced answers per prefix (mc);
-    sampling: how they are drawn (analysis code: T 0.6, top-p 0.95; temperature 0 = greedy,
-    then one answer); answer_tokens: the most tokens a forced answer may take."""
+    leading whitespace); final_suffix: the text that ends the WHOLE thinking instead ("" = suffix;
+    R1 recipe: "\n</think>", after which the model answers on its own, SPEC 2.3); estimator:
+    mc | likelihood; samples: m forced answers per prefix (mc); sampling: how they are drawn
+    (analysis code: T 0.6, top-p 0.95; temperature 0 = greedy, then one answer); answer_tokens:
+    the most tokens a forced answer may take."""
 
     suffix: str = ANSWER_SUFFIX
+    final_suffix: str = ""
     estimator: str = "mc"
     samples: int = 8
     sampling: SamplingParams = SamplingParams(temperature=0.6, top_p=0.95)
@@ -82,30 +87,43 @@ class MetaProver:
         return self.cfg.sampling.temperature == 0.0
 
     def forced_tokens(self) -> int:
-        """The most tokens a forced answer adds after a prefix: the suffix (as it tokenises at
-        the start of the turn, plus 4 for tokenising differently after text) and the answer."""
-        return len(self.suffix_ids([])) + 4 + self.cfg.answer_tokens
-
-    def suffix_ids(self, prefix: Sequence[int]) -> list[int]:
-        """The suffix as it tokenises after the prefix's text (at the start of the turn when the
-        prefix is empty)."""
+        """The most tokens a forced answer adds after a prefix: the longer suffix (as it
+        tokenises at the start of the turn, plus 4 for tokenising differently after text) and
+        the answer."""
         tok = self.fmt.tokenizer
-        if not prefix:
-            return tok(self.cfg.suffix.lstrip(), add_special_tokens=False).input_ids
-        return continuation_ids(tok, tok.decode(list(prefix)), self.cfg.suffix)
+        longest = max(len(tok(s.lstrip(), add_special_tokens=False).input_ids) for s in self._suffixes())
+        return longest + 4 + self.cfg.answer_tokens
 
-    def forced_prompts(self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
-        """x ⊕ c ⊕ suffix for each pair."""
-        return [list(x) + list(c) + self.suffix_ids(c) for x, c in zip(prompts, prefixes)]
+    def _suffixes(self) -> tuple[str, ...]:
+        return (self.cfg.suffix, self.cfg.final_suffix) if self.cfg.final_suffix else (self.cfg.suffix,)
+
+    def suffix_text(self, final: bool = False) -> str:
+        """The suffix after a prefix; `final`: after the whole thinking."""
+        return self.cfg.final_suffix if final and self.cfg.final_suffix else self.cfg.suffix
+
+    def suffix_ids(self, prefix: Sequence[int], final: bool = False) -> list[int]:
+        """The suffix as it tokenises after the prefix's text (at the start of the turn when the
+        prefix is empty); `final`: the prefix is the whole thinking (final_suffix)."""
+        tok, text = self.fmt.tokenizer, self.suffix_text(final)
+        if not prefix:
+            return tok(text.lstrip(), add_special_tokens=False).input_ids
+        return continuation_ids(tok, tok.decode(list(prefix)), text)
+
+    def forced_prompts(self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]],
+                       final: Sequence[bool] | None = None) -> list[list[int]]:
+        """x ⊕ c ⊕ suffix for each pair (the final suffix where `final` says c is the whole thinking)."""
+        final = final or [False] * len(prefixes)
+        return [list(x) + list(c) + self.suffix_ids(c, f) for x, c, f in zip(prompts, prefixes, final)]
 
     def mc(self, model, prompts, prefixes, golds: Sequence[str], key: jax.Array, samples: int | None = None,
-           rows_per_call: int = 4096) -> Forced:
+           rows_per_call: int = 4096, final: Sequence[bool] | None = None) -> Forced:
         """m forced answers per (prompt, prefix), graded by the task; J = their mean score. The
         prefixes are decoded in calls of at most rows_per_call rows (prefixes x m), each with
         its own key folded from `key`."""
         m = 1 if self.greedy else (samples or self.cfg.samples)
         p = self.cfg.sampling
-        forced = self.forced_prompts(prompts, prefixes)
+        final = final or [False] * len(prefixes)
+        forced = self.forced_prompts(prompts, prefixes, final)
         step = max(1, rows_per_call // m)
         tokens = []
         for n, start in enumerate(range(0, len(forced), step)):
@@ -115,22 +133,23 @@ class MetaProver:
                                     pad_id=self.fmt.pad_id, mesh=self.mesh)
             tokens += out.tokens
             self.generated_tokens += int(out.lengths.sum())
-        texts = [[self.cfg.suffix.lstrip() + self.fmt.decode(ids) for ids in row] for row in tokens]
+        texts = [[self.suffix_text(f).lstrip() + self.fmt.decode(ids) for ids in row] for row, f in zip(tokens, final)]
         outcomes = np.array([[self.task.score(t, gold) for t in row] for row, gold in zip(texts, golds)],
                             np.float32)
         return Forced(j=outcomes.mean(axis=1), outcomes=outcomes, texts=texts, answer_ids=tokens)
 
     def likelihood(self, policies, prompts, prefixes, golds: Sequence[str], params=None,
-                   rows_per_call: int = 1024) -> Forced:
+                   rows_per_call: int = 1024, final: Sequence[bool] | None = None) -> Forced:
         """J = exp log π(t | x ⊕ c ⊕ suffix), t = " {gold}." + end token, under `params`
         (default the policy), scored in calls of at most rows_per_call rows."""
+        final = final or [False] * len(prefixes)
         if len(prompts) > rows_per_call:
             parts = [self.likelihood(policies, prompts[i:i + rows_per_call], prefixes[i:i + rows_per_call],
-                                     golds[i:i + rows_per_call], params, rows_per_call)
+                                     golds[i:i + rows_per_call], params, rows_per_call, final[i:i + rows_per_call])
                      for i in range(0, len(prompts), rows_per_call)]
             return Forced(j=np.concatenate([f.j for f in parts]))
         fmt = self.fmt
-        contexts = [list(c) + self.suffix_ids(c) for c in prefixes]
+        contexts = [list(c) + self.suffix_ids(c, f) for c, f in zip(prefixes, final)]
         suffix_texts = [fmt.tokenizer.decode(c) for c in contexts]
         targets = [continuation_ids(fmt.tokenizer, text, f" {gold}.") + [fmt.end_id]
                    for text, gold in zip(suffix_texts, golds)]
@@ -141,11 +160,13 @@ class MetaProver:
                                                 _padded(rows.arrays(), policies.scorer), ("answer_mask",))
         return Forced(j=np.exp(logp[:len(prompts)]))
 
-    def estimate(self, policies, prompts, prefixes, golds: Sequence[str], key: jax.Array) -> Forced:
-        """J by the configured estimator, under the policy."""
+    def estimate(self, policies, prompts, prefixes, golds: Sequence[str], key: jax.Array,
+                 final: Sequence[bool] | None = None) -> Forced:
+        """J by the configured estimator, under the policy; `final` marks the prefixes that are
+        a whole thinking (forced with final_suffix)."""
         if self.cfg.estimator == "likelihood":
-            return self.likelihood(policies, prompts, prefixes, golds)
-        return self.mc(policies.model(), prompts, prefixes, golds, key)
+            return self.likelihood(policies, prompts, prefixes, golds, final=final)
+        return self.mc(policies.model(), prompts, prefixes, golds, key, final=final)
 
 
 def _padded(arrays: dict[str, np.ndarray], scorer) -> dict[str, np.ndarray]:

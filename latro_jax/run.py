@@ -439,14 +439,15 @@ def _eval_settings(c: JobConfig) -> dict:
 
 def evaluate_stage(job: Job, model, workdir: str, name: str, examples=None, stop=None) -> dict[str, float]:
     """Greedy and maj@k accuracy of `model` on the evaluation split (or `examples`), its mean
-    greedy output tokens, and (when configured) forced-answer accuracy by budget and regret,
+    greedy output tokens, and (when configured) sampled pass@1, forced-answer accuracy by budget and regret,
     with the per-example records in workdir/eval/<name>. Raises EvaluationStopped when `stop()`
     turns true between batches."""
     summary = evaluate(model, job.task, job.eval_examples if examples is None else examples,
                        job.fmt, job.config.eval, mesh=job.mesh, out_dir=os.path.join(workdir, "eval", name),
                        desc=f"eval {name}", progress=jax.process_index() == 0, stop=stop)
     return {k: v for k, v in summary.items()
-            if k in ("greedy", f"maj@{job.config.eval.maj_k}", "greedy_tokens") or k.startswith(("forced@", "regret@"))}
+            if k in ("greedy", f"maj@{job.config.eval.maj_k}", "pass@1", "greedy_tokens")
+            or k.startswith(("forced@", "regret@"))}
 
 
 def rollout_key(seed: int, stage: str, step: int) -> jax.Array:

@@ -711,3 +711,81 @@ def test_a_star_round_trains_epochs_passes_over_its_kept_traces(synthetic):
     config.stages = "mrt_star"
     config.mrt_star.epochs = 3
     assert parse(config).stages[0].stage.optim.total_steps == 3 * config.mrt_star.steps
+
+
+def test_the_whole_thinking_is_ended_by_the_final_suffix(word, monkeypatch):
+    """forcing.final_suffix (R1: "\\n</think>") ends a prefix that is the whole thinking; any
+    shorter cut gets the suffix. Budgets 3 (a partial cut) and 100 (the whole thinking)."""
+    from latro_jax import evaluate as ev
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = word
+    thinking = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids
+    full = thinking + fmt.answer_ids("The answer is 9.")
+    forced_prompts = []
+
+    def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
+        if max_new_tokens == 64:
+            return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
+        forced_prompts.extend(prompts)
+        answer = tok(" 9.", add_special_tokens=False).input_ids + [fmt.end_id]
+        return GenerateOutput([[answer] for _ in prompts], None, None, None, np.full(len(prompts), len(answer)), None)
+
+    monkeypatch.setattr(ev.sampling, "generate", scripted)
+    forcing = ForcingConfig(suffix=" The answer is", final_suffix=" Total:", samples=1,
+                            sampling=SamplingParams(temperature=0.0))
+    example = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")
+    cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, forced_budgets=(3, 100), forcing=forcing)
+    summary = ev.evaluate(None, get_task("synthetic"), [example], fmt, cfg, progress=False)
+    prompt = fmt.prompt_ids(example.question)
+    ends = [tok.decode(p[len(prompt):]) for p in forced_prompts]
+    assert ends == [tok.decode(thinking[:3] + tok(" The answer is", add_special_tokens=False).input_ids),
+                    tok.decode(thinking + tok(" Total:", add_special_tokens=False).input_ids)], ends
+    assert summary["forced@3"] == summary["forced@100"] == 1.0  # "Total: 9." graded on the final suffix too
+
+
+def test_sampled_traces_give_pass_at_1_and_per_problem_means_of_regret(word, monkeypatch):
+    """traces = 2 (the analysis recipe's 16, smaller): per problem a sampled trace that answers at
+    once and rightly ("The answer is 9.") and one with an episode "4+4=8." that answers wrongly;
+    forced answers are scripted right only after that episode. pass@1 = 0.5; regret at 16 is the
+    mean over the two traces: 1 (never right before answering) and L/32 (right from x = L, the
+    episode's length) -- the greedy trace ("1+1=2. ...", never forced right) would give 1."""
+    from latro_jax import evaluate as ev
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = word
+    greedy = tok("1+1=2.", add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 2.")
+    episode = tok("4+4=8.", add_special_tokens=False).input_ids
+    right, wrong = fmt.answer_ids("The answer is 9."), episode + fmt.answer_ids("The answer is 8.")
+
+    def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
+        if max_new_tokens == 64:
+            traces = [[greedy]] if num_samples == 1 else [[right, wrong]]
+            return GenerateOutput(traces, None, None, None, np.array([len(t) for t in traces[0]]), None)
+        answers = [tok(" 9." if "4+4" in tok.decode(p).replace(" ", "") else " 1.", add_special_tokens=False).input_ids
+                   + [fmt.end_id] for p in prompts]
+        return GenerateOutput([[a] for a in answers], None, None, None, np.array([len(a) for a in answers]), None)
+
+    monkeypatch.setattr(ev.sampling, "generate", scripted)
+    example = Example(id="q", question="Ann has 9 pens. How many pens?", gold="9")
+    cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, traces=2, regret_cutoffs=(16,))
+    summary = ev.evaluate(None, get_task("synthetic"), [example], fmt, cfg, progress=False)
+    assert summary["greedy"] == 0.0 and summary["pass@1"] == 0.5
+    assert summary["regret@16"] == pytest.approx((1.0 + len(episode) / 32) / 2)
+
+
+def test_prefixes_longer_than_max_prefix_tokens_are_never_drawn(synthetic, monkeypatch):
+    """A pi_old trace "2+3=5. 5+4=9. ..." of two episodes: without a cap, j in {0, 1} and some of
+    16 questions get the first episode as prefix; with max_prefix_tokens shorter than that
+    episode every prefix is empty (the cut is drawn among those that fit the prompt)."""
+    from latro_jax.algorithms import mrt as mrt_module
+    from latro_jax.sampling import GenerateOutput
+    tok, fmt = synthetic.tok, synthetic.fmt
+    first = tok("2+3=5.", add_special_tokens=False).input_ids
+    trace = first + tok(" 5+4=9.", add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 9.")
+    monkeypatch.setattr(mrt_module.sampling, "generate", lambda model, prompts, n, **kw: GenerateOutput(
+        [[trace] for _ in prompts], None, None, None, np.full(len(prompts), len(trace)), None))
+    prompts = [fmt.prompt_ids(synthetic.examples[0].question)] * 16
+    for cap, drawn in ((0, {0, 1}), (len(first) - 1, {0})):
+        algorithm = Mrt(MrtConfig(num_samples=2, max_tokens=len(trace), max_prefix_tokens=cap), synthetic.ctx)
+        prefixes, counts = algorithm.prefixes(_learner(algorithm, synthetic).policies(), prompts,
+                                              jax.random.key(0), jax.random.key(1))
+        assert set(counts) == drawn and all(len(p) <= (cap or len(trace)) for p in prefixes)

@@ -77,7 +77,8 @@ class GrpoConfig:
 class MrtConfig:
     """MRT-RL (SPEC 2.6). The GRPO fields as in GrpoConfig (scaling: the std of `group`
     advantages); prefixes: traces | empty; prefix_refresh: 0 = pi_old is the stage's starting
-    model, N = the policy copied every N updates; budget: full | remaining; advantage:
+    model, N = the policy copied every N updates; max_prefix_tokens: the longest prefix the prompt
+    holds (0 = max_tokens; the paper's prompt length, 4,096 for R1); budget: full | remaining; advantage:
     termination (default) | mixed | group; alpha: the progress bonus weight, read by `group`
     (R_i = r_i + alpha (J_after,i - J(c)), J_after the meta-prover's estimate after z_i's
     thinking: the bonus acts) and `episode` (refused where it can have no effect);
@@ -90,6 +91,7 @@ class MrtConfig:
     sampling: SamplingParams = SamplingParams(temperature=0.9)
     prefixes: str = "traces"
     prefix_refresh: int = 0
+    max_prefix_tokens: int = 0
     budget: str = "full"
     advantage: str = "termination"
     alpha: float = 0.0
@@ -111,9 +113,10 @@ class MrtConfig:
                                      ("aggregation", self.aggregation, objectives.AGGREGATIONS)):
             if value not in options:
                 raise ValueError(f"{name}={value!r}: choose one of {options}")
-        if self.num_samples < 1 or self.max_tokens < 1 or self.prefix_refresh < 0:
+        if self.num_samples < 1 or self.max_tokens < 1 or self.prefix_refresh < 0 or self.max_prefix_tokens < 0:
             raise ValueError(f"num_samples={self.num_samples} and max_tokens={self.max_tokens} must be "
-                             f">= 1, prefix_refresh={self.prefix_refresh} >= 0")
+                             f">= 1, prefix_refresh={self.prefix_refresh} and max_prefix_tokens="
+                             f"{self.max_prefix_tokens} >= 0")
         if self.advantage in ("group", "mixed") and self.num_samples < 2:
             raise ValueError(f"num_samples={self.num_samples}: {self.advantage} advantages need G >= 2")
         if self.alpha < 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
@@ -131,6 +134,13 @@ class MrtConfig:
                              "advantage='group' and alpha > 0")
         if self.prefixes == "empty" and self.prefix_refresh:
             raise ValueError("prefix_refresh needs prefixes='traces' (empty prefixes never sample from pi_old)")
+
+    @property
+    def prefix_limit(self) -> int:
+        """The most tokens a prefix holds (0 with empty prefixes)."""
+        if self.prefixes == "empty":
+            return 0
+        return min(self.max_tokens, self.max_prefix_tokens) if self.max_prefix_tokens else self.max_tokens
 
     @property
     def uses_j(self) -> bool:
@@ -186,7 +196,7 @@ class Mrt:
         """A prefix (at most L) and a continuation (L), or a prefix (plus, where J_after is
         computed, the continuation's thinking) with the forcing suffix and answer."""
         cfg = self.cfg
-        prefix = cfg.max_tokens if cfg.prefixes == "traces" else 0
+        prefix = cfg.prefix_limit
         forced = self.prover.forced_tokens() if self.prover else 0
         return max(prefix + cfg.max_tokens, prefix + cfg.max_tokens * cfg.uses_j_after + forced)
 
@@ -219,11 +229,13 @@ class Mrt:
             rewards = np.array([[self.ctx.task.reward(fmt.decode(continuations[n * G + g]), golds[n],
                                                       finished[n * G + g])
                                  for g in range(G)] for n in range(len(examples))], np.float64)
-        if cfg.uses_j_after:
-            thinking = [z[:truncate(z, self.segmenter.thinking_end)[0]] for z in continuations]
+        if cfg.uses_j_after:  # J after each continuation's thinking (the whole thinking where it ended)
+            cuts = [truncate(z, self.segmenter.thinking_end) for z in continuations]
+            thinking = [z[:n] for z, (n, _) in zip(continuations, cuts)]
             after = self.prover.estimate(policies, [prompts[r // G] for r in range(len(thinking))],
                                          [prefixes[r // G] + z for r, z in enumerate(thinking)],
-                                         [golds[r // G] for r in range(len(thinking))], k_after)
+                                         [golds[r // G] for r in range(len(thinking))], k_after,
+                                         final=[ended and cfg.continuation == "full" for _, ended in cuts])
             j_after = after.j.reshape(len(examples), G)
         sampled = int(out.lengths.sum()) + self.prefix_tokens + (self.prover.generated_tokens - forced_before
                                                                   if self.prover else 0)
@@ -232,8 +244,8 @@ class Mrt:
 
     def prefixes(self, policies: Policies, prompts: list[list[int]], key: jax.Array, cut_key: jax.Array):
         """(prefix ids, episodes in each prefix) per question: a trace from pi_old cut after j
-        episodes, j uniform in {0, ..., k-1} (deterministic in the key and the question's
-        position), or the empty prefix."""
+        episodes, j uniform in {0, ..., k-1} among the cuts that fit max_prefix_tokens
+        (deterministic in the key and the question's position), or the empty prefix."""
         self.prefix_tokens = 0
         if self.cfg.prefixes == "empty":
             return [[] for _ in prompts], [0] * len(prompts)
@@ -245,7 +257,8 @@ class Mrt:
         prefixes, counts = [], []
         for n, trace in enumerate(traces.tokens):
             episodes = self.segmenter(trace[0])
-            j = int(jax.random.randint(jax.random.fold_in(cut_key, n), (), 0, max(episodes.count, 1)))
+            fits = sum(1 for j in range(episodes.count) if len(episodes.prefix(j)) <= self.cfg.prefix_limit)
+            j = int(jax.random.randint(jax.random.fold_in(cut_key, n), (), 0, max(fits, 1)))
             prefixes.append(episodes.prefix(j))
             counts.append(j)
         return prefixes, counts

@@ -126,7 +126,8 @@ class MrtStar:
         K = self.cfg.num_samples
         items = [(t, j) for t, e in enumerate(episodes) for j in range(e.count + 1)]
         result = self.prover.estimate(policies, [prompts[t // K] for t, _ in items],
-                                      [episodes[t].prefix(j) for t, j in items], [golds[t // K] for t, _ in items], key)
+                                      [episodes[t].prefix(j) for t, j in items], [golds[t // K] for t, _ in items], key,
+                                      final=[0 < j == episodes[t].count for t, j in items])
         j_values, forced, start = [], [], 0
         for e in episodes:
             n = e.count + 1
@@ -151,8 +152,8 @@ class MrtStar:
             answers = self.correct_answers(policies, prompts, golds, episodes, best, needs, forced, key)
             for t in needs:
                 if answers.get(t) is not None:
-                    prefix = episodes[t].prefix(best[t])
-                    candidates.append(Kept(t // K, prefix + self.prover.suffix_ids(prefix) + answers[t],
+                    prefix, whole = episodes[t].prefix(best[t]), 0 < best[t] == episodes[t].count
+                    candidates.append(Kept(t // K, prefix + self.prover.suffix_ids(prefix, whole) + answers[t],
                                            float(j_values[t][best[t]])))
         kept: list[Kept] = []
         for q in range(len(prompts)):
@@ -172,7 +173,8 @@ class MrtStar:
         if not needs:
             return out
         sampled = self.prover.mc(policies.model(), [prompts[t // K] for t in needs],
-                                 [episodes[t].prefix(best[t]) for t in needs], [golds[t // K] for t in needs], key)
+                                 [episodes[t].prefix(best[t]) for t in needs], [golds[t // K] for t in needs], key,
+                                 final=[0 < best[t] == episodes[t].count for t in needs])
         for i, t in enumerate(needs):
             out[t] = next((a for o, a in zip(sampled.outcomes[i], sampled.answer_ids[i]) if o), None)
         return out
