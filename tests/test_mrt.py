@@ -663,30 +663,40 @@ def test_a_forced_answer_is_graded_alone_not_with_its_prefix(synthetic, monkeypa
         assert prover.mc(None, [prompt], [prefix], ["9"], jax.random.key(0)).j.tolist() == [expected], answer
 
 
-def test_budget_cuts_never_reach_past_the_thinking(word, monkeypatch):
-    """Forced-answer budgets larger than the greedy trace's thinking cut at the thinking's end:
-    the forced prompt is x + "2+3=5. 5+4=9." + suffix, never with the answer phrase or its gold."""
+def _script_two_step_trace(monkeypatch, word, forced_answer: str):
+    """evaluate()'s sampler scripted: the greedy trace "2+3=5. 5+4=9. The answer is 9." and every
+    forced answer `forced_answer`; returns (the thinking's ids, the list the forced prompts go to)."""
     from latro_jax import evaluate as ev
     from latro_jax.sampling import GenerateOutput
     tok, fmt = word
     thinking = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids
     full = thinking + fmt.answer_ids("The answer is 9.")
+    answer = tok(forced_answer, add_special_tokens=False).input_ids + [fmt.end_id]
     forced_prompts = []
 
     def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
         if max_new_tokens == 64:
             return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
         forced_prompts.extend(prompts)
-        answer = tok(" 1.", add_special_tokens=False).input_ids
         return GenerateOutput([[answer] for _ in prompts], None, None, None, np.full(len(prompts), len(answer)), None)
 
     monkeypatch.setattr(ev.sampling, "generate", scripted)
-    example = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")
+    return thinking, forced_prompts
+
+
+TWO_STEP = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")
+
+
+def test_budget_cuts_never_reach_past_the_thinking(word, monkeypatch):
+    """Forced-answer budgets larger than the greedy trace's thinking cut at the thinking's end:
+    the forced prompt is x + "2+3=5. 5+4=9." + suffix, never with the answer phrase or its gold."""
+    from latro_jax import evaluate as ev
+    thinking, forced_prompts = _script_two_step_trace(monkeypatch, word, " 1.")
+    fmt = word[1]
     cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, forced_budgets=(len(thinking) + 2, 100))
-    ev.evaluate(None, get_task("synthetic"), [example], fmt, cfg, progress=False)
-    prompt = fmt.prompt_ids(example.question)
+    ev.evaluate(None, get_task("synthetic"), [TWO_STEP], fmt, cfg, progress=False)
     prover = MetaProver(cfg.forcing, get_task("synthetic"), fmt)
-    assert forced_prompts == prover.forced_prompts([prompt], [thinking])  # both budgets: one prefix
+    assert forced_prompts == prover.forced_prompts([fmt.prompt_ids(TWO_STEP.question)], [thinking])  # one prefix
 
 
 def test_a_star_round_trains_epochs_passes_over_its_kept_traces(synthetic):
@@ -717,26 +727,13 @@ def test_the_whole_thinking_is_ended_by_the_final_suffix(word, monkeypatch):
     """forcing.final_suffix (R1: "\\n</think>") ends a prefix that is the whole thinking; any
     shorter cut gets the suffix. Budgets 3 (a partial cut) and 100 (the whole thinking)."""
     from latro_jax import evaluate as ev
-    from latro_jax.sampling import GenerateOutput
+    thinking, forced_prompts = _script_two_step_trace(monkeypatch, word, " 9.")
     tok, fmt = word
-    thinking = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids
-    full = thinking + fmt.answer_ids("The answer is 9.")
-    forced_prompts = []
-
-    def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
-        if max_new_tokens == 64:
-            return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
-        forced_prompts.extend(prompts)
-        answer = tok(" 9.", add_special_tokens=False).input_ids + [fmt.end_id]
-        return GenerateOutput([[answer] for _ in prompts], None, None, None, np.full(len(prompts), len(answer)), None)
-
-    monkeypatch.setattr(ev.sampling, "generate", scripted)
     forcing = ForcingConfig(suffix=" The answer is", final_suffix=" Total:", samples=1,
                             sampling=SamplingParams(temperature=0.0))
-    example = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")
     cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, forced_budgets=(3, 100), forcing=forcing)
-    summary = ev.evaluate(None, get_task("synthetic"), [example], fmt, cfg, progress=False)
-    prompt = fmt.prompt_ids(example.question)
+    summary = ev.evaluate(None, get_task("synthetic"), [TWO_STEP], fmt, cfg, progress=False)
+    prompt = fmt.prompt_ids(TWO_STEP.question)
     ends = [tok.decode(p[len(prompt):]) for p in forced_prompts]
     assert ends == [tok.decode(thinking[:3] + tok(" The answer is", add_special_tokens=False).input_ids),
                     tok.decode(thinking + tok(" Total:", add_special_tokens=False).input_ids)], ends
