@@ -10,12 +10,13 @@ Generation stops at the model's end ids only (the answer follows "The answer is"
 samples k outputs at the given temperature and votes over the extracted answers (ties go to
 the answer seen first); an output without an answer does not vote.
 
-Forced-answer accuracy at budget b: the greedy trace's thinking is cut at b tokens (or at its
-last episode boundary <= b), the termination suffix is appended, the answer is decoded
-(greedily by default) and graded. Normalised regret at cutoff C0 takes, per trace, the points
-(tokens of the prefix of episodes 1..k, forced-answer accuracy after them) -- x counts the
-prefix's tokens only, not the forced answer -- and averages over problems (one greedy trace
-each). `truncated_budgets` is the older, different measurement: the score of the greedy output
+Forced-answer accuracy at budget b: the greedy trace's thinking (or, with `traces`, each of N
+sampled traces') is cut at b tokens (or at its last episode boundary <= b), the termination
+suffix is appended (the final suffix after the whole thinking), the answer is decoded (greedily
+by default) and graded. Normalised regret at cutoff C0 (SPEC 2.4) takes, per trace, J(empty) at
+x = 0 and the points (tokens of the prefix of episodes 1..k, forced-answer accuracy after them)
+-- x counts the prefix's tokens only, not the forced answer -- and averages over problems the
+mean over their traces. `truncated_budgets` is the older, different measurement: the score of the greedy output
 cut at b tokens as it stands, which can extract "-6" from "10-6=" (no forcing).
 """
 
