@@ -8,7 +8,8 @@ step by step (of which 30% restate a running value -- a zero-progress episode --
 and correct: "2+8=11. Wait, 2+8=10."), 50% terse ("Total: 7."). Every RL method then runs the
 same number of updates (`steps`) on the same questions (16 per update) with the same samples
 per question (8) and learning rate; MRT-STaR and STaR keep one trace per question and fine-tune
-on them for 3 epochs (one optimizer step each) per round. Evaluation: greedy and maj@4 on 200 held-out problems, the forced-answer accuracy
+on them for 3 epochs (one optimizer step each) per round. Evaluation: greedy and maj@4 on 200
+held-out problems, the forced-answer accuracy
 curve (budgets of 8..64 tokens) and normalised regret at 16, 24 and 32 tokens.
 """
 
