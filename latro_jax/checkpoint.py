@@ -198,11 +198,8 @@ class TrainCheckpoints:
         that the step can be written again, and say so."""
         self.skipped.append(f"step {step}: {_first_line(error)}")
         path = os.path.join(self.directory, str(step))
-        if jax.process_index() == 0 and os.path.isdir(path):
-            aside = f"{path}.unusable"
-            while os.path.exists(aside):
-                aside += "+"
-            os.rename(path, aside)
+        if os.path.isdir(path):
+            set_aside(path, ".unusable")
         self.manager.reload()
         self.notify(f"checkpoint {step} in {self.directory} is unusable ({_first_line(error)}); set aside "
                     "as <step>.unusable, falling back to the previous one")
@@ -265,6 +262,17 @@ class TrainCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def set_aside(path: str, suffix: str) -> str:
+    """Rename `path` to path + suffix ("+" added while that name is taken; process 0 renames),
+    kept for inspection; returns the new name."""
+    aside = path + suffix
+    while os.path.exists(aside):
+        aside += "+"
+    if jax.process_index() == 0:
+        os.rename(path, aside)
+    return aside
 
 
 @contextlib.contextmanager

@@ -473,12 +473,9 @@ def _stage_dir(workdir: str, stage: Stage) -> str:
 
 
 def _set_aside(directory: str) -> str:
-    """Rename a stage's checkpoint folder to <folder>.stale (+ when taken) and return the new name."""
-    aside = directory + ".stale"
-    while os.path.exists(aside):
-        aside += "+"
-    if jax.process_index() == 0:
-        os.rename(directory, aside)
+    """A stage's checkpoint folder set aside as <folder>.stale (checkpoint.set_aside), once every
+    process may reopen the folder."""
+    aside = checkpoint.set_aside(directory, ".stale")
     if jax.process_count() > 1:  # every process reopens the folder only once it is empty
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"set aside {directory}")

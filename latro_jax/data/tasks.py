@@ -114,14 +114,16 @@ class GSM8K(Task):
                        gold=gold, rationale=rationale)
 
     def extract(self, text):
-        """The first number after the LAST "The answer is"; when none follows it (or the phrase
-        is absent), the last number in the text ("9 * 2 = 18. The answer is eighteen." -> 18)."""
-        after = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1]) if ANSWER_PHRASE in text else []
-        numbers = after[:1] or NUMBER.findall(text)[-1:]
+        """given_answer; when no number follows the last "The answer is" (or the phrase is
+        absent), the last number in the text ("9 * 2 = 18. The answer is eighteen." -> 18)."""
+        stated = self.given_answer(text)
+        if stated is not None:
+            return stated
+        numbers = NUMBER.findall(text)[-1:]
         return numbers[0].replace(",", "") if numbers else None
 
     def given_answer(self, text):
-        """The first number after the last "The answer is" (no last-number fallback)."""
+        """The first number after the LAST "The answer is" (no last-number fallback)."""
         numbers = NUMBER.findall(text.rsplit(ANSWER_PHRASE, 1)[1]) if ANSWER_PHRASE in text else []
         return numbers[0].replace(",", "") if numbers else None
 
