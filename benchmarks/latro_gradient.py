@@ -49,7 +49,6 @@ def main(_):
     from latro_jax import models, run
     from latro_jax.algorithms import Context, Latro, LatroConfig, Learner
     from latro_jax.data import PromptFormatter, get_task, load_examples
-    from latro_jax.rollout import Stops
     from latro_jax.train import OptimConfig
 
     demo = get_config()
@@ -63,8 +62,7 @@ def main(_):
     beta = demo.latro.beta if FLAGS.beta is None else FLAGS.beta
     cfg = LatroConfig(num_samples=K, beta=beta, sft_coef=0.0,
                       max_rationale_tokens=FLAGS.max_rationale_tokens or demo.latro.max_rationale_tokens)
-    ctx = Context(task, fmt, Stops(fmt.stop_ids, fmt.stop_phrases), fmt.pad_id,
-                  microbatches=max(1, N * K // CHUNK_ROWS))
+    ctx = Context(task, fmt, microbatches=max(1, N * K // CHUNK_ROWS))
     latro = Latro(cfg, ctx)
     learner = Learner(latro, models.load_hf(FLAGS.model), OptimConfig(total_steps=1))
     start = learner.policies()  # the warm start: policy and reference
@@ -77,7 +75,7 @@ def main(_):
     def estimate(seed):
         """The gradient of the policy part of the LaTRO loss on one rollout from the warm start."""
         scored = latro.score(start, rollout(start.params, seed))
-        return learner.trainer.gradients(scored.arrays, scored.scalars, scored.static)
+        return learner.trainer.gradients(scored.arrays, scored.scalars, scored.layout)
 
     def measure(params, seeds=(7, 8)):
         """Mean over seeds of (E[R'] under the warm-start scorer, share with R' > -2)."""

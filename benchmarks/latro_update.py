@@ -83,13 +83,16 @@ class LatroJax:
 
     def __init__(self, folder: str, s: dict, prompts, answers):
         from latro_jax import models
+        import types
+
         from latro_jax.algorithms import Context, Latro, LatroConfig, Learner
-        from latro_jax.rollout import Stops
+        from latro_jax.stops import Stops
         from latro_jax.train import OptimConfig
         cfg = LatroConfig(num_samples=s["K"], beta=BETA, nonstop_penalty=NONSTOP_PENALTY, sft_coef=SFT_COEF,
                           max_rationale_tokens=s["L"], reuse_sampler_logprobs=FLAGS.reuse_sampler_logprobs,
                           share_prompts=FLAGS.share_prompts)
-        self.algorithm = Latro(cfg, Context(task=None, fmt=None, stops=Stops(ids=()), microbatches=s["microbatches"]))
+        self.algorithm = Latro(cfg, Context(task=None, fmt=types.SimpleNamespace(stops=Stops(), pad_id=0),
+                                                  microbatches=s["microbatches"]))
         self.learner = Learner(self.algorithm, models.load_hf(folder, remat=FLAGS.remat), OptimConfig(learning_rate=LR))
         self.prompts, self.answers = prompts, answers
 

@@ -50,13 +50,13 @@ def main(_):
     from transformers import AutoTokenizer
 
     from configs.compare import get_config
-    from latro_jax import job_config, models, sampling
+    from latro_jax import job_config, models
     from latro_jax.algorithms import Context, Learner, Sft, SftConfig
     from latro_jax.data import PromptFormatter, get_task, load_examples
     from latro_jax.data.synthetic import EPISODE_KINDS, episode_kind
     from latro_jax.episodes import make_segmenter
     from latro_jax.meta_prover import MetaProver
-    from latro_jax.rollout import Stops
+    from latro_jax.sampling import SamplingParams
     from latro_jax.train import OptimConfig
 
     config = get_config()
@@ -71,18 +71,18 @@ def main(_):
     model = models.load_hf(FLAGS.model)
     prover = MetaProver(forcing, task, fmt)
     segment = make_segmenter(mrt.segment, fmt)
-    policies = Learner(Sft(SftConfig(), Context(task, fmt, Stops(fmt.stop_ids), fmt.pad_id)), model,
-                       OptimConfig(total_steps=1)).policies()
+    policies = Learner(Sft(SftConfig(), Context(task, fmt)), model, OptimConfig(total_steps=1)).policies()
 
     key = jax.random.key(FLAGS.seed)
     prompts = [fmt.prompt_ids(e.question) for e in examples]
-    out = sampling.generate(model, prompts, mrt.max_tokens, temperature=1.0, num_samples=FLAGS.samples,
-                            stop_token_ids=fmt.stop_ids, key=key, pad_id=fmt.pad_id, progress=True)
-    traces = [(n, t) for n, row in enumerate(out.tokens) for t in row]
+    out = policies.sampler.complete(model, prompts, max_new_tokens=mrt.rollout.max_tokens,
+                                    sampling_params=SamplingParams(1.0), num_samples=FLAGS.samples,
+                                    stops=fmt.stops.ends_only(), key=key, progress=True)
+    traces = [(r // FLAGS.samples, t) for r, t in enumerate(out.ids)]
     episodes = [segment(t) for _, t in traces]
     items = [(i, j) for i, e in enumerate(episodes) for j in range(e.count + 1)]
     print(f"{len(traces)} traces, {len(items)} prefixes; J by {forcing.estimator}", flush=True)
-    j = prover.estimate(policies, [prompts[traces[i][0]] for i, _ in items],
+    j = prover.estimate(policies.sampler, policies.scorer, policies.params, [prompts[traces[i][0]] for i, _ in items],
                         [episodes[i].prefix(k) for i, k in items],
                         [examples[traces[i][0]].gold for i, _ in items], jax.random.fold_in(key, 1)).j
     by_trace, start = [], 0

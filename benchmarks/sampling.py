@@ -62,10 +62,11 @@ def best_time(fn, repeats: int) -> float:
 
 def time_latro_jax(folder: str, cfg: dict, prompts) -> float:
     from latro_jax import models, sampling
+    from latro_jax.sampling import SamplingParams
     model = models.load_hf(folder, dtype=cfg["dtype"], param_dtype=cfg["dtype"])
 
     def run():
-        out = sampling.generate(model, prompts, cfg["new_tokens"], temperature=1.0,
+        out = sampling.generate(model, prompts, cfg["new_tokens"], sampling=SamplingParams(1.0),
                                 num_samples=cfg["samples"], seed=0)
         assert int(out.lengths.min()) == cfg["new_tokens"]
 

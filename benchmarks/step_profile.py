@@ -66,7 +66,7 @@ def main(_):
     from flax import nnx
     from bench_model import make_model  # benchmarks/ is the script's folder
 
-    from latro_jax import models, scoring
+    from latro_jax import logprobs, models
 
     with tempfile.TemporaryDirectory() as folder:
         make_model(folder)
@@ -78,7 +78,7 @@ def main(_):
     valid = np.ones_like(tokens, bool)
 
     def loglik(params):
-        return scoring.token_logprobs(nnx.merge(graphdef, params), tokens, valid, shared_prefix=shared).sum()
+        return logprobs.token_logprobs(nnx.merge(graphdef, params), tokens, valid, shared_prefix=shared).sum()
 
     forward, backward = jax.jit(loglik), jax.jit(jax.grad(loglik))
     for name, fn in (("forward", forward), ("forward+backward", backward)):

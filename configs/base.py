@@ -35,20 +35,24 @@ def get_base() -> ml_collections.ConfigDict:
                    reuse_sampler_logprobs=True,  # the policy's log-probs from the sampler (T = 1 only)
                    share_prompts=True,  # the reference pass and the step run each prompt once per question
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
-    # Outcome-reward GRPO (SPEC 2.5; latro_jax/algorithms/mrt.py:GrpoConfig): G completions per
-    # question at T 0.9; advantage group | batch | none; clipped surrogate (clip_eps) + beta * k3 KL
-    # in the loss; aggregation token | sequence | dr_grpo; log-probs at the sampling temperature;
-    # share_prompts: the reference pass and the step run each prompt once per question.
-    c.grpo = dict(steps=100, batch_size=16, num_samples=4, max_tokens=512,
-                  sampling=dict(temperature=0.9, top_k=0, top_p=1.0), advantage="group", clip_eps=0.2,
-                  beta=0.04, aggregation="token", logprobs_at_temperature=True, share_prompts=True,
-                  microbatches=1, logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
-    # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): the GRPO keys (scaling = the std of `group`
-    # advantages) plus prefixes traces | empty (a pi_old trace cut after j ~ U{0..k-1} episodes),
-    # prefix_refresh (0: pi_old = the stage's start; N: the policy every N updates), budget
-    # full | remaining, advantage termination | mixed | group, alpha (the progress bonus of
-    # `group` and `episode`; refused > 0 with termination / mixed, which do not read it; SPEC: not
-    # published, the authors' re-implementation used 1.0), continuation full | episode, segment
+    # The GRPO family (SPEC 2.5; latro_jax/algorithms/group_rl.py) shares two blocks: `rollout`,
+    # G completions per question (num_samples) of at most max_tokens at `sampling` (T 0.9), and
+    # `loss`, the clipped surrogate (clip_eps) + beta * k3 KL to the reference (0: no reference
+    # pass), aggregation token | sequence | dr_grpo, log-probs at the sampling temperature.
+    # Outcome-reward GRPO (algorithms/mrt.py:GrpoConfig): scaling of the group advantages
+    # group | batch | none (Dr. GRPO); share_prompts: the reference pass and the step run each
+    # prompt once per question.
+    group = dict(num_samples=4, max_tokens=512, sampling=dict(temperature=0.9, top_k=0, top_p=1.0))
+    policy_loss = dict(clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True)
+    c.grpo = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
+                  share_prompts=True, microbatches=1, logprob_chunk=128,
+                  optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+    # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): GRPO's keys plus prefixes traces | empty (a
+    # pi_old trace cut after j ~ U{0..k-1} episodes), prefix_refresh (0: pi_old = the stage's
+    # start; N: the policy every N updates), budget full | remaining, advantage (the reading,
+    # mrt.READINGS) termination | mixed | group, alpha (the progress bonus of `group` and
+    # `episode`; refused > 0 with termination / mixed, which do not read it; SPEC: not published,
+    # the authors' re-implementation used 1.0), continuation full | episode, segment
     # (episodes.py:SegmentConfig: rule markers | end_tokens, markers, gap, max_splits, end_texts,
     # group_size, thinking_end) and forcing (meta_prover.py:ForcingConfig: suffix, estimator
     # mc | likelihood, samples m, sampling, answer_tokens).
@@ -58,18 +62,17 @@ def get_base() -> ml_collections.ConfigDict:
                    gap=2, max_splits=99, end_texts=(".",), group_size=1, thinking_end=())
     forcing = dict(suffix=" The answer is", estimator="mc", samples=8,
                    sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=16)
-    c.mrt = dict(steps=100, batch_size=16, num_samples=4, max_tokens=512,
-                 sampling=dict(temperature=0.9, top_k=0, top_p=1.0), prefixes="traces", prefix_refresh=0,
-                 budget="full", advantage="termination", alpha=0.0, continuation="full", scaling="group",
-                 clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True,
-                 share_prompts=True, segment=dict(segment), forcing=dict(forcing), microbatches=1, logprob_chunk=128,
-                 optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
-    # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question, J at every
-    # prefix, filter max_prefix | nonneg | outcome (vanilla STaR), keep_per_question, then
+    c.mrt = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
+                 share_prompts=True, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
+                 alpha=0.0, continuation="full", segment=dict(segment), forcing=dict(forcing), microbatches=1,
+                 logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+    # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question (the `rollout`
+    # block, drawn at T 1), J at every prefix, filter max_prefix | nonneg | outcome (vanilla
+    # STaR), keep_per_question, then
     # completion-only fine-tuning on the kept traces: `epochs` optimizer steps on them per round
     # (the paper: 3 epochs over the collected set; the schedule counts steps x epochs).
-    c.mrt_star = dict(steps=20, batch_size=16, num_samples=4, max_tokens=512,
-                      sampling=dict(temperature=1.0, top_k=0, top_p=1.0), filter="max_prefix",
+    c.mrt_star = dict(steps=20, batch_size=16,
+                      rollout=dict(group, sampling=dict(temperature=1.0, top_k=0, top_p=1.0)), filter="max_prefix",
                       keep_per_question=1, epochs=3, segment=dict(segment), forcing=dict(forcing), microbatches=1,
                       logprob_chunk=128, optim=optim(1e-6, "constant"))
     # every: validate on task.val_split every N updates (0 = off); the checkpoint with the best
@@ -143,11 +146,11 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
     r1_forcing = dict(suffix=R1_SUFFIX, final_suffix="\n</think>", estimator="mc", samples=8,
                       sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=4096)
     # the paper's TRL scored log-probabilities without dividing by T (policy and reference alike)
-    rl = dict(steps=300, batch_size=64, num_samples=4, max_tokens=16384,
-              sampling=dict(temperature=0.9, top_k=0, top_p=1.0), clip_eps=0.2, beta=0.04,
-              aggregation="token", logprobs_at_temperature=False, microbatches=32,
-              optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
-    c.grpo.update(**rl, advantage="group")
+    rl = dict(steps=300, batch_size=64, rollout=dict(num_samples=4, max_tokens=16384,
+                                                     sampling=dict(temperature=0.9, top_k=0, top_p=1.0)),
+              loss=dict(clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=False),
+              microbatches=32, optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
+    c.grpo.update(**rl, scaling="group")
     c.mrt.update(**rl, prefixes="traces", prefix_refresh=0, max_prefix_tokens=4096, budget="full",
                  advantage="termination", alpha=0.0, continuation="full", segment=r1_segment, forcing=r1_forcing)
     # the analysis recipe: 16 traces per problem at T 0.6 / top-p 0.95 (pass@1 beside greedy),

@@ -22,20 +22,19 @@ def get_config():
     c = demo()
     c.task.synthetic.update(stepwise_share=0.5, restate_share=0.3, slip_share=0.3)
     c.stages = "sft"
-    rl = dict(steps=STEPS, batch_size=QUESTIONS, num_samples=SAMPLES)
+    rl = dict(steps=STEPS, batch_size=QUESTIONS)
     rl_optim = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
-    c.latro.update(max_rationale_tokens=56, **rl)
+    group = dict(num_samples=SAMPLES, max_tokens=64, sampling=dict(temperature=1.0, top_k=0, top_p=1.0))
+    c.latro.update(max_rationale_tokens=56, num_samples=SAMPLES, **rl)
     c.latro.optim.update(rl_optim)
     end = dict(rule="end_tokens", end_texts=(".",), group_size=1, thinking_end=())
     forcing = dict(suffix=" The answer is", estimator="mc", samples=4,
                    sampling=dict(temperature=1.0, top_k=0, top_p=1.0), answer_tokens=4)
     for section in ("grpo", "mrt"):
-        c[section].update(max_tokens=64, sampling=dict(temperature=1.0, top_k=0, top_p=1.0), beta=0.0, **rl)
+        c[section].update(rollout=group, loss=dict(beta=0.0), **rl)
         c[section].optim.update(rl_optim)
     c.mrt.update(prefixes="traces", advantage="termination", budget="full", segment=end, forcing=forcing)
-    c.mrt_star.update(max_tokens=64, sampling=dict(temperature=1.0, top_k=0, top_p=1.0), filter="max_prefix",
-                      keep_per_question=1, segment=end, forcing=forcing, steps=STEPS, batch_size=QUESTIONS,
-                      num_samples=SAMPLES)
+    c.mrt_star.update(rollout=group, filter="max_prefix", keep_per_question=1, segment=end, forcing=forcing, **rl)
     c.mrt_star.optim.update(rl_optim)
     c.star = dict(c.mrt_star.to_dict(), algorithm="mrt_star", filter="outcome")
     c.grpo_matched = dict(c.grpo.to_dict(), algorithm="grpo")  # steps set by launch/compare.py

@@ -12,11 +12,9 @@ def get_config():
     c.task.synthetic.sizes = dict(test=8, train=64)
     c.sft.update(steps=2, batch_size=8)
     c.sft.optim.warmup_steps = 0
-    for section in ("latro", "grpo", "mrt", "mrt_star", "star", "grpo_matched"):
-        c[section].update(steps=1, batch_size=2, num_samples=4)
-    c.latro.max_rationale_tokens = 12
+    c.latro.update(steps=1, batch_size=2, num_samples=4, max_rationale_tokens=12)
     for section in ("grpo", "mrt", "mrt_star", "star", "grpo_matched"):
-        c[section].max_tokens = 12
+        c[section].update(steps=1, batch_size=2, rollout=dict(num_samples=4, max_tokens=12))
     for section in ("mrt_star", "star"):
         c[section].keep_per_question = 4
     c.eval.update(max_new_tokens=12, batch_size=8, maj_k=2, forced_budgets=(4, 8, 12), regret_cutoffs=(4, 8, 12))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from latro_jax.rollout import Stops, truncate
+from latro_jax.stops import Stops, truncate
 
 MARKERS = ("Wait", "But wait", "Alternatively", "Is there another way to think about this?",
            "But let me double-check", "But hold on")
@@ -140,7 +140,7 @@ class Episodes:
 
 class Segmenter:
     """Splits traces (token ids) into Episodes by a SegmentConfig. `thinking_end` says where
-    the thinking stops (rollout.Stops: end ids and phrases such as "The answer is")."""
+    the thinking stops (stops.Stops: end ids and phrases such as "The answer is")."""
 
     def __init__(self, cfg: SegmentConfig, tokenizer, thinking_end: Stops):
         self.cfg, self.tokenizer, self.thinking_end = cfg, tokenizer, thinking_end
@@ -178,5 +178,5 @@ def make_segmenter(cfg: SegmentConfig, fmt) -> Segmenter:
     `cfg.thinking_end` (every spelling) or, by default, at its answer phrases."""
     from latro_jax.data.prompts import phrase_variants
     phrases = (tuple(sorted({v for t in cfg.thinking_end for v in phrase_variants(fmt.tokenizer, t)}))
-               if cfg.thinking_end else fmt.stop_phrases)
-    return Segmenter(cfg, fmt.tokenizer, Stops(fmt.stop_ids, phrases))
+               if cfg.thinking_end else fmt.stops.phrases)
+    return Segmenter(cfg, fmt.tokenizer, Stops(fmt.stops.ids, phrases))

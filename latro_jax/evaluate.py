@@ -28,6 +28,7 @@ if __name__ == "__main__":  # first, so the jax imports below are not done twice
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -38,11 +39,12 @@ from tqdm.auto import tqdm
 import jax
 import numpy as np
 
-from latro_jax import objectives, sampling
+from latro_jax import objectives
 from latro_jax.data import Example, PromptFormatter, Task
 from latro_jax.episodes import Episodes, SegmentConfig, make_segmenter
 from latro_jax.meta_prover import ForcingConfig, MetaProver
 from latro_jax.models import Transformer
+from latro_jax.rollout import Sampler
 from latro_jax.sampling import SamplingParams
 
 
@@ -111,6 +113,12 @@ def majority_vote(task: Task, answers: Sequence[str | None]) -> str | None:
     return next(first[k] for k in first if counts[k] == best)
 
 
+def tokens_after_prompt(cfg: EvalConfig, task: Task, fmt: PromptFormatter) -> int:
+    """The most positions an evaluation takes after a prompt: the generation budget and, when
+    forced answers are measured, the suffix and a forced answer after it."""
+    return cfg.max_new_tokens + (MetaProver(cfg.forcing, task, fmt).forced_tokens() if cfg.forced else 0)
+
+
 def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: PromptFormatter,
              cfg: EvalConfig = EvalConfig(), *, mesh=None, out_dir: str | None = None,
              progress: bool = True, desc: str = "eval", stop=None) -> dict[str, Any]:
@@ -122,7 +130,8 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
     raised and nothing is written."""
     records, greedy_ok, maj_ok, pass_at_1 = [], 0, 0, []
     truncated_ok = collections.Counter()
-    prover = MetaProver(cfg.forcing, task, fmt, mesh) if cfg.forced else None
+    sampler = Sampler(pad_id=fmt.pad_id, mesh=mesh)
+    prover = MetaProver(cfg.forcing, task, fmt) if cfg.forced else None
     segmenter = make_segmenter(cfg.segment, fmt) if cfg.forced else None
     bar = tqdm(total=len(examples), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(examples), cfg.batch_size):
@@ -131,28 +140,27 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
             raise EvaluationStopped(f"the evaluation '{desc}' (after {start} of {len(examples)} questions)")
         batch = examples[start:start + cfg.batch_size]
         prompts = [fmt.prompt_ids(e.question) for e in batch]
-        greedy = sampling.generate(model, prompts, cfg.max_new_tokens, stop_token_ids=fmt.stop_ids,
-                                   pad_id=fmt.pad_id, mesh=mesh)
+        complete = functools.partial(sampler.complete, model, prompts, max_new_tokens=cfg.max_new_tokens,
+                                     stops=fmt.stops.ends_only())
+        greedy = complete(sampling_params=SamplingParams(), key=jax.random.key(0)).ids
         sampled = None
         if cfg.maj_k:
-            sampled = sampling.generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                                        num_samples=cfg.maj_k, stop_token_ids=fmt.stop_ids,
-                                        pad_id=fmt.pad_id, seed=cfg.seed + start, mesh=mesh)
-        traces = [[t[0]] for t in greedy.tokens]  # the traces the forced curves are measured on
+            sampled = complete(sampling_params=SamplingParams(cfg.temperature), num_samples=cfg.maj_k,
+                               key=jax.random.key(cfg.seed + start))
+            sampled = sampled.by_prompt(sampled.ids)
+        traces = [[t] for t in greedy]  # the traces the forced curves are measured on
         if cfg.traces:
-            p = cfg.trace_sampling
-            traces = sampling.generate(model, prompts, cfg.max_new_tokens, temperature=p.temperature,
-                                       top_k=p.top_k, top_p=p.top_p, num_samples=cfg.traces,
-                                       stop_token_ids=fmt.stop_ids, pad_id=fmt.pad_id,
-                                       seed=cfg.seed + start + 1_000_003, mesh=mesh).tokens
+            traces = complete(sampling_params=cfg.trace_sampling, num_samples=cfg.traces,
+                              key=jax.random.key(cfg.seed + start + 1_000_003))
+            traces = traces.by_prompt(traces.ids)
         forced = []
         if cfg.forced:
             flat = [(i, t) for i, row in enumerate(traces) for t in row]
-            curves = forced_curves(model, prover, segmenter, cfg, [prompts[i] for i, _ in flat], [t for _, t in flat],
+            curves = forced_curves(sampler, model, prover, segmenter, cfg, [prompts[i] for i, _ in flat], [t for _, t in flat],
                                    [batch[i].gold for i, _ in flat], jax.random.key(cfg.seed + start))
             forced = [[c for (i, _), c in zip(flat, curves) if i == n] for n in range(len(batch))]
         for i, ex in enumerate(batch):
-            ids = greedy.tokens[i][0]
+            ids = greedy[i]
             text = fmt.decode(ids)
             extracted = task.extract(text)
             record = {"id": ex.id, "prompt": fmt.decode(prompts[i]), "gold": ex.gold,
@@ -162,7 +170,7 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
             for b in cfg.truncated_budgets:
                 truncated_ok[b] += task.score(fmt.decode(ids[:b]), ex.gold)
             if sampled is not None:
-                outputs = [fmt.decode(s) for s in sampled.tokens[i]]
+                outputs = [fmt.decode(s) for s in sampled[i]]
                 answers = [task.extract(o) for o in outputs]
                 vote = majority_vote(task, answers)
                 record["maj"] = {"outputs": outputs, "extracted": answers, "vote": vote,
@@ -211,7 +219,7 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
     return summary
 
 
-def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts, traces, golds,
+def forced_curves(sampler: Sampler, model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts, traces, golds,
                   key: jax.Array) -> list[dict[str, Any]]:
     """Per trace: {"budgets": {b: forced-answer accuracy after the thinking cut at b},
     "episodes": [(tokens of the prefix through episode j, forced-answer accuracy after it)],
@@ -231,7 +239,7 @@ def forced_curves(model, prover: MetaProver, segmenter, cfg: EvalConfig, prompts
     accuracy = {}
     if items:  # the whole thinking is ended by the final suffix
         final = [0 < len(c) == episodes[i].thinking for i, c in items]
-        result = prover.mc(model, [prompts[i] for i, _ in items], [list(c) for _, c in items],
+        result = prover.mc(sampler, model, [prompts[i] for i, _ in items], [list(c) for _, c in items],
                            [golds[i] for i, _ in items], key, final=final)
         accuracy = dict(zip(items, result.j.tolist()))
     out = [{"budgets": {}, "episodes": []} for _ in traces]
@@ -250,7 +258,7 @@ def main(argv):
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
-    from latro_jax import checkpoint, models, run_dir
+    from latro_jax import checkpoint, run_dir
     from latro_jax.data import DataError
     expected = (ValueError, FileNotFoundError, DataError, checkpoint.CheckpointError, run_dir.WorkdirError)
     try:

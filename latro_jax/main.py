@@ -49,21 +49,21 @@ def main(argv):
     import jax
     if FLAGS.multi_process:
         _initialize_distributed(jax)
-    from latro_jax import checkpoint, models, run, run_dir
+    from latro_jax import checkpoint, job as jobs, models, run, run_dir, run_results
     from latro_jax.data import DataError
-    expected = (run.ConfigError, models.ConfigError, DataError, FileNotFoundError, checkpoint.CheckpointError,
+    expected = (jobs.ConfigError, models.ConfigError, DataError, FileNotFoundError, checkpoint.CheckpointError,
                 run.NonFiniteError, run_dir.WorkdirError, run.OutputError)
     workdir = os.path.abspath(FLAGS.workdir)
     try:
-        job = run.build(FLAGS.config, load_model=FLAGS.mode == "train")
+        job = jobs.build(FLAGS.config, load_model=FLAGS.mode == "train")
         if FLAGS.mode == "train":
             results = run.train(job, workdir, allow_config_change=FLAGS.allow_config_change)
             if jax.process_index() == 0:
-                print(run.results_table(results))
+                print(run_results.results_table(results))
         else:  # both write into the workdir: not while a run holds it
             lock = run_dir.lock(workdir) if os.path.isdir(workdir) else None
             try:
-                model = run.restore_final(job, workdir)
+                model = jobs.restore_final(job, workdir)
                 if FLAGS.mode == "eval":
                     print(json.dumps(run.evaluate_final(job, model, workdir), indent=2))
                 else:

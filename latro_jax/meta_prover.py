@@ -3,7 +3,7 @@
 answer at once.
 
     prover = MetaProver(ForcingConfig(suffix=" The answer is", estimator="mc", samples=8), task, fmt)
-    result = prover.estimate(policies, prompts, prefixes, golds, key)
+    result = prover.estimate(sampler, scorer, params, prompts, prefixes, golds, key)
     result.j           # [n] J of each (prompt, prefix)
     result.outcomes    # [n, m] 0/1 scores of the m forced answers (mc)
 
@@ -24,9 +24,11 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import rollout, sampling
+from latro_jax import rollout, sampling, sharding
 from latro_jax.data.prompts import continuation_ids
+from latro_jax.rollout import Sampler
 from latro_jax.sampling import SamplingParams
+from latro_jax.scoring import Scorer
 
 R1_SUFFIX = ("Time is up.\n\nGiven the time I've spent and the approaches I've tried, I should stop "
              "thinking and formulate a final answer based on what I already have.\n</think>\n\n"
@@ -76,9 +78,8 @@ class Forced:
 class MetaProver:
     """Forced answers after prefixes, for one task and prompt formatter."""
 
-    def __init__(self, cfg: ForcingConfig, task, fmt, mesh: jax.sharding.Mesh | None = None):
-        self.cfg, self.task, self.fmt, self.mesh = cfg, task, fmt, mesh
-        self.generated_tokens = 0  # forced-answer tokens decoded so far (a running count)
+    def __init__(self, cfg: ForcingConfig, task, fmt):
+        self.cfg, self.task, self.fmt = cfg, task, fmt
         if not self.suffix_ids([]) or not continuation_ids(fmt.tokenizer, "x.", cfg.suffix):
             raise ValueError(f"forcing.suffix={cfg.suffix!r} tokenises to nothing")
 
@@ -115,37 +116,33 @@ class MetaProver:
         final = final or [False] * len(prefixes)
         return [list(x) + list(c) + self.suffix_ids(c, f) for x, c, f in zip(prompts, prefixes, final)]
 
-    def mc(self, model, prompts, prefixes, golds: Sequence[str], key: jax.Array, samples: int | None = None,
-           rows_per_call: int = 4096, final: Sequence[bool] | None = None) -> Forced:
-        """m forced answers per (prompt, prefix), graded by the task; J = their mean score. The
-        prefixes are decoded in calls of at most rows_per_call rows (prefixes x m), each with
-        its own key folded from `key`."""
+    def mc(self, sampler: Sampler, model, prompts, prefixes, golds: Sequence[str], key: jax.Array,
+           samples: int | None = None, rows_per_call: int = 4096, final: Sequence[bool] | None = None) -> Forced:
+        """m forced answers per (prompt, prefix) from `model`, graded by the task; J = their mean
+        score. The prefixes are decoded in calls of at most rows_per_call rows (prefixes x m),
+        each with its own key folded from `key`."""
         m = 1 if self.greedy else (samples or self.cfg.samples)
-        p = self.cfg.sampling
         final = final or [False] * len(prefixes)
         forced = self.forced_prompts(prompts, prefixes, final)
         step = max(1, rows_per_call // m)
-        tokens = []
+        answers, texts = [], []
         for n, start in enumerate(range(0, len(forced), step)):
-            out = sampling.generate(model, forced[start:start + step], self.cfg.answer_tokens,
-                                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, num_samples=m,
-                                    stop_token_ids=self.fmt.stop_ids, key=jax.random.fold_in(key, n) if n else key,
-                                    pad_id=self.fmt.pad_id, mesh=self.mesh)
-            tokens += out.tokens
-            self.generated_tokens += int(out.lengths.sum())
-        texts = [[self.suffix_text(f).lstrip() + self.fmt.decode(ids) for ids in row] for row, f in zip(tokens, final)]
-        outcomes = np.array([[self.task.score(t, gold) for t in row] for row, gold in zip(texts, golds)],
-                            np.float32)
-        return Forced(j=outcomes.mean(axis=1), outcomes=outcomes, texts=texts, answer_ids=tokens)
+            out = sampler.complete(model, forced[start:start + step], max_new_tokens=self.cfg.answer_tokens,
+                                   sampling_params=self.cfg.sampling, num_samples=m, stops=self.fmt.stops.ends_only(),
+                                   key=jax.random.fold_in(key, n) if n else key)
+            answers += out.by_prompt(out.ids)
+            texts += out.texts(self.fmt, [self.suffix_text(f).lstrip() for f in final[start:start + step]])
+        outcomes = rollout.grade(self.task, texts, golds).astype(np.float32)
+        return Forced(j=outcomes.mean(axis=1), outcomes=outcomes, texts=texts, answer_ids=answers)
 
-    def likelihood(self, policies, prompts, prefixes, golds: Sequence[str], params=None,
+    def likelihood(self, scorer: Scorer, params, prompts, prefixes, golds: Sequence[str],
                    rows_per_call: int = 1024, final: Sequence[bool] | None = None) -> Forced:
-        """J = exp log π(t | x ⊕ c ⊕ suffix), t = " {gold}." + end token, under `params`
-        (default the policy), scored in calls of at most rows_per_call rows."""
+        """J = exp log π(t | x ⊕ c ⊕ suffix), t = " {gold}." + end token, under `params`, scored
+        in calls of at most rows_per_call rows."""
         final = final or [False] * len(prefixes)
         if len(prompts) > rows_per_call:
-            parts = [self.likelihood(policies, prompts[i:i + rows_per_call], prefixes[i:i + rows_per_call],
-                                     golds[i:i + rows_per_call], params, rows_per_call, final[i:i + rows_per_call])
+            parts = [self.likelihood(scorer, params, prompts[i:i + rows_per_call], prefixes[i:i + rows_per_call],
+                                     golds[i:i + rows_per_call], rows_per_call, final[i:i + rows_per_call])
                      for i in range(0, len(prompts), rows_per_call)]
             return Forced(j=np.concatenate([f.j for f in parts]))
         fmt = self.fmt
@@ -156,23 +153,21 @@ class MetaProver:
         width, length = rollout.row_widths(prompts, max(map(len, contexts)) + max(map(len, targets)))
         rows = rollout.assemble_rows(prompts, contexts, targets, prompt_width=width, length=length,
                                      pad_id=fmt.pad_id)
-        (logp,) = policies.scorer.span_logprobs(policies.params if params is None else params,
-                                                _padded(rows.arrays(), policies.scorer), ("answer_mask",))
+        (logp,) = scorer.span_logprobs(params, _padded(rows.arrays(), scorer), ("answer_mask",))
         return Forced(j=np.exp(logp[:len(prompts)]))
 
-    def estimate(self, policies, prompts, prefixes, golds: Sequence[str], key: jax.Array,
-                 final: Sequence[bool] | None = None) -> Forced:
-        """J by the configured estimator, under the policy; `final` marks the prefixes that are
-        a whole thinking (forced with final_suffix)."""
+    def estimate(self, sampler: Sampler, scorer: Scorer, params, prompts, prefixes, golds: Sequence[str],
+                 key: jax.Array, final: Sequence[bool] | None = None) -> Forced:
+        """J by the configured estimator under `params` (of the scorer's model graph); `final`
+        marks the prefixes that are a whole thinking (forced with final_suffix)."""
         if self.cfg.estimator == "likelihood":
-            return self.likelihood(policies, prompts, prefixes, golds, final=final)
-        return self.mc(policies.model(), prompts, prefixes, golds, key, final=final)
+            return self.likelihood(scorer, params, prompts, prefixes, golds, final=final)
+        return self.mc(sampler, scorer.model(params), prompts, prefixes, golds, key, final=final)
 
 
-def _padded(arrays: dict[str, np.ndarray], scorer) -> dict[str, np.ndarray]:
+def _padded(arrays: dict[str, np.ndarray], scorer: Scorer) -> dict[str, np.ndarray]:
     """Rows padded (with empty rows) to a multiple of the scorer's micro-batches x data shards
     x 8, so any number of prefixes scores in few compiled shapes."""
-    from latro_jax import sharding
     multiple = int(np.lcm(scorer.microbatches * sharding.data_shards(scorer.mesh), sampling.BATCH_MULTIPLE))
     n = len(arrays["tokens"])
     target = sampling.round_up(n, multiple)

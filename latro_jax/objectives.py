@@ -9,7 +9,8 @@ log pi(.) of a span is the SUM of its token log-probabilities.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,62 @@ def bonus_rewards(rewards: np.ndarray, j_after: np.ndarray, j_prefix: np.ndarray
     normalisation, in which J(c) cancels)."""
     return np.asarray(rewards, np.float64) + alpha * (np.asarray(j_after, np.float64)
                                                       - np.asarray(j_prefix, np.float64)[:, None])
+
+
+# ---------------------------------------------------------------- advantage estimators by name
+@dataclasses.dataclass(frozen=True)
+class GroupOutcomes:
+    """What an advantage estimator reads for N questions x G samples: rewards [N, G]; J(c) of
+    each question's prefix [N]; the m forced-answer outcomes at it [N, m]; J after each sample's
+    thinking [N, G] (the ones an algorithm's reading needs; None otherwise)."""
+
+    rewards: np.ndarray
+    j_prefix: np.ndarray | None = None
+    forced: np.ndarray | None = None
+    j_after: np.ndarray | None = None
+
+
+def _needs(outcomes: GroupOutcomes, name: str, *fields: str) -> None:
+    missing = [f for f in fields if getattr(outcomes, f) is None]
+    if missing:
+        raise ValueError(f"the {name!r} advantages read {', '.join(missing)}, which the rollout did not give")
+
+
+def _rloo(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+    return rloo_advantages(o.rewards)
+
+
+def _group(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+    if alpha > 0:
+        _needs(o, "group", "j_prefix", "j_after")
+        return group_advantages(bonus_rewards(o.rewards, o.j_after, o.j_prefix, alpha), scaling)
+    return group_advantages(o.rewards, scaling)
+
+
+def _termination(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+    _needs(o, "termination", "j_prefix")
+    return termination_advantages(o.rewards, o.j_prefix)
+
+
+def _mixed(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+    _needs(o, "mixed", "forced")
+    return mixed_advantages(o.rewards, o.forced)
+
+
+# name -> estimator(outcomes, scaling, alpha) -> [N, G] advantages
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[GroupOutcomes, str, float], np.ndarray]] = {
+    "rloo": _rloo,  # r_k - mean of the other K - 1 (LaTRO)
+    "group": _group,  # GRPO: (R_i - mean) / std by `scaling`, R_i = r_i + alpha (J_after,i - J(c))
+    "termination": _termination,  # MRT-RL: r_i - J(c)
+    "mixed": _mixed,  # MRT-RL: rewards and forced outcomes normalised as one group
+}
+
+
+def advantages(name: str, outcomes: GroupOutcomes, *, scaling: str = "group", alpha: float = 0.0) -> np.ndarray:
+    """The [N, G] advantages of the estimator registered as `name` (ADVANTAGE_ESTIMATORS)."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name](outcomes, scaling, alpha)
 
 
 def normalised_regret(tokens: Sequence[float], accuracy: Sequence[float], cutoff: float,

@@ -1,18 +1,21 @@
-"""From sampled tokens to trainable rows: how a rationale ends (stops), cutting before the first
-stop, and assembling rows [pad | x | z | y | pad] with their masks (SPEC 1.3).
+"""Sampling for every algorithm: G completions per prompt cut at the caller's stops, graded by
+the task, and turned into trainable rows [pad | x | z | y | pad] with their masks (SPEC 1.3).
 
-    rollout = sample_rows(model, prompts, answers, num_samples=K, max_new_tokens=L,
-                          sampling=SamplingParams(1.0), stops=stops, key=key)
-    rollout.rows.tokens      # [N*K, S]: K consecutive rows per prompt
-    rollout.finished         # [N*K]: the rationale hit a stop within L tokens
+    sampler = Sampler(pad_id=fmt.pad_id, mesh=mesh, usage=usage)
+    out = sampler.complete(model, prompts, num_samples=G, max_new_tokens=L,
+                           sampling=SamplingParams(1.0), stops=fmt.stops.ends_only(), key=key)
+    out.ids[r], out.finished[r]           # row r = n * G + g: completion g of prompt n
+    rewards = grade(task, out.texts(fmt), golds, out.by_prompt(out.finished))   # [N, G]
+    ro = sample_rows(sampler, model, prompts, answers, num_samples=K, ...)      # LaTRO's [x | z | y]
 
-Everything here is host-side NumPy except the sampler call; the math on rows lives in
-objectives.py and the log-probabilities in scoring.py.
+This is the one module that calls the sampler (sampling.generate). Everything else here is
+host-side NumPy; the math on rows lives in objectives.py, the log-probabilities in scoring.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
@@ -20,36 +23,90 @@ import numpy as np
 
 from latro_jax import sampling
 from latro_jax.models import Transformer
+from latro_jax.sampling import SamplingParams
+from latro_jax.stops import Stops, truncate
+from latro_jax.usage import Usage
 
 # A rollout row's columns after its prompt: L + the longest y of the batch, rounded up to this
 # (at most 7 padded columns; a new program only when the longest y crosses a multiple of 8).
 ROLLOUT_BODY_MULTIPLE = 8
+CUTS = ("after", "before")
 
 
-@dataclasses.dataclass(frozen=True)
-class Stops:
-    """How a rationale ends: stop token ids (EOS, end-of-turn, pad) and stop phrases as token-id
-    sequences (e.g. the tokens of "The answer is")."""
+@dataclasses.dataclass
+class Completions:
+    """num_samples completions per prompt, rows prompt-major (row n * G + g).
 
-    ids: tuple[int, ...]
-    phrases: tuple[tuple[int, ...], ...] = ()
+    ids: per row, the kept tokens (cut "after": up to and including the stop, at most the row's
+    budget; cut "before": before the first stop id or stop phrase, stops.truncate); finished [R]:
+    the row stopped (within its budget); lengths [R]: len(ids); samples: per row what the sampler
+    generated (stop included); sampled_tokens: their total; generated: the sampler's output (its
+    log-probabilities and, with reserve_slots, its cache)."""
+
+    ids: list[list[int]]
+    finished: np.ndarray
+    lengths: np.ndarray
+    samples: list[list[int]]
+    sampled_tokens: int
+    group: int
+    generated: sampling.GenerateOutput
+
+    def by_prompt(self, values: Sequence) -> list:
+        """Per-row values grouped per prompt: [N][G] (an [N, G] array for an array)."""
+        if isinstance(values, np.ndarray):
+            return values.reshape(-1, self.group)
+        return [list(values[i:i + self.group]) for i in range(0, len(values), self.group)]
+
+    def texts(self, fmt, lead: str | Sequence[str] = "") -> list[list[str]]:
+        """[N][G] decoded completions, each after `lead` (one per prompt, or one for all)."""
+        leads = [lead] * (len(self.ids) // self.group) if isinstance(lead, str) else lead
+        return self.by_prompt([leads[r // self.group] + fmt.decode(ids) for r, ids in enumerate(self.ids)])
 
 
-def truncate(tokens: Sequence[int], stops: Stops) -> tuple[int, bool]:
-    """(length of z, stopped): z = tokens[:length] ends before the FIRST of a stop id (EOS,
-    end-of-turn, pad) or the START of any stop phrase (token-id sequence) that occurs whole
-    before it -- the earliest start over all phrases, so "So, the answer is" is cut before
-    "So" although it contains " the answer is" (SPEC 1.3). The stop is not part of z; stopped
-    is False when no stop occurs (an unfinished rationale)."""
-    tokens = list(tokens)
-    stop_ids = set(stops.ids)
-    end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
-    by_first: dict[int, list[list[int]]] = {}
-    for phrase in stops.phrases:
-        by_first.setdefault(phrase[0], []).append(list(phrase))
-    cut = next((i for i in range(end) for phrase in by_first.get(tokens[i], ())
-                if i + len(phrase) <= end and tokens[i:i + len(phrase)] == phrase), end)
-    return cut, cut < len(tokens)
+def grade(task, texts: Sequence[Sequence[str]], golds: Sequence[str],
+          finished: np.ndarray | None = None) -> np.ndarray:
+    """[N, G] 0/1 grades of texts [N][G] against each prompt's gold: with `finished` [N, G] the
+    training reward (Task.reward: the completion finished and states the right answer), without
+    it Task.score (a forced answer, graded on what it says)."""
+    if finished is None:
+        return np.array([[task.score(t, gold) for t in row] for row, gold in zip(texts, golds)], np.float64)
+    return np.array([[task.reward(t, gold, bool(f)) for t, f in zip(row, done)]
+                     for row, gold, done in zip(texts, golds, finished)], np.float64)
+
+
+class Sampler:
+    """Completions from a model: the rows' pad id and mesh, and the Usage each call's seconds and
+    generated tokens are recorded in."""
+
+    def __init__(self, *, pad_id: int = 0, mesh: jax.sharding.Mesh | None = None, usage: Usage | None = None):
+        self.pad_id, self.mesh, self.usage = pad_id, mesh, usage or Usage()
+
+    def complete(self, model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling_params: SamplingParams, stops: Stops, key: jax.Array, num_samples: int = 1,
+                 budgets: Sequence[int] | None = None, cut: str = "after", reserve_slots: int = 0,
+                 progress: bool = False) -> Completions:
+        """num_samples completions of each prompt drawn from `sampling_params`, at most
+        max_new_tokens each (or budgets[n] for prompt n: generated to the largest, cut to its
+        own), stopping on `stops` and cut as `cut` says (Completions)."""
+        if cut not in CUTS:
+            raise ValueError(f"cut={cut!r}: choose one of {CUTS}")
+        G = num_samples
+        started = time.perf_counter()
+        out = sampling.generate(model, prompts, max(budgets) if budgets else max_new_tokens,
+                                sampling=sampling_params, num_samples=G, stops=stops, key=key,
+                                pad_id=self.pad_id, mesh=self.mesh, reserve_slots=reserve_slots, progress=progress)
+        self.usage.sampled(started, out.lengths.sum())
+        samples = [out.token_array[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
+        if cut == "before":
+            kept = [truncate(sample, stops) for sample in samples]
+            ids = [sample[:n] for sample, (n, _) in zip(samples, kept)]
+            finished = np.array([stopped for _, stopped in kept])
+        else:
+            limit = [budgets[r // G] if budgets else max_new_tokens for r in range(len(samples))]
+            ids = [sample[:n] for sample, n in zip(samples, limit)]
+            finished = np.array([bool(done) and len(sample) <= n
+                                 for done, sample, n in zip(out.finished, samples, limit)])
+        return Completions(ids, finished, np.array([len(z) for z in ids]), samples, int(out.lengths.sum()), G, out)
 
 
 @dataclasses.dataclass
@@ -120,55 +177,48 @@ def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
 class Rollout:
     """K sampled rationales per prompt, cut at their stops, as rows [x | z | y].
 
-    rows: Rows [N*K, S]; finished [N*K] bool; lengths [N*K] (tokens of z); samples: the ids
-    the sampler generated per row (stop included); sampled_tokens: their total, for throughput;
-    z_logp, y_logp [N*K]: the policy's log pi(z|x) and log pi(y|x+z) when the sampler could give
-    them (sample_rows(policy_logprobs=True)), else None."""
+    rows: Rows [N*K, S]; finished [N*K] bool; lengths [N*K] (tokens of z); samples: per row
+    what the sampler generated (stop included); z_logp, y_logp [N*K]: the policy's log pi(z|x)
+    and log pi(y|x+z) when the sampler could give them (sample_rows(policy_logprobs=True)),
+    else None."""
 
     rows: Rows
     finished: np.ndarray
     lengths: np.ndarray
     samples: list[list[int]]
-    sampled_tokens: int
     z_logp: np.ndarray | None = None
     y_logp: np.ndarray | None = None
 
 
-def sample_rows(model: Transformer, prompts: Sequence[Sequence[int]],
+def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence[int]],
                 answers: Sequence[Sequence[int]], bare_answers: Sequence[Sequence[int]] | None = None,
-                *, num_samples: int, max_new_tokens: int, sampling_params: sampling.SamplingParams,
-                stops: Stops, key: jax.Array, pad_id: int = 0,
-                mesh: jax.sharding.Mesh | None = None, policy_logprobs: bool = False) -> Rollout:
+                *, num_samples: int, max_new_tokens: int, sampling_params: SamplingParams,
+                stops: Stops, key: jax.Array, policy_logprobs: bool = False) -> Rollout:
     """Sample `num_samples` rationales per prompt (at most max_new_tokens each), cut each before
     its first stop, and append the prompt's answer y. A row whose rationale is empty (the model
     answered at once) gets `bare_answers` (y as a whole completion, default `answers`).
 
     policy_logprobs: also give the policy's log pi(z|x) (the sum of the sampler's own token
     log-probabilities up to the cut) and log pi(y|x+z) (y fed after the cut from the sampler's
-    KV cache), when they are the policy's (sampling.logprobs_are_the_policys); a scorer then
-    needs no policy pass over the rows."""
+    KV cache, a scoring pass in the sampler's usage), when they are the policy's
+    (sampling.logprobs_are_the_policys); a scorer then needs no policy pass over the rows."""
     K = num_samples
     bare_answers = answers if bare_answers is None else bare_answers
     reuse = policy_logprobs and sampling.logprobs_are_the_policys(model, sampling_params)
     reserve = sampling.bucket(1 + max(map(len, [*answers, *bare_answers]))) if reuse else 0
-    out = sampling.generate(
-        model, prompts, max_new_tokens, temperature=sampling_params.temperature,
-        top_k=sampling_params.top_k, top_p=sampling_params.top_p, num_samples=K,
-        stop_token_ids=stops.ids, stop_sequences=stops.phrases, key=key, pad_id=pad_id, mesh=mesh,
-        reserve_slots=reserve)
-    samples = [out.token_array[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
-    cut = [truncate(sample, stops) for sample in samples]
-    rationales = [sample[:n] for sample, (n, _) in zip(samples, cut)]
-    row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(rationales)]
+    out = sampler.complete(model, prompts, max_new_tokens=max_new_tokens, sampling_params=sampling_params,
+                           num_samples=K, stops=stops, key=key, cut="before", reserve_slots=reserve)
+    row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(out.ids)]
     z_logp = y_logp = None
     if reuse:
-        kept = [n for n, _ in cut]
-        z_logp = np.array([out.logprob_array[r, :n].sum(dtype=np.float32) for r, n in enumerate(kept)])
-        y_logp = sampling.continuation_logprobs(model, out, prompts, kept, row_answers, pad_id=pad_id, mesh=mesh)
+        started = time.perf_counter()
+        z_logp = np.array([out.generated.logprob_array[r, :n].sum(dtype=np.float32) for r, n in enumerate(out.lengths)])
+        y_logp = sampling.continuation_logprobs(model, out.generated, prompts, out.lengths, row_answers,
+                                                pad_id=sampler.pad_id, mesh=sampler.mesh)
+        sampler.usage.scored(started, sum(map(len, row_answers)))
     width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)),
                                body_multiple=ROLLOUT_BODY_MULTIPLE)
-    rows = assemble_rows([p for p in prompts for _ in range(K)], rationales, row_answers,
-                         prompt_width=width, length=length, pad_id=pad_id)
-    return Rollout(rows=rows, finished=np.array([stopped for _, stopped in cut]),
-                   lengths=np.array([n for n, _ in cut]), samples=samples,
-                   sampled_tokens=int(out.lengths.sum()), z_logp=z_logp, y_logp=y_logp)
+    rows = assemble_rows([p for p in prompts for _ in range(K)], out.ids, row_answers,
+                         prompt_width=width, length=length, pad_id=sampler.pad_id)
+    return Rollout(rows=rows, finished=out.finished, lengths=out.lengths, samples=out.samples, z_logp=z_logp,
+                   y_logp=y_logp)

@@ -1,7 +1,8 @@
 """Jitted KV-cache generation: one prefill per prompt shared by its samples, then a
 `lax.while_loop` decode that exits early once every row has stopped.
 
-    out = generate(model, prompts, max_new_tokens=128, temperature=1.0, num_samples=4)
+    out = generate(model, prompts, max_new_tokens=128, sampling=SamplingParams(1.0), num_samples=4,
+                   stops=Stops(ids=(eos,), phrases=(answer_is_ids,)))
     out.tokens[i][k]    # generated ids of sample k of prompt i, cut after the first stop
     out.logprobs[i][k]  # their log-probabilities under the sampling distribution
 
@@ -33,9 +34,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from latro_jax import scoring, sharding
+from latro_jax import sharding
+from latro_jax.logprobs import target_logprobs
 from latro_jax.models import KVCache, Transformer
 from latro_jax.models.rope import longrope_limit
+from latro_jax.stops import Stops
 
 MIN_PROMPT_BUCKET = 16
 BATCH_MULTIPLE = 8
@@ -133,9 +136,9 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams):
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def _stop_matrix(stop_token_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]):
+def _stop_matrix(stops: Stops):
     """Stops as a right-aligned [S, W] int32 matrix (-1 = wildcard) for window matching."""
-    seqs = [[int(t)] for t in stop_token_ids] + [list(map(int, s)) for s in stop_sequences if len(s)]
+    seqs = [[int(t)] for t in stops.ids] + [list(map(int, s)) for s in stops.phrases if len(s)]
     if not seqs:
         return np.full((1, 1), -2, np.int32)  # matches nothing (tokens are >= 0)
     width = max(map(len, seqs))
@@ -254,22 +257,20 @@ _PROGRESS = _ProgressBars()
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-             stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
+             sampling: SamplingParams = SamplingParams(), num_samples: int = 1, stops: Stops = Stops(),
              seed: int = 0, key: jax.Array | None = None, pad_id: int = 0,
              mesh: jax.sharding.Mesh | None = None, progress: bool = False,
              reserve_slots: int = 0) -> GenerateOutput:
     """Sample `num_samples` continuations of each prompt (ragged token-id lists).
 
-    Rows stop after a token in stop_token_ids or after the last token of a stop sequence (a
-    token-id subsequence); the stop is included in the returned tokens. The draws depend on
+    Rows are drawn from `sampling` (default greedy) and stop after a token in stops.ids or after
+    the last token of a stop phrase (a token-id subsequence); the stop is included in the returned tokens. The draws depend on
     `key` (a jax.random key; default jax.random.key(seed)) and each row's index. With `mesh`, rows are
     split over its data axes and parameters stay as the model's partition rules place them;
     in multi-process runs every process passes the same prompts and gets the full result.
     With reserve_slots > 0 the output keeps the final KV cache, with that many free slots, for
     `continuation_logprobs`.
     """
-    params = SamplingParams(float(temperature), int(top_k), float(top_p))
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
@@ -287,16 +288,16 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         valid[i, p_len - len(p):] = True
     rows = np.arange(n_pad * num_samples, dtype=np.int32)
     live = rows < n * num_samples
-    stops = _stop_matrix(stop_token_ids, stop_sequences)
+    stop_matrix = _stop_matrix(stops)
 
     key = jax.random.key(seed) if key is None else key
     graphdef, state = nnx.split(model)
     args = _rows_on_mesh([tokens, valid, rows, live], mesh)
     bar_id = _PROGRESS.open(max_new_tokens) if progress else 0
     try:
-        out = _generate_core(graphdef, state, *args, stops, np.int32(max_new_tokens),
+        out = _generate_core(graphdef, state, *args, stop_matrix, np.int32(max_new_tokens),
                              np.asarray(jax.random.key_data(key)), np.int32(bar_id),
-                             num_samples=num_samples, gen_bucket=gen_bucket, params=params,
+                             num_samples=num_samples, gen_bucket=gen_bucket, params=sampling,
                              pad_id=pad_id, progress=progress, reserve=int(reserve_slots))
     finally:
         if progress:
@@ -335,7 +336,7 @@ def _continuation_core(graphdef, state, cache, keep, lengths, tokens, valid):
 
     def position(xs):  # one position at a time: never [B, W, V] logits
         h, t = xs
-        return scoring.target_logprobs(model.logits(h), t)
+        return target_logprobs(model.logits(h), t)
 
     logp = jax.lax.map(position, (hidden[:, :-1].swapaxes(0, 1), tokens[:, 1:].swapaxes(0, 1)))
     return jnp.sum(logp.T * valid[:, 1:], axis=1)

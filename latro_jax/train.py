@@ -87,7 +87,16 @@ class TrainState:
     opt_state: Any
 
 
-LossFn = Callable[[Transformer, dict, dict], tuple[jax.Array, dict]]
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """What shapes a loss's program besides array shapes (a static jit argument): shared_prefix,
+    the rows' shared prompt columns (W, g) for logprobs.token_logprobs (None: none shared)."""
+
+    shared_prefix: tuple[int, int] | None = None
+
+
+# loss(model, micro-batch, scalars, layout) -> (the micro-batch's share of the loss, aux metrics)
+LossFn = Callable[[Transformer, dict, dict, RowLayout], tuple[jax.Array, dict]]
 
 
 class Trainer:
@@ -117,8 +126,8 @@ class Trainer:
         self.state = jax.device_put(state, state_shardings)
         self._step = jax.jit(self._step_impl, donate_argnums=(0,), static_argnums=(3,),
                              out_shardings=(state_shardings, None))
-        self._gradients = jax.jit(lambda params, batch, scalars, static:
-                                  self._accumulate(params, batch, scalars, static)[0], static_argnums=(3,))
+        self._gradients = jax.jit(lambda params, batch, scalars, layout:
+                                  self._accumulate(params, batch, scalars, layout)[0], static_argnums=(3,))
 
     def load_state(self, params, opt_state, step: int) -> None:
         """Replace the state with restored values, placed on the current state's shardings."""
@@ -131,26 +140,26 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state.params)
 
     def step(self, batch: dict[str, np.ndarray], scalars: dict[str, float],
-             static: dict[str, Any] | None = None) -> dict[str, float]:
+             layout: RowLayout = RowLayout()) -> dict[str, float]:
         """One optimizer update on `batch`; returns the step's metrics as floats."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        self.state, metrics = self._step(self.state, self._place(batch), scalars, _frozen(static))
+        self.state, metrics = self._step(self.state, self._place(batch), scalars, layout)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def gradients(self, batch: dict[str, np.ndarray], scalars: dict[str, float],
-                  static: dict[str, Any] | None = None):
+                  layout: RowLayout = RowLayout()):
         """Gradients of the batch loss at the current parameters (summed over micro-batches, as
         a step computes them), without an update."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        return self._gradients(self.state.params, self._place(batch), scalars, _frozen(static))
+        return self._gradients(self.state.params, self._place(batch), scalars, layout)
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.split_microbatches(batch, self.microbatches, self.mesh)
 
-    def _accumulate(self, params, batch: dict, scalars: dict, static: tuple):
+    def _accumulate(self, params, batch: dict, scalars: dict, layout: RowLayout):
         """(grads, loss, aux) of the batch, summed over its micro-batches with lax.scan."""
         def loss_of(params, microbatch):
-            return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, {**scalars, **dict(static)})
+            return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, scalars, layout)
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -163,10 +172,10 @@ class Trainer:
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shape, loss_shape, aux_shape))
         return jax.lax.scan(accumulate, zeros, batch)[0]
 
-    def _step_impl(self, state: TrainState, batch: dict, scalars: dict, static: tuple):
+    def _step_impl(self, state: TrainState, batch: dict, scalars: dict, layout: RowLayout):
         """One update, unless the loss, a gradient or a new parameter is not finite: then the
         state stays as it was (step included) and metrics["nonfinite"] = 1."""
-        grads, loss, aux = self._accumulate(state.params, batch, scalars, static)
+        grads, loss, aux = self._accumulate(state.params, batch, scalars, layout)
         # a non-finite loss poisons the gradient, so that apply_if_finite rejects the update
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -181,8 +190,3 @@ class Trainer:
         new = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state))
         return new, metrics
-
-
-def _frozen(static: dict[str, Any] | None) -> tuple:
-    """A step's static values as a hashable jit argument."""
-    return tuple(sorted((static or {}).items()))

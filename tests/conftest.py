@@ -39,3 +39,4 @@ def smollm2_dir(tmp_path_factory):
     from hf_models import smollm2_gguf
     from latro_jax.convert import gguf_to_hf
     return gguf_to_hf(smollm2_gguf(), str(tmp_path_factory.mktemp("smollm2") / "hf"))
+

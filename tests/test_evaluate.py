@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import transformers
 
-from hf_models import SHARED, STORIES_HF
+from hf_models import SHARED, STORIES_HF, generated
 from latro_jax import models
 from latro_jax.data import PromptFormatter, get_task, load_examples
 from latro_jax.evaluate import EvalConfig, evaluate, majority_vote
@@ -72,24 +72,21 @@ def test_accuracies_count_scripted_outputs_as_the_definitions_say(monkeypatch, t
     3/4 (a tie goes to the answer seen first; 7 and 7.0 are one answer; an output without a
     number does not vote). Scoring maj@k on the greedy output would give 2/4, ties to the
     last seen 2/4."""
-    from latro_jax import evaluate as evaluate_module
     from latro_jax.data import Example
-    from latro_jax.sampling import GenerateOutput
+    from latro_jax import rollout
     tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
     fmt = PromptFormatter(tok)
     examples = [Example(id=f"q{g}", question=f"Question {g}?", gold=g) for g in SCRIPT]
     by_prompt = {tuple(fmt.prompt_ids(e.question)): e.gold for e in examples}
     ids = lambda text: tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
 
-    def scripted(model, prompts, max_new_tokens, *, temperature=0.0, num_samples=1, **_):
+    def scripted(model, prompts, max_new_tokens, *, sampling, num_samples=1, **_):
         golds = [by_prompt[tuple(p)] for p in prompts]
-        texts = [[SCRIPT[g][0]] if temperature == 0 else SCRIPT[g][1] for g in golds]
+        texts = [[SCRIPT[g][0]] if sampling.temperature == 0 else SCRIPT[g][1] for g in golds]
         assert all(len(t) == num_samples for t in texts)
-        tokens = [[ids(t) for t in row] for row in texts]
-        return GenerateOutput(tokens=tokens, logprobs=None, token_array=None, logprob_array=None,
-                              lengths=None, finished=None)
+        return generated([[ids(t) for t in row] for row in texts])
 
-    monkeypatch.setattr(evaluate_module.sampling, "generate", scripted)
+    monkeypatch.setattr(rollout.sampling, "generate", scripted)
     summary = evaluate(None, get_task("gsm8k"), examples, fmt, EvalConfig(maj_k=3, batch_size=3),
                        out_dir=str(tmp_path), progress=False)
     assert summary["greedy"] == 0.5 and summary["maj@3"] == 0.75

@@ -90,11 +90,11 @@ UNKNOWN_KEYS = [  # (where the key goes, the message's section)
 @pytest.mark.parametrize("line,section", UNKNOWN_KEYS)
 def test_an_unknown_key_in_any_section_is_refused_naming_section_and_key(line, section):
     from configs.tiny import get_config
-    from latro_jax import job_config, run
+    from latro_jax import job as jobs, job_config
     c = get_config()
     exec(line, {"c": c})
     with pytest.raises(job_config.ConfigError, match=rf"{section}\b.*'bogus'") as e:
-        run.build(c)
+        jobs.build(c)
     assert str(e.value).count("bogus") == 1 and "\n" not in str(e.value)
 
 
@@ -299,7 +299,7 @@ def _probe(env):
 def test_the_job_logs_to_tensorboard_without_importing_torch(tmp_path):
     """tensorboardX imports torch when it is installed (as it is here); the job's writer hides it:
     ~1 s and ~190 MB less per job, and no second framework beside jax in the process."""
-    code = ("import sys; from latro_jax.run import Logger; log = Logger(sys.argv[1]); "
+    code = ("import sys; from latro_jax.metrics_log import Logger; log = Logger(sys.argv[1]); "
             "log.log('latro', 3, {'reward': 0.25}); log.close(); "
             "print([m for m in sys.modules if m.split('.')[0] == 'torch'])")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=ENV,

@@ -78,14 +78,14 @@ def test_remat_gives_the_gradients_of_no_remat(tmp_path, remat):
     a token log-likelihood must equal those without it (forward values cannot tell)."""
     import jax
     from flax import nnx
-    from latro_jax import scoring
+    from latro_jax import logprobs
     make_hf_model("qwen2_tied", str(tmp_path))
     tokens = np.random.RandomState(0).randint(0, 96, (2, 12)).astype(np.int32)
     valid = np.ones_like(tokens, bool)
 
     def grads(model):
         graphdef, params = nnx.split(model)
-        loss = lambda p: scoring.token_logprobs(nnx.merge(graphdef, p), tokens, valid, chunk_size=5).sum()
+        loss = lambda p: logprobs.token_logprobs(nnx.merge(graphdef, p), tokens, valid, chunk_size=5).sum()
         return jax.tree.leaves(jax.grad(loss)(params))
 
     plain, rematted = grads(models.load_hf(str(tmp_path))), grads(models.load_hf(str(tmp_path), remat=remat))

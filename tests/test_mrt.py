@@ -12,8 +12,8 @@ import torch
 import transformers
 from flax import nnx
 
-from hf_models import STORIES_HF, gpt2_tokenizer
-from latro_jax import models, objectives
+from hf_models import STORIES_HF, generated, gpt2_tokenizer, token_context
+from latro_jax import models, objectives, rollout
 from latro_jax.algorithms import (Context, Grpo, GrpoConfig, Learner, Mrt, MrtConfig, MrtStar,
                                   MrtStarConfig)
 from latro_jax.data import Example, PromptFormatter, get_task
@@ -21,7 +21,7 @@ from latro_jax.data.synthetic import generate_splits
 from latro_jax.data.task_tokenizers import build_word_tokenizer
 from latro_jax.episodes import Episodes, SegmentConfig, make_segmenter, marker_starts
 from latro_jax.meta_prover import ForcingConfig, MetaProver
-from latro_jax.rollout import Stops
+from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
 from latro_jax.sampling import SamplingParams
 from latro_jax.train import OptimConfig
 
@@ -103,7 +103,7 @@ def stories():
 
 def _policies(model, microbatches=1):
     from latro_jax.algorithms import Sft, SftConfig
-    learner = Learner(Sft(SftConfig(), Context(None, None, Stops((2,)), microbatches=microbatches)), model,
+    learner = Learner(Sft(SftConfig(), token_context(microbatches=microbatches)), model,
                       OptimConfig(total_steps=1))
     return learner.policies()
 
@@ -115,7 +115,8 @@ def test_likelihood_j_equals_transformers_on_x_c_suffix_target(stories):
     prompts = [tok("Tom has 3 apples.").input_ids, tok("Lily saw a dog.").input_ids]
     prefixes = [tok(" He eats one.", add_special_tokens=False).input_ids, []]
     golds = ["2", "7"]
-    got = prover.likelihood(_policies(model), prompts, prefixes, golds).j
+    policies = _policies(model)
+    got = prover.likelihood(policies.scorer, policies.params, prompts, prefixes, golds).j
     for x, c, gold, j in zip(prompts, prefixes, golds, got):
         context = x + c + (tok(" The answer is", add_special_tokens=False).input_ids if c
                            else tok("The answer is", add_special_tokens=False).input_ids)
@@ -140,10 +141,10 @@ def test_mc_j_with_greedy_forcing_is_the_score_of_the_greedy_decode(stories):
     for p in forced:
         with torch.no_grad():
             out = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6,
-                               eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
+                               eos_token_id=list(fmt.stops.ids), pad_token_id=fmt.pad_id)
         texts.append("The answer is" + tok.decode(out[0, len(p):].tolist(), skip_special_tokens=True))
     golds = [task.extract(texts[0]) or "1", "12345"]  # the first greedy answer right, the second wrong
-    result = prover.mc(model, prompts, prefixes, golds, jax.random.key(0))
+    result = prover.mc(rollout.Sampler(), model, prompts, prefixes, golds, jax.random.key(0))
     assert result.outcomes.shape == (2, 1)
     assert result.j.tolist() == [float(task.score(t, g)) for t, g in zip(texts, golds)]
     assert [t.replace(" ", "") for t in sum(result.texts, [])] == [t.replace(" ", "") for t in texts]
@@ -167,10 +168,10 @@ def test_mc_j_lies_in_a_binomial_band_around_the_exact_success_probability(stori
     p_of = lambda gold: sum(probs[t] for t, text in enumerate(texts) if task.score(text, gold))
     gold = max(sorted(candidates), key=p_of)
     p = p_of(gold)
-    result = prover.mc(model, [prompt], [prefix], [gold], jax.random.key(3))
+    result = prover.mc(rollout.Sampler(), model, [prompt], [prefix], [gold], jax.random.key(3))
     sigma = np.sqrt(p * (1 - p) / 4000)
     assert p > 0.05 and abs(result.j[0] - p) <= 4 * sigma, (gold, result.j[0], p, sigma)
-    again = prover.mc(model, [prompt], [prefix], [gold], jax.random.key(3))
+    again = prover.mc(rollout.Sampler(), model, [prompt], [prefix], [gold], jax.random.key(3))
     assert again.j[0] == result.j[0] and (again.outcomes == result.outcomes).all()  # measured: 0.247 vs 0.253
 
 
@@ -282,7 +283,7 @@ def synthetic(word):
     config = models.ModelConfig(family="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                 num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
                                 initializer_range=0.3, eos_token_id=(fmt.end_id,))
-    ctx = Context(task, fmt, Stops(fmt.stop_ids, fmt.stop_phrases), fmt.pad_id)
+    ctx = Context(task, fmt)
     return SimpleJob(tok, fmt, task, examples, config, ctx)
 
 
@@ -302,7 +303,7 @@ def _learner(algorithm, job, seed=0):
 
 
 def test_mrt_with_empty_prefixes_group_and_alpha_0_is_grpo_bit_for_bit(synthetic):
-    grpo_cfg = GrpoConfig(num_samples=4, max_tokens=10)
+    grpo_cfg = GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=10))
     grpo = _learner(Grpo(grpo_cfg, synthetic.ctx), synthetic)
     mrt = _learner(Mrt(dataclasses.replace(grpo_cfg.as_mrt()), synthetic.ctx), synthetic)
     mrt_cfg = mrt.algorithm.cfg
@@ -316,11 +317,11 @@ def test_mrt_with_empty_prefixes_group_and_alpha_0_is_grpo_bit_for_bit(synthetic
 
 
 def test_grpo_step_with_4_microbatches_equals_one(synthetic):
-    one = _learner(Grpo(GrpoConfig(num_samples=4, max_tokens=10), synthetic.ctx), synthetic)
-    four = _learner(Grpo(GrpoConfig(num_samples=4, max_tokens=10), dataclasses.replace(synthetic.ctx, microbatches=4)),
+    one = _learner(Grpo(GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=10)), synthetic.ctx), synthetic)
+    four = _learner(Grpo(GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=10)), dataclasses.replace(synthetic.ctx, microbatches=4)),
                     synthetic)
     ro = one.algorithm.rollout(one.policies(), synthetic.examples, jax.random.key(5))
-    ro.rewards[:, :2] = 1.0  # make advantages non-zero
+    ro.outcomes.rewards[:, :2] = 1.0  # make advantages non-zero
     s1, s4 = one.algorithm.score(one.policies(), ro), four.algorithm.score(four.policies(), ro)
     m1, m4 = one.apply(s1), four.apply(s4)
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5, abs=1e-7) and m1["grad_norm"] > 0
@@ -335,25 +336,24 @@ def test_mrt_with_shared_prompts_equals_per_row_passes(synthetic):
     """share_prompts (each question's prompt, with its pi_old prefix, run once for its G rows in
     the reference pass and the step) against one pass per row: the same reference log-probs of every
     completion token, loss and gradient."""
-    cfg = MrtConfig(num_samples=4, max_tokens=12, advantage="termination",
-                    forcing=ForcingConfig(samples=2, answer_tokens=4))
+    cfg = MrtConfig(rollout=GroupSampling(num_samples=4, max_tokens=12), advantage="termination", forcing=ForcingConfig(samples=2, answer_tokens=4))
     learners = [_learner(Mrt(dataclasses.replace(cfg, share_prompts=share), synthetic.ctx), synthetic)
                 for share in (True, False)]
     ro = learners[0].algorithm.rollout(learners[0].policies(), synthetic.examples, jax.random.key(2))
-    ro.rewards[:, :2] = 1.0  # non-zero advantages
+    ro.outcomes.rewards[:, :2] = 1.0  # non-zero advantages
     shared, plain = (learner.algorithm.score(learner.policies(), ro) for learner in learners)
-    assert shared.static["shared_prefix"][1] == 4  # one group per question
-    assert plain.static["shared_prefix"] is None
+    assert shared.layout.shared_prefix[1] == 4  # one group per question
+    assert plain.layout.shared_prefix is None
     mask = shared.arrays["completion_mask"] > 0
     np.testing.assert_allclose(shared.arrays["ref_logp"][mask], plain.arrays["ref_logp"][mask], rtol=1e-5, atol=1e-5)
-    grads = [learner.trainer.gradients(s.arrays, s.scalars, s.static) for learner, s in zip(learners, (shared, plain))]
+    grads = [learner.trainer.gradients(s.arrays, s.scalars, s.layout) for learner, s in zip(learners, (shared, plain))]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 0
 
 
 def test_prefix_cuts_are_deterministic_within_the_episode_count_and_hold_no_answer(synthetic):
-    mrt = Mrt(MrtConfig(num_samples=2, max_tokens=16, sampling=SamplingParams(1.0)), synthetic.ctx)
+    mrt = Mrt(MrtConfig(rollout=GroupSampling(num_samples=2, max_tokens=16, sampling=SamplingParams(1.0))), synthetic.ctx)
     learner = _learner(mrt, synthetic, seed=3)
     prompts = [synthetic.fmt.prompt_ids(e.question) for e in synthetic.examples]
     keys = jax.random.split(jax.random.key(7), 2)
@@ -371,18 +371,16 @@ def test_prefix_cuts_are_deterministic_within_the_episode_count_and_hold_no_answ
                                                  ("mixed", "mc"), ("group", "likelihood")])
 def test_every_mrt_reading_updates_with_both_estimators(synthetic, advantage, estimator):
     forcing = ForcingConfig(estimator=estimator, samples=3, answer_tokens=4)
-    cfg = MrtConfig(num_samples=2, max_tokens=12, advantage=advantage, forcing=forcing,
-                    continuation="episode" if advantage == "group" else "full",
-                    alpha=1.0 if advantage == "group" else 0.0)
+    cfg = MrtConfig(rollout=GroupSampling(num_samples=2, max_tokens=12), advantage=advantage, forcing=forcing, continuation="episode" if advantage == "group" else "full", alpha=1.0 if advantage == "group" else 0.0)
     learner = _learner(Mrt(cfg, synthetic.ctx), synthetic)
     ro = learner.algorithm.rollout(learner.policies(), synthetic.examples, jax.random.key(1))
-    assert ro.j_prefix.shape == (4,) and ((0 <= ro.j_prefix) & (ro.j_prefix <= 1)).all()
+    assert ro.outcomes.j_prefix.shape == (4,) and ((0 <= ro.outcomes.j_prefix) & (ro.outcomes.j_prefix <= 1)).all()
     if estimator == "mc":
-        assert ro.forced_outcomes.shape == (4, 3) and ro.j_prefix.tolist() == ro.forced_outcomes.mean(1).tolist()
+        assert ro.outcomes.forced.shape == (4, 3) and ro.outcomes.j_prefix.tolist() == ro.outcomes.forced.mean(1).tolist()
     scored = learner.algorithm.score(learner.policies(), ro)
-    expected = {"termination": lambda: ro.rewards - ro.j_prefix[:, None],
-                "mixed": lambda: objectives.mixed_advantages(ro.rewards, ro.forced_outcomes),
-                "group": lambda: objectives.group_advantages(1.0 * (ro.j_after - ro.j_prefix[:, None]))}[advantage]()
+    expected = {"termination": lambda: ro.outcomes.rewards - ro.outcomes.j_prefix[:, None],
+                "mixed": lambda: objectives.mixed_advantages(ro.outcomes.rewards, ro.outcomes.forced),
+                "group": lambda: objectives.group_advantages(1.0 * (ro.outcomes.j_after - ro.outcomes.j_prefix[:, None]))}[advantage]()
     np.testing.assert_allclose(scored.details["advantages"], expected, atol=1e-6)
     metrics = learner.apply(scored)
     assert np.isfinite(metrics["loss"]) and learner.step == 1
@@ -401,15 +399,15 @@ def test_alpha_is_refused_or_warned_where_it_cannot_act_and_reserves_budget_only
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bonus = Mrt(MrtConfig(advantage="group", alpha=1.0, max_tokens=10), synthetic.ctx)
-        plain = Mrt(MrtConfig(advantage="termination", max_tokens=10), synthetic.ctx)
+        bonus = Mrt(MrtConfig(rollout=GroupSampling(max_tokens=10), advantage="group", alpha=1.0), synthetic.ctx)
+        plain = Mrt(MrtConfig(rollout=GroupSampling(max_tokens=10), advantage="termination"), synthetic.ctx)
     forced = bonus.prover.forced_tokens()
     assert bonus.tokens_after_prompt(None) == 10 + 10 + forced
     assert plain.tokens_after_prompt(None) == max(10 + 10, 10 + forced)
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(advantage="group", num_samples=1), "G >= 2"), (dict(alpha=-1.0), "alpha=-1.0"),
+    (dict(advantage="group", rollout=GroupSampling(num_samples=1)), "G >= 2"), (dict(alpha=-1.0), "alpha=-1.0"),
     (dict(advantage="mixed", forcing=ForcingConfig(estimator="likelihood")), "needs forcing.estimator='mc'"),
     (dict(forcing=dict(samples=0)), "m must be >= 1"), (dict(advantage="nope"), "advantage='nope'"),
 ])
@@ -435,7 +433,7 @@ def _episodes(*lengths):
 
 
 def test_star_filters_on_hand_built_j_lists(synthetic):
-    star = lambda f, keep=1: MrtStar(MrtStarConfig(num_samples=3, filter=f, keep_per_question=keep), synthetic.ctx)
+    star = lambda f, keep=1: MrtStar(MrtStarConfig(rollout=GroupSampling(num_samples=3, sampling=SamplingParams(1.0)), filter=f, keep_per_question=keep), synthetic.ctx)
     episodes = [_episodes(2, 2), _episodes(3), _episodes(1, 1, 1)]
     traces = [list(e.ids) for e in episodes]
     outcomes = np.array([1.0, 1.0, 0.0])
@@ -458,7 +456,7 @@ def test_star_filters_on_hand_built_j_lists(synthetic):
 
 
 def test_a_star_round_that_keeps_nothing_takes_no_step(synthetic):
-    learner = _learner(MrtStar(MrtStarConfig(num_samples=2, max_tokens=6, filter="outcome"), synthetic.ctx), synthetic)
+    learner = _learner(MrtStar(MrtStarConfig(rollout=GroupSampling(num_samples=2, max_tokens=6, sampling=SamplingParams(1.0)), filter="outcome"), synthetic.ctx), synthetic)
     before = [np.asarray(x) for x in jax.tree.leaves(learner.state.params)]
     metrics = learner.update(synthetic.examples, jax.random.key(0))  # a random model is never right
     assert metrics["skipped"] == 1.0 and metrics["kept_fraction"] == 0.0 and learner.step == 0
@@ -472,7 +470,6 @@ def test_forced_budget_curve_and_regret_on_scripted_generations(word, monkeypatc
     and 100 give 0, 0, 1 (episode cuts: the same); regret at C0 = the trace's own length is
     1 - area of (0,0)-(6,0)-(12,1) over 12 = 0.75."""
     from latro_jax import evaluate as ev
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = word
     task = get_task("synthetic")
     trace = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids
@@ -483,13 +480,13 @@ def test_forced_budget_curve_and_regret_on_scripted_generations(word, monkeypatc
 
     def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
         if max_new_tokens == 64:  # the greedy trace
-            return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
+            return generated([[full]])
         answers = [[tok(" 9.", add_special_tokens=False).input_ids + [fmt.end_id]]
                    if "4=9" in tok.decode(p) else [tok(" 1.", add_special_tokens=False).input_ids]
                    for p in prompts]
-        return GenerateOutput(answers, None, None, None, np.array([len(a[0]) for a in answers]), None)
+        return generated(answers)
 
-    monkeypatch.setattr(ev.sampling, "generate", scripted)
+    monkeypatch.setattr(rollout.sampling, "generate", scripted)
     example = Example(id="q", question="Ann has 2 pens. Ann gets 3 more. Ann gets 4 more. How many pens?", gold="9")
     for forced_at in ("tokens", "episode"):
         cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, forced_budgets=(0, 5, 100), forced_at=forced_at,
@@ -511,10 +508,10 @@ def test_a_star_step_on_kept_traces_is_the_same_on_8_devices(synthetic):
     fmt, examples = synthetic.fmt, synthetic.examples
     prompts = [fmt.prompt_ids(e.question) for e in examples]
     kept = [Kept(q, fmt.completion_ids(examples[q].rationale)) for q in (0, 2, 3)]
-    ro = StarRollout(prompts, kept, np.array([[1.0, 0.0]] * 4), [np.array([0.5])] * 8, np.ones(8), 10)
+    ro = StarRollout(prompts, kept, np.array([[1.0, 0.0]] * 4), [np.array([0.5])] * 8, np.ones(8))
     results = []
     for m in (None, mesh):
-        cfg = MrtStarConfig(num_samples=2, keep_per_question=2)
+        cfg = MrtStarConfig(rollout=GroupSampling(num_samples=2, sampling=SamplingParams(1.0)), keep_per_question=2)
         learner = Learner(MrtStar(cfg, dataclasses.replace(synthetic.ctx, mesh=m)),
                           models.init_model(synthetic.config, seed=0, mesh=m),
                           OptimConfig(learning_rate=1e-3, eps=1e-3, schedule="constant", total_steps=10))
@@ -544,7 +541,6 @@ def test_forced_answers_right_from_the_start_give_regret_0_through_the_evaluatio
     ("The answer is 9.") and a one-episode trace ("Total: 9. The answer is 9.") both have regret
     0 (before J(empty) was counted: 1.0 and 0.125 at C0 = 16)."""
     from latro_jax import evaluate as ev
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = word
     task = get_task("synthetic")
     right = tok(" 9.", add_special_tokens=False).input_ids + [fmt.end_id]
@@ -554,10 +550,10 @@ def test_forced_answers_right_from_the_start_give_regret_0_through_the_evaluatio
 
         def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
             if max_new_tokens == 64:  # the greedy trace
-                return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
-            return GenerateOutput([[right] for _ in prompts], None, None, None, np.full(len(prompts), len(right)), None)
+                return generated([[full]])
+            return generated([[right] for _ in prompts])
 
-        monkeypatch.setattr(ev.sampling, "generate", scripted)
+        monkeypatch.setattr(rollout.sampling, "generate", scripted)
         example = Example(id="q", question="Ann has 9 pens. How many pens?", gold="9")
         cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, regret_cutoffs=(16,))
         summary = ev.evaluate(None, task, [example], fmt, cfg, progress=False)
@@ -569,8 +565,6 @@ def test_training_rewards_need_a_finished_continuation_that_states_the_answer(sy
     "The answer is 9." -> 1; the same text cut by the budget -> 0; finished but stating no answer
     although its text ends in the gold number -> 0; finished with a wrong answer -> 0. The
     evaluation's rule (Task.score) still falls back to the last number."""
-    from latro_jax.algorithms import mrt as mrt_module
-    from latro_jax.sampling import GenerateOutput
     tok, fmt, task = synthetic.tok, synthetic.fmt, synthetic.task
     texts = [("4+5=9. The answer is 9.", True), ("4+5=9. The answer is 9.", False), ("4+5=9.", True),
              ("4+5=9. The answer is 8.", True)]
@@ -579,16 +573,14 @@ def test_training_rewards_need_a_finished_continuation_that_states_the_answer(sy
 
     def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
         assert len(prompts) == 1 and num_samples == 4
-        array = np.array([r + [fmt.pad_id] * (width - len(r)) for r in rows], np.int32)
-        return GenerateOutput([rows], None, array, None, np.array([len(r) for r in rows]),
-                              np.array([done for _, done in texts]))
+        return generated([rows], finished=np.array([done for _, done in texts]))
 
-    monkeypatch.setattr(mrt_module.sampling, "generate", scripted)
-    grpo = Grpo(GrpoConfig(num_samples=4, max_tokens=width, beta=0.0), synthetic.ctx)
+    monkeypatch.setattr(rollout.sampling, "generate", scripted)
+    grpo = Grpo(GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=width), loss=PolicyLoss(beta=0.0)), synthetic.ctx)
     learner = _learner(grpo, synthetic)
     example = Example(id="q", question=synthetic.examples[0].question, gold="9")
     ro = grpo.rollout(learner.policies(), [example], jax.random.key(0))
-    assert ro.rewards.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert ro.outcomes.rewards.tolist() == [[1.0, 0.0, 0.0, 0.0]]
     assert [task.score(t, "9") for t, _ in texts] == [True, True, True, False]  # evaluation keeps its fallback
 
 
@@ -597,23 +589,18 @@ def test_prefixes_come_from_pi_old_and_j_is_forced_after_them(synthetic, monkeyp
     give the prefixes are sampled from pi_old (here a model other than the policy; its traces are
     scripted to a two-episode "2+3=5. 5+4=9. The answer is 9."), and every forced prompt of J(c)
     is x + c + the termination suffix for the prefix c of its question (c non-empty here)."""
-    from latro_jax import meta_prover
-    from latro_jax.algorithms import mrt as mrt_module
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = synthetic.tok, synthetic.fmt
     trace = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 9.")
-    real, calls = mrt_module.sampling.generate, []
+    real, calls = rollout.sampling.generate, []
 
     def recording(model, prompts, max_new_tokens, **kw):
         calls.append((model, [list(p) for p in prompts], max_new_tokens))
         if len(calls) == 1:  # the traces the prefixes are cut from
-            return GenerateOutput([[trace] for _ in prompts], None, None, None, np.full(len(prompts), len(trace)), None)
+            return generated([[trace] for _ in prompts])
         return real(model, prompts, max_new_tokens, **kw)
 
-    monkeypatch.setattr(mrt_module.sampling, "generate", recording)
-    monkeypatch.setattr(meta_prover.sampling, "generate", recording)
-    cfg = MrtConfig(num_samples=2, max_tokens=len(trace), prefixes="traces", advantage="termination", beta=0.0,
-                    forcing=ForcingConfig(samples=2, answer_tokens=3))
+    monkeypatch.setattr(rollout.sampling, "generate", recording)
+    cfg = MrtConfig(rollout=GroupSampling(num_samples=2, max_tokens=len(trace)), loss=PolicyLoss(beta=0.0), prefixes="traces", advantage="termination", forcing=ForcingConfig(samples=2, answer_tokens=3))
     algorithm = Mrt(cfg, synthetic.ctx)
     learner = _learner(algorithm, synthetic, seed=0)
     other = models.init_model(synthetic.config, seed=1)
@@ -635,10 +622,9 @@ def test_the_reference_is_scored_at_the_policys_temperature(synthetic, algorithm
     exactly 0 -- unless one of them is scored at another temperature."""
     sampling = SamplingParams(temperature=0.7)
     if algorithm == "grpo":
-        algo = Grpo(GrpoConfig(num_samples=4, max_tokens=8, beta=0.04, sampling=sampling), synthetic.ctx)
+        algo = Grpo(GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=8, sampling=sampling), loss=PolicyLoss(beta=0.04)), synthetic.ctx)
     else:
-        algo = Mrt(MrtConfig(num_samples=4, max_tokens=8, beta=0.04, sampling=sampling, prefixes="traces",
-                             advantage="termination", forcing=ForcingConfig(samples=2, answer_tokens=3)),
+        algo = Mrt(MrtConfig(rollout=GroupSampling(num_samples=4, max_tokens=8, sampling=sampling), loss=PolicyLoss(beta=0.04), prefixes="traces", advantage="termination", forcing=ForcingConfig(samples=2, answer_tokens=3)),
                    synthetic.ctx)
     assert algo.temperature == 0.7
     metrics = _learner(algo, synthetic).update(synthetic.examples[:2], jax.random.key(0))
@@ -649,25 +635,20 @@ def test_a_forced_answer_is_graded_alone_not_with_its_prefix(synthetic, monkeypa
     """J by mc after a prefix that holds the gold ("4+5=9."): a forced answer with no number
     scores 0 (grading prefix + answer would find the 9 by the last-number fallback), a right
     one scores 1."""
-    from latro_jax import meta_prover
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = synthetic.tok, synthetic.fmt
     prefix = tok("4+5=9.", add_special_tokens=False).input_ids
     for answer, expected in ((" nine.", 0.0), (" 9.", 1.0)):
         ids = tok(answer, add_special_tokens=False).input_ids + [fmt.end_id]
-        monkeypatch.setattr(meta_prover.sampling, "generate", lambda model, prompts, n, *, num_samples=1, **_:
-                            GenerateOutput([[ids] * num_samples for _ in prompts], None, None, None,
-                                           np.full(len(prompts) * num_samples, len(ids)), None))
+        monkeypatch.setattr(rollout.sampling, "generate", lambda model, prompts, n, *, num_samples=1, **_:
+                            generated([[ids] * num_samples for _ in prompts]))
         prover = MetaProver(ForcingConfig(samples=2, answer_tokens=3), synthetic.task, fmt)
         prompt = fmt.prompt_ids(synthetic.examples[0].question)
-        assert prover.mc(None, [prompt], [prefix], ["9"], jax.random.key(0)).j.tolist() == [expected], answer
+        assert prover.mc(rollout.Sampler(), None, [prompt], [prefix], ["9"], jax.random.key(0)).j.tolist() == [expected], answer
 
 
 def _script_two_step_trace(monkeypatch, word, forced_answer: str):
     """evaluate()'s sampler scripted: the greedy trace "2+3=5. 5+4=9. The answer is 9." and every
     forced answer `forced_answer`; returns (the thinking's ids, the list the forced prompts go to)."""
-    from latro_jax import evaluate as ev
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = word
     thinking = tok("2+3=5. 5+4=9.", add_special_tokens=False).input_ids
     full = thinking + fmt.answer_ids("The answer is 9.")
@@ -676,11 +657,11 @@ def _script_two_step_trace(monkeypatch, word, forced_answer: str):
 
     def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
         if max_new_tokens == 64:
-            return GenerateOutput([[full]], None, None, None, np.array([len(full)]), None)
+            return generated([[full]])
         forced_prompts.extend(prompts)
-        return GenerateOutput([[answer] for _ in prompts], None, None, None, np.full(len(prompts), len(answer)), None)
+        return generated([[answer] for _ in prompts])
 
-    monkeypatch.setattr(ev.sampling, "generate", scripted)
+    monkeypatch.setattr(rollout.sampling, "generate", scripted)
     return thinking, forced_prompts
 
 
@@ -707,9 +688,9 @@ def test_a_star_round_trains_epochs_passes_over_its_kept_traces(synthetic):
     fmt, examples = synthetic.fmt, synthetic.examples
     prompts = [fmt.prompt_ids(e.question) for e in examples]
     kept = [Kept(q, fmt.completion_ids(examples[q].rationale)) for q in (0, 2)]
-    ro = StarRollout(prompts, kept, np.array([[1.0, 0.0]] * 4), [np.array([0.5])] * 8, np.ones(8), 10)
-    three = _learner(MrtStar(MrtStarConfig(num_samples=2, keep_per_question=1, epochs=3), synthetic.ctx), synthetic)
-    one = _learner(MrtStar(MrtStarConfig(num_samples=2, keep_per_question=1, epochs=1), synthetic.ctx), synthetic)
+    ro = StarRollout(prompts, kept, np.array([[1.0, 0.0]] * 4), [np.array([0.5])] * 8, np.ones(8))
+    three = _learner(MrtStar(MrtStarConfig(rollout=GroupSampling(num_samples=2, sampling=SamplingParams(1.0)), keep_per_question=1, epochs=3), synthetic.ctx), synthetic)
+    one = _learner(MrtStar(MrtStarConfig(rollout=GroupSampling(num_samples=2, sampling=SamplingParams(1.0)), keep_per_question=1, epochs=1), synthetic.ctx), synthetic)
     metrics = three.apply(three.algorithm.score(three.policies(), ro))
     losses = [one.apply(one.algorithm.score(one.policies(), ro))["loss"] for _ in range(3)]
     assert three.step == 3 and one.step == 3
@@ -747,7 +728,6 @@ def test_sampled_traces_give_pass_at_1_and_per_problem_means_of_regret(word, mon
     mean over the two traces: 1 (never right before answering) and L/32 (right from x = L, the
     episode's length) -- the greedy trace ("1+1=2. ...", never forced right) would give 1."""
     from latro_jax import evaluate as ev
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = word
     greedy = tok("1+1=2.", add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 2.")
     episode = tok("4+4=8.", add_special_tokens=False).input_ids
@@ -756,12 +736,12 @@ def test_sampled_traces_give_pass_at_1_and_per_problem_means_of_regret(word, mon
     def scripted(model, prompts, max_new_tokens, *, num_samples=1, **_):
         if max_new_tokens == 64:
             traces = [[greedy]] if num_samples == 1 else [[right, wrong]]
-            return GenerateOutput(traces, None, None, None, np.array([len(t) for t in traces[0]]), None)
+            return generated(traces)
         answers = [tok(" 9." if "4+4" in tok.decode(p).replace(" ", "") else " 1.", add_special_tokens=False).input_ids
                    + [fmt.end_id] for p in prompts]
-        return GenerateOutput([[a] for a in answers], None, None, None, np.array([len(a) for a in answers]), None)
+        return generated([[a] for a in answers])
 
-    monkeypatch.setattr(ev.sampling, "generate", scripted)
+    monkeypatch.setattr(rollout.sampling, "generate", scripted)
     example = Example(id="q", question="Ann has 9 pens. How many pens?", gold="9")
     cfg = ev.EvalConfig(max_new_tokens=64, maj_k=0, traces=2, regret_cutoffs=(16,))
     summary = ev.evaluate(None, get_task("synthetic"), [example], fmt, cfg, progress=False)
@@ -773,16 +753,13 @@ def test_prefixes_longer_than_max_prefix_tokens_are_never_drawn(synthetic, monke
     """A pi_old trace "2+3=5. 5+4=9. ..." of two episodes: without a cap, j in {0, 1} and some of
     16 questions get the first episode as prefix; with max_prefix_tokens shorter than that
     episode every prefix is empty (the cut is drawn among those that fit the prompt)."""
-    from latro_jax.algorithms import mrt as mrt_module
-    from latro_jax.sampling import GenerateOutput
     tok, fmt = synthetic.tok, synthetic.fmt
     first = tok("2+3=5.", add_special_tokens=False).input_ids
     trace = first + tok(" 5+4=9.", add_special_tokens=False).input_ids + fmt.answer_ids("The answer is 9.")
-    monkeypatch.setattr(mrt_module.sampling, "generate", lambda model, prompts, n, **kw: GenerateOutput(
-        [[trace] for _ in prompts], None, None, None, np.full(len(prompts), len(trace)), None))
+    monkeypatch.setattr(rollout.sampling, "generate", lambda model, prompts, n, **kw: generated([[trace] for _ in prompts]))
     prompts = [fmt.prompt_ids(synthetic.examples[0].question)] * 16
     for cap, drawn in ((0, {0, 1}), (len(first) - 1, {0})):
-        algorithm = Mrt(MrtConfig(num_samples=2, max_tokens=len(trace), max_prefix_tokens=cap), synthetic.ctx)
+        algorithm = Mrt(MrtConfig(rollout=GroupSampling(num_samples=2, max_tokens=len(trace)), max_prefix_tokens=cap), synthetic.ctx)
         prefixes, counts = algorithm.prefixes(_learner(algorithm, synthetic).policies(), prompts,
                                               jax.random.key(0), jax.random.key(1))
         assert set(counts) == drawn and all(len(p) <= (cap or len(trace)) for p in prefixes)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from latro_jax import models, objectives, rollout, scoring, sharding
+from latro_jax import logprobs, models, objectives, rollout, scoring, sharding
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -85,7 +85,7 @@ def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     expected = np.zeros(tokens.shape)
     expected[:, 1:] = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
-    got = np.asarray(scoring.token_logprobs(model, tokens, valid, chunk_size=chunk))
+    got = np.asarray(logprobs.token_logprobs(model, tokens, valid, chunk_size=chunk))
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
@@ -119,9 +119,9 @@ def test_shared_prompt_columns_give_the_per_row_logprobs_and_gradients(variant):
         @functools.partial(jax.jit, static_argnums=0)
         def logp_and_grads(shared):
             def loss(params):
-                logp = scoring.token_logprobs(nnx.merge(graphdef, params), rows.tokens, rows.valid,
+                logp = logprobs.token_logprobs(nnx.merge(graphdef, params), rows.tokens, rows.valid,
                                               chunk_size=5, shared_prefix=shared)
-                z, y = scoring.span_logprob(logp, rows.rationale_mask), scoring.span_logprob(logp, rows.answer_mask)
+                z, y = logprobs.span_logprob(logp, rows.rationale_mask), logprobs.span_logprob(logp, rows.answer_mask)
                 return objectives.latro_loss(z, y, A, sft_coef=1.0), logp
             (_, logp), grads = jax.value_and_grad(loss, has_aux=True)(params)
             return logp, grads
@@ -176,9 +176,9 @@ def _rows_and_advantages():
 def _loss_of(graphdef, rows, advantages, sft_coef):
     def loss(params):
         model = nnx.merge(graphdef, params)
-        logp = scoring.token_logprobs(model, rows.tokens, rows.valid, chunk_size=4)
-        z = scoring.span_logprob(logp, rows.rationale_mask)
-        y = scoring.span_logprob(logp, rows.answer_mask)
+        logp = logprobs.token_logprobs(model, rows.tokens, rows.valid, chunk_size=4)
+        z = logprobs.span_logprob(logp, rows.rationale_mask)
+        y = logprobs.span_logprob(logp, rows.answer_mask)
         return objectives.latro_loss(z, y, advantages, sft_coef=sft_coef)
     return loss
 

@@ -20,7 +20,7 @@ import pytest
 
 from configs.tiny import get_config
 from hf_models import SHARED, STORIES_HF
-from latro_jax import checkpoint, run
+from latro_jax import checkpoint, job as jobs, run
 from latro_jax.algorithms import Learner
 from latro_jax.job_config import ConfigError
 from test_main import ENV, ROOT, _cmd, _final_tensors, _run, _wait_for
@@ -57,7 +57,7 @@ def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_exports_nothing(tm
 def test_a_nonfinite_loss_leaves_the_state_untouched_and_is_counted():
     config = get_config()
     config.stages = "sft"
-    job = run.build(config)
+    job = jobs.build(config)
     (sft,) = job.stages
     learner = Learner(sft.algorithm, job.model, sft.config.stage.optim)
     scored = sft.algorithm.score(learner.policies(), sft.algorithm.rollout(learner.policies(), sft.examples[:8], None))
@@ -97,7 +97,7 @@ def saved_stage(tmp_path_factory):
     """A tiny SFT learner with checkpoints at steps 1, 2, 3."""
     config = get_config()
     config.stages = "sft"
-    job = run.build(config)
+    job = jobs.build(config)
     (sft,) = job.stages
     learner = Learner(sft.algorithm, job.model, sft.config.stage.optim)
     directory = tmp_path_factory.mktemp("ckpts") / "sft"
@@ -138,7 +138,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_both_sizes():
     config = get_config()
     config.model.path, config.tokenizer.path, config.tokenizer.build = STORIES_HF, PHI3_TOKENIZER, ""
     with pytest.raises(ConfigError, match=r"ids up to 32010 .* has 512 embedding rows"):
-        run.build(config)
+        jobs.build(config)
 
 
 def test_examples_past_the_context_are_refused_or_dropped_with_a_count(capsys):
@@ -146,9 +146,9 @@ def test_examples_past_the_context_are_refused_or_dropped_with_a_count(capsys):
     config.latro.max_rationale_tokens = 219  # prompt + answer take 37 or 38: 256 or 257 positions
     with pytest.raises(ConfigError, match=r"examples of the stage latro need more positions than the "
                                           r"model's max_position_embeddings = 256; the longest, 'train-\d+', needs"):
-        run.build(config)
+        jobs.build(config)
     config.task.too_long = "drop"
-    job = run.build(config)
+    job = jobs.build(config)
     kept = len(job.stages[1].examples)
     assert 0 < kept < 48 and f"left out {48 - kept} of 48 examples of the stage latro" in capsys.readouterr().err
 
@@ -215,7 +215,7 @@ def test_too_little_free_space_for_a_checkpoint_is_refused_before_writing(monkey
 def _sft_learner():
     config = get_config()
     config.stages = "sft"
-    job = run.build(config)
+    job = jobs.build(config)
     (sft,) = job.stages
     return Learner(sft.algorithm, job.model, sft.config.stage.optim)
 
@@ -230,7 +230,7 @@ def test_bad_values_fail_at_build_before_anything_runs(change, message):
     config = get_config()
     change(config)
     with pytest.raises(ConfigError, match=message):
-        run.build(config, load_model=False)
+        jobs.build(config, load_model=False)
 
 
 def test_bad_inputs_give_one_line_each(tmp_path):
@@ -333,11 +333,11 @@ import latro_jax
 for module in pkgutil.walk_packages(latro_jax.__path__, "latro_jax."):
     importlib.import_module(module.name)
 from configs.tiny import get_config
-from latro_jax import run
+from latro_jax import job as jobs
 config = get_config()
 config.stages = "latro"
 config.tokenizer.update(build="", path={os.path.abspath(PHI3_TOKENIZER)!r})
-job = run.build(config, load_model=False)
+job = jobs.build(config, load_model=False)
 assert job.fmt.chat and sys.modules["torch"] is None and sys.modules["jinja2"] is not None
 print("prompt", job.fmt.decode(job.fmt.prompt_ids("2 + 2?")).count("2 + 2?"))
 """

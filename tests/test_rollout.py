@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hf_models import token_context
 from latro_jax import models, rollout, sampling
-from latro_jax.algorithms import Context, Latro, LatroConfig, Learner
+from latro_jax.algorithms import Latro, LatroConfig, Learner
 from latro_jax.models import ModelConfig
-from latro_jax.rollout import Stops
+from latro_jax.stops import Stops
 from latro_jax.sampling import SamplingParams
 from latro_jax.scoring import Scorer
+from latro_jax.stops import truncate
 from latro_jax.train import OptimConfig
 
 
@@ -30,7 +32,7 @@ STOPS = Stops(ids=(2, 0), phrases=((50, 51, 52), (60, 61)))
     ([7, 50, 51, 60, 61], (3, True)),           # an incomplete phrase is rationale text
 ])
 def test_truncate_rationale(tokens, expected):
-    assert rollout.truncate(tokens, STOPS) == expected
+    assert truncate(tokens, STOPS) == expected
 
 
 def test_assemble_rows_layout_and_masks():
@@ -50,9 +52,9 @@ def test_overlapping_phrases_cut_at_the_earliest_start():
     """ " the answer is" (60, 61) sits inside "So, the answer is" (55, 56, 60, 61): the cut is
     before "So", whichever phrase is listed first."""
     stops = Stops(ids=(2,), phrases=((60, 61), (55, 56, 60, 61)))
-    assert rollout.truncate([7, 8, 55, 56, 60, 61, 9], stops) == (2, True)
-    assert rollout.truncate([7, 8, 55, 56, 60, 61, 9], Stops((2,), stops.phrases[::-1])) == (2, True)
-    assert rollout.truncate([7, 60, 61, 55, 56, 60, 61], stops) == (1, True)
+    assert truncate([7, 8, 55, 56, 60, 61, 9], stops) == (2, True)
+    assert truncate([7, 8, 55, 56, 60, 61, 9], Stops((2,), stops.phrases[::-1])) == (2, True)
+    assert truncate([7, 60, 61, 55, 56, 60, 61], stops) == (1, True)
 
 
 # ---------------------------------------------------------------- the policy's log-probs from the sampler
@@ -65,8 +67,8 @@ def _scored_both_ways(model, sampling_params, key):
     prompts, answers = [[5, 6, 7], [9, 10, 11, 12, 13, 3], [40]], [[30, 31, 2], [32, 2], [33, 34, 35, 36, 2]]
     kw = dict(num_samples=4, max_new_tokens=10, sampling_params=sampling_params,
               stops=Stops(ids=(2,), phrases=((7, 8), (20,))), key=key)
-    fast = rollout.sample_rows(model, prompts, answers, [[44, 2]] * 3, policy_logprobs=True, **kw)
-    plain = rollout.sample_rows(model, prompts, answers, [[44, 2]] * 3, **kw)
+    fast = rollout.sample_rows(rollout.Sampler(), model, prompts, answers, [[44, 2]] * 3, policy_logprobs=True, **kw)
+    plain = rollout.sample_rows(rollout.Sampler(), model, prompts, answers, [[44, 2]] * 3, **kw)
     graphdef, params = nnx.split(model)
     scored = Scorer(graphdef, model.config).span_logprobs(params, plain.rows.arrays(), ("rationale_mask", "answer_mask"))
     return fast, plain, scored
@@ -106,7 +108,7 @@ def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
     assert rollout.row_widths(prompts, 128 + 9, body_multiple=8) == (64, 208)
     assert rollout.row_widths(prompts, 128 + 8) == (64, 224)
     model = models.init_model(TINY, seed=3)
-    ro = rollout.sample_rows(model, [[5] * 20, [6] * 17], [[30, 31, 2], [32, 2]], num_samples=2,
+    ro = rollout.sample_rows(rollout.Sampler(), model, [[5] * 20, [6] * 17], [[30, 31, 2], [32, 2]], num_samples=2,
                              max_new_tokens=10, sampling_params=SamplingParams(1.0), stops=Stops(ids=()),
                              key=jax.random.key(0))
     assert (ro.rows.prompt_width, ro.rows.tokens.shape[1]) == (20, 20 + 16)  # whole-row bucket: 40
@@ -116,7 +118,7 @@ def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
 def _latro_two_ways(configs, microbatches=1):
     """LaTRO's scored batch and gradient on the same rollout under two LatroConfig variants."""
     model = models.init_model(TINY, seed=5)
-    ctx = Context(task=None, fmt=None, stops=Stops(ids=(2,), phrases=((7, 8),)), microbatches=microbatches)
+    ctx = token_context(Stops(ids=(2,), phrases=((7, 8),)), microbatches=microbatches)
     runs = []
     for cfg in configs:
         latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=10, **cfg), ctx)
@@ -124,7 +126,7 @@ def _latro_two_ways(configs, microbatches=1):
         policies = learner.policies()
         ro = latro.sample(policies, [[5, 9, 11], [12, 4]], [[30, 31, 2], [32, 2]], None, jax.random.key(3))
         scored = latro.score(policies, ro)
-        runs.append((ro, scored, learner.trainer.gradients(scored.arrays, scored.scalars, scored.static)))
+        runs.append((ro, scored, learner.trainer.gradients(scored.arrays, scored.scalars, scored.layout)))
     (_, a, grads_a), (_, b, grads_b) = runs
     for k in ("z_logp", "y_logp", "ref_z_logp", "rewards"):
         np.testing.assert_allclose(a.details[k], b.details[k], rtol=1e-5, atol=1e-5, err_msg=k)
@@ -146,13 +148,13 @@ def test_latro_with_shared_prompts_equals_per_row_passes():
     log-probs, rewards, advantages and gradient."""
     (ro, shared, _), (_, plain, _) = _latro_two_ways(
         [dict(reuse_sampler_logprobs=False, share_prompts=share) for share in (True, False)], microbatches=2)
-    assert shared.static["shared_prefix"] == (ro.rows.prompt_width, 4)
-    assert plain.static["shared_prefix"] is None
+    assert shared.layout.shared_prefix == (ro.rows.prompt_width, 4)
+    assert plain.layout.shared_prefix is None
 
 
 def test_continuation_needs_the_reserved_slots():
     model = models.init_model(TINY, seed=3)
-    out = sampling.generate(model, [[5, 6]], 4, temperature=1.0, reserve_slots=4)
+    out = sampling.generate(model, [[5, 6]], 4, sampling=SamplingParams(1.0), reserve_slots=4)
     with pytest.raises(ValueError, match="reserve_slots >= 5"):
         sampling.continuation_logprobs(model, out, [[5, 6]], [1], [[1, 2, 3, 4]])
     with pytest.raises(ValueError, match="generate.*reserve_slots"):

@@ -10,6 +10,7 @@ import transformers
 from hf_models import FAMILY_CONFIGS, STORIES_HF, make_hf_model
 from latro_jax import models, sampling, sharding
 from latro_jax.sampling import SamplingParams
+from latro_jax.stops import Stops
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_greedy_ragged_batch_matches_transformers(name, tmp_path):
     model = models.load_hf(str(tmp_path))
     rng = np.random.RandomState(4)
     prompts = [rng.randint(3, 96, n).tolist() for n in (5, 19, 1, 12)]
-    out = sampling.generate(model, prompts, 40, stop_token_ids=[2])
+    out = sampling.generate(model, prompts, 40, stops=Stops((2,)))
     for i, prompt in enumerate(prompts):
         expected = _hf_greedy(ref, [prompt], 40, eos=2)[0]
         assert out.tokens[i][0] == expected, f"prompt {i}"
@@ -97,7 +98,7 @@ def test_sampled_frequencies_match_the_sampling_distribution(temperature, top_k,
     keep = _reference_keep(logits, top_k, top_p)
     probs = np.where(keep, np.exp(logits - logits.max()), 0.0)
     probs /= probs.sum()
-    out = sampling.generate(model, [prompt], 1, temperature=temperature, top_k=top_k, top_p=top_p,
+    out = sampling.generate(model, [prompt], 1, sampling=SamplingParams(temperature, top_k, top_p),
                             num_samples=8000, seed=11)
     draws = out.token_array[:, 0]
     counts = np.bincount(draws, minlength=12)
@@ -111,7 +112,7 @@ def test_sampled_frequencies_match_the_sampling_distribution(temperature, top_k,
 
 def test_logprobs_equal_teacher_forced_forward_pass(stories):
     prompts = [[1, 403, 407, 261, 300], [1, 67]]
-    out = sampling.generate(stories, prompts, 30, temperature=0.8, num_samples=2, seed=5)
+    out = sampling.generate(stories, prompts, 30, sampling=SamplingParams(0.8), num_samples=2, seed=5)
     for i, prompt in enumerate(prompts):
         for k in range(2):
             gen = out.tokens[i][k]
@@ -125,9 +126,9 @@ def test_logprobs_equal_teacher_forced_forward_pass(stories):
 
 def test_shared_prefill_equals_k_copies_of_the_prompt(stories):
     prompts = [[1, 403, 407], [1, 67, 89, 12, 40]]
-    shared = sampling.generate(stories, prompts, 24, temperature=1.0, num_samples=3, seed=9)
+    shared = sampling.generate(stories, prompts, 24, sampling=SamplingParams(1.0), num_samples=3, seed=9)
     copies = sampling.generate(stories, [p for p in prompts for _ in range(3)], 24,
-                               temperature=1.0, num_samples=1, seed=9)
+                               sampling=SamplingParams(1.0), num_samples=1, seed=9)
     np.testing.assert_array_equal(shared.token_array, copies.token_array)
     np.testing.assert_allclose(shared.logprob_array, copies.logprob_array, atol=1e-4)
     # and the samples of one prompt differ from each other
@@ -139,19 +140,19 @@ def test_stop_ids_and_stop_sequences_cut_rows_at_the_right_place(stories):
     free = sampling.generate(stories, [prompt], 60).tokens[0][0]
     stop_id = free[10]
     first = free.index(stop_id)
-    out = sampling.generate(stories, [prompt], 60, stop_token_ids=[stop_id])
+    out = sampling.generate(stories, [prompt], 60, stops=Stops((stop_id,)))
     assert out.tokens[0][0] == free[:first + 1]
     assert out.finished[0] and out.lengths[0] == first + 1
     assert (out.token_array[0, first + 1:] == 0).all() and (out.logprob_array[0, first + 1:] == 0).all()
 
     seq = free[20:23]
     end = next(j + 3 for j in range(len(free)) if free[j:j + 3] == seq)
-    out = sampling.generate(stories, [prompt], 60, stop_sequences=[seq, [511, 510]])
+    out = sampling.generate(stories, [prompt], 60, stops=Stops(phrases=(tuple(seq), (511, 510))))
     assert out.tokens[0][0] == free[:end] and out.finished[0]
 
-    out = sampling.generate(stories, [prompt], 60, stop_token_ids=[free[0]])
+    out = sampling.generate(stories, [prompt], 60, stops=Stops((free[0],)))
     assert out.tokens[0][0] == free[:1]  # stop at the first token
-    out = sampling.generate(stories, [prompt], 60, stop_token_ids=[511])
+    out = sampling.generate(stories, [prompt], 60, stops=Stops((511,)))
     assert out.tokens[0][0] == free and not out.finished[0]
 
 
@@ -159,7 +160,7 @@ def test_rows_stop_independently_and_finished_rows_do_not_change(stories):
     prompts = [[1, 403, 407, 261], [1, 67, 89]]
     free = sampling.generate(stories, prompts, 50)
     stop = free.tokens[0][0][5]
-    out = sampling.generate(stories, prompts, 50, stop_token_ids=[stop])
+    out = sampling.generate(stories, prompts, 50, stops=Stops((stop,)))
     for i in range(2):
         f = free.tokens[i][0]
         cut = f.index(stop) + 1 if stop in f else len(f)
@@ -170,11 +171,11 @@ def test_no_recompilation_within_a_prompt_bucket(stories):
     rng = np.random.RandomState(0)
     make = lambda n: [rng.randint(3, 500, n).tolist() for _ in range(3)]
     assert [sampling.bucket(n) for n in (33, 40, 41, 72, 129, 500)] == [40, 40, 48, 80, 160, 512]
-    sampling.generate(stories, make(35), 16, temperature=1.0, num_samples=2)
+    sampling.generate(stories, make(35), 16, sampling=SamplingParams(1.0), num_samples=2)
     before = sampling._generate_core._cache_size()
     for n in (33, 38, 40):  # same 40-token prompt bucket, same batch bucket
-        sampling.generate(stories, make(n), 16, temperature=1.0, num_samples=2, seed=n)
-    sampling.generate(stories, make(36), 15, temperature=1.0, num_samples=2)  # same 16-token generation bucket
+        sampling.generate(stories, make(n), 16, sampling=SamplingParams(1.0), num_samples=2, seed=n)
+    sampling.generate(stories, make(36), 15, sampling=SamplingParams(1.0), num_samples=2)  # same 16-token generation bucket
     assert sampling._generate_core._cache_size() == before
 
 
@@ -182,7 +183,7 @@ def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = models.load_hf(STORIES_HF, mesh=mesh)
     prompts = [[1, 403, 407, 261], [1, 67, 89], [1, 300]]
-    for kw in (dict(), dict(temperature=1.0, num_samples=2, seed=3)):
+    for kw in (dict(), dict(sampling=SamplingParams(1.0), num_samples=2, seed=3)):
         one = sampling.generate(stories, prompts, 40, **kw)
         many = sampling.generate(sharded, prompts, 40, mesh=mesh, **kw)
         np.testing.assert_array_equal(one.token_array, many.token_array)
@@ -190,8 +191,8 @@ def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
 
 
 def test_progress_bar_does_not_change_results(stories, capsys):
-    a = sampling.generate(stories, [[1, 403]], 20, temperature=1.0, seed=1)
-    b = sampling.generate(stories, [[1, 403]], 20, temperature=1.0, seed=1, progress=True)
+    a = sampling.generate(stories, [[1, 403]], 20, sampling=SamplingParams(1.0), seed=1)
+    b = sampling.generate(stories, [[1, 403]], 20, sampling=SamplingParams(1.0), seed=1, progress=True)
     assert a.tokens == b.tokens
     assert "generate" in capsys.readouterr().err
 
@@ -200,6 +201,7 @@ def test_progress_bar_does_not_change_results(stories, capsys):
     (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"),
     (dict(num_samples=0), "num_samples"), (dict(max_new_tokens=0), "max_new_tokens")])
 def test_bad_arguments_are_refused(stories, kwargs, match):
+    sampler = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p") if k in kwargs}
     kw = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
-        sampling.generate(stories, [[1]], **kw)
+        sampling.generate(stories, [[1]], sampling=SamplingParams(**sampler), **kw)

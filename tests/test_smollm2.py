@@ -22,7 +22,6 @@ from latro_jax import checkpoint, models, sampling
 from latro_jax.algorithms import Context, Latro, LatroConfig, Learner
 from latro_jax.data import STOP_PHRASES, PromptFormatter, get_task, load_examples
 from latro_jax.evaluate import EvalConfig, evaluate
-from latro_jax.rollout import Stops
 from latro_jax.train import OptimConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,16 +81,16 @@ def _hf_generate(smol, prompts, max_new):
     mask = [[0] * (len(t) - len(p)) + [1] * len(p) for t, p in zip(tokens, prompts)]
     with torch.no_grad():
         out = smol.ref.generate(torch.tensor(tokens), attention_mask=torch.tensor(mask), do_sample=False,
-                                max_new_tokens=max_new, eos_token_id=list(smol.fmt.stop_ids),
+                                max_new_tokens=max_new, eos_token_id=list(smol.fmt.stops.ids),
                                 pad_token_id=smol.fmt.pad_id)
     generated = out[:, len(tokens[0]):].tolist()
-    cut = lambda g: g[:next((i + 1 for i, t in enumerate(g) if t in smol.fmt.stop_ids), len(g))]
+    cut = lambda g: g[:next((i + 1 for i, t in enumerate(g) if t in smol.fmt.stops.ids), len(g))]
     return [cut(g) for g in generated]
 
 
 def test_greedy_generation_matches_transformers_for_64_tokens_on_a_ragged_batch(smol):
     prompts = [smol.fmt.prompt_ids(e.question) for e in smol.examples[4:7]]
-    ours = sampling.generate(smol.model, prompts, 64, stop_token_ids=smol.fmt.stop_ids,
+    ours = sampling.generate(smol.model, prompts, 64, stops=smol.fmt.stops.ends_only(),
                              pad_id=smol.fmt.pad_id)
     theirs = _hf_generate(smol, prompts, 64)
     for i in range(3):
@@ -114,7 +113,7 @@ def test_sampled_rationales_are_cut_where_the_earliest_start_rule_says(smol):
     independent rule on the decoded text; the rollout's log pi(z|x) and log pi(y|x+z) (from the
     sampler's log-probs and KV cache) are a scoring pass's over the rows."""
     examples = [dataclasses.replace(e, question=e.question + SUFFIX) for e in smol.examples[:8]]
-    ctx = Context(smol.task, smol.fmt, Stops(smol.fmt.stop_ids, smol.fmt.stop_phrases), smol.fmt.pad_id)
+    ctx = Context(smol.task, smol.fmt)
     latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=64), ctx)
     learner = Learner(latro, smol.model, OptimConfig(total_steps=1))
     out = latro.rollout(learner.policies(), examples, jax.random.key(1))
@@ -197,9 +196,9 @@ def test_every_end_id_of_the_model_stops_training_and_evaluation(smollm2_dir, tm
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0, 7]}))
     assert models.read_config(str(folder)).eos_token_id == (2, 0, 7)
     from configs.latro_gsm8k_smollm2 import get_config
-    from latro_jax import run
+    from latro_jax import job as jobs
     c = get_config()
     c.model.path, c.task.source = str(folder), GSM8K
-    job = run.build(c, load_model=False)
-    assert {0, 2, 7} <= set(job.fmt.stop_ids) and job.stages[0].algorithm.ctx.stops.ids == job.fmt.stop_ids
+    job = jobs.build(c, load_model=False)
+    assert {0, 2, 7} <= set(job.fmt.stops.ids) and job.stages[0].algorithm.ctx.stops.ids == job.fmt.stops.ids
     assert models.load_hf(str(folder)).config.eos_token_id == (2, 0, 7)  # what the evaluate CLI reads

@@ -9,11 +9,11 @@ import torch
 import transformers
 from flax import nnx
 
-from hf_models import STORIES_HF
+from hf_models import STORIES_HF, token_context
 from latro_jax import models, rollout, sharding
-from latro_jax.algorithms import Context, Latro, LatroConfig, Learner, Sft, SftConfig
-from latro_jax.rollout import Stops
-from latro_jax.train import OptimConfig, Trainer, make_schedule
+from latro_jax.algorithms import Latro, LatroConfig, Learner, Sft, SftConfig
+from latro_jax.stops import Stops
+from latro_jax.train import OptimConfig, RowLayout, Trainer, make_schedule
 
 TINY = models.ModelConfig(family="llama", vocab_size=40, hidden_size=16, intermediate_size=24,
                           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
@@ -76,7 +76,7 @@ def _params(trainer):
 
 
 def _latro(cfg, stops=Stops(ids=(2,)), mesh=None, microbatches=1):
-    return Latro(cfg, Context(None, None, stops, mesh=mesh, microbatches=microbatches))
+    return Latro(cfg, token_context(stops, mesh=mesh, microbatches=microbatches))
 
 
 def _latro_update(learner, prompts, answers, key, bare=None):
@@ -112,7 +112,7 @@ def test_gradients_sum_microbatches_and_match_the_step_without_updating():
     before = _params(four)
     grads = four.gradients(batch, {"rows": 8})
     whole = {k: jnp.asarray(v) for k, v in batch.items()}
-    want = jax.grad(lambda p: loss(nnx.merge(four.graphdef, p), whole, {"rows": jnp.float32(8)})[0])(
+    want = jax.grad(lambda p: loss(nnx.merge(four.graphdef, p), whole, {"rows": jnp.float32(8)}, RowLayout())[0])(
         four.state.params)
     for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         # measured: 6.1e-7 at most (summation order); a wrong micro-batch weight is off 4x
@@ -244,8 +244,7 @@ def test_sft_steps_lower_completion_nll_and_accumulate_exactly():
     # eps = 1e-3 makes Adam's step Lipschitz in the gradient; with eps = 1e-8 a near-zero
     # gradient's summation-order noise (~1e-9) flips its step by up to the learning rate.
     optim = OptimConfig(learning_rate=3e-3, eps=1e-3, schedule="constant", total_steps=100)
-    sft = lambda microbatches: Learner(Sft(SftConfig(), Context(None, None, Stops(ids=(2,)),
-                                                                microbatches=microbatches)),
+    sft = lambda microbatches: Learner(Sft(SftConfig(), token_context(microbatches=microbatches)),
                                        models.load_hf(STORIES_HF), optim)
     one, two = sft(1), sft(2)
     rows = rollout.completion_rows(prompts, completions)

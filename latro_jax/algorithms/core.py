@@ -9,9 +9,12 @@ An algorithm is a small class (see latro.py, sft.py) with
     tokens_after_prompt(e)  the most positions its rows or generations take after e's prompt
     rollout(policies, examples, key)  -> anything `score` understands (sampled or gold rows)
     score(policies, rollout)          -> ScoredBatch
-    loss(model, microbatch, scalars)  -> (loss contribution, aux); pure, jitted by the Trainer
-and takes (config, Context) in its constructor. `Learner.update` runs the three parts for every
-algorithm and times them; run.py finds algorithms by name in algorithms.ALGORITHMS.
+    loss(model, microbatch, scalars, layout) -> (loss contribution, aux); pure, jitted by the Trainer
+and takes (config, Context) in its constructor. It samples with policies.sampler
+(rollout.Sampler.complete) and scores with policies.scorer, which record what they spend in the
+update's Usage; `Learner.update` runs the three parts for every algorithm and reports sample_s,
+score_s and step_s with one meaning for all. run.py finds algorithms by name in
+algorithms.ALGORITHMS.
 """
 
 from __future__ import annotations
@@ -23,26 +26,25 @@ from typing import Any, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from latro_jax.data import Example, PromptFormatter, Task
 from latro_jax.models import Transformer
-from latro_jax.rollout import Stops
+from latro_jax.rollout import Sampler
 from latro_jax.scoring import Scorer
-from latro_jax.train import OptimConfig, Trainer, TrainState
+from latro_jax.train import OptimConfig, RowLayout, Trainer, TrainState
+from latro_jax.usage import Usage
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What an algorithm works with besides parameters: the task (its 0/1 scorer, answer
-    extraction, gold answers), the prompt formatter, the stops and pad id of rows, the mesh,
-    and the stage's micro-batching (micro-batches per step, positions per log-prob chunk).
-    Algorithms used on token ids alone (tests, benchmarks) may leave task and fmt None."""
+    """What an algorithm works with besides parameters: the task (its grading, answer extraction,
+    gold answers), the prompt formatter (prompt and answer ids, the pad id, the stops each
+    algorithm takes its own from), the mesh, and the stage's micro-batching (micro-batches per
+    step, positions per log-prob chunk). Algorithms used on token ids alone (tests, benchmarks)
+    may leave the task None and give as fmt any object with `stops` and `pad_id`."""
 
     task: Task | None
     fmt: PromptFormatter | None
-    stops: Stops
-    pad_id: int = 0
     mesh: jax.sharding.Mesh | None = None
     microbatches: int = 1
     logprob_chunk: int = 128
@@ -52,17 +54,17 @@ class Context:
 class Policies:
     """The parameters an algorithm samples and scores with, all of one model graph: the policy
     being trained, the frozen reference (the stage's initial weights) when the algorithm needs
-    it, and pi_old when it samples from an earlier policy. `scorer` gives log-probabilities of
-    rows under any of them."""
+    it, and pi_old when it samples from an earlier policy; and the update's sampler (completions
+    from a model) and scorer (log-probabilities of rows under any of them)."""
 
-    graphdef: Any
     params: Any
     reference: Any
+    sampler: Sampler
     scorer: Scorer
     old: Any = None  # pi_old, for algorithms that sample from an earlier policy (MRT's prefixes)
 
     def model(self, params: Any = None) -> Transformer:
-        return nnx.merge(self.graphdef, self.params if params is None else params)
+        return self.scorer.model(self.params if params is None else params)
 
 
 @dataclasses.dataclass
@@ -71,8 +73,7 @@ class ScoredBatch:
 
     arrays:  [rows, ...] host arrays the loss reads, split into micro-batches by the Trainer
     scalars: global values the loss divides by (so micro-batch contributions sum to the loss)
-    static:  hashable values that shape the loss's program (e.g. LaTRO's shared prompt columns);
-             the loss finds them in its scalars as Python values
+    layout:  what shapes the loss's program (the rows' shared prompt columns), given to the loss
     metrics: host metrics of this rollout (logged with the step's own)
     details: per-row or per-question values for analysis, never sent to the step
     skip:    nothing to learn from: no optimizer step is taken
@@ -85,7 +86,7 @@ class ScoredBatch:
     metrics: dict[str, float]
     details: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     skip: bool = False
-    static: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layout: RowLayout = RowLayout()
     epochs: int = 1
 
 
@@ -109,7 +110,8 @@ class Algorithm(Protocol):
 
     def score(self, policies: Policies, rollout: Any) -> ScoredBatch: ...
 
-    def loss(self, model: Transformer, microbatch: dict, scalars: dict) -> tuple[jax.Array, dict]: ...
+    def loss(self, model: Transformer, microbatch: dict, scalars: dict, layout: RowLayout
+             ) -> tuple[jax.Array, dict]: ...
 
 
 class Learner:
@@ -151,37 +153,33 @@ class Learner:
     def model(self) -> Transformer:
         return self.trainer.model()
 
-    def policies(self) -> Policies:
-        return Policies(self.trainer.graphdef, self.trainer.state.params, self.reference, self.scorer,
-                        self.old)
+    def policies(self, usage: Usage | None = None) -> Policies:
+        """The current parameters, with a sampler and a scorer that record into `usage`."""
+        usage = usage or Usage()
+        ctx = self.algorithm.ctx
+        pad_id = ctx.fmt.pad_id if ctx.fmt is not None else 0
+        return Policies(self.trainer.state.params, self.reference, Sampler(pad_id=pad_id, mesh=ctx.mesh, usage=usage),
+                        self.scorer.with_usage(usage), self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
         """scored.epochs optimizer steps on a scored batch (none when it says skip); the metrics
         of the last, with the first's loss as first_loss when there are several."""
         if scored.skip:
             return {"skipped": 1.0}
-        first = metrics = self.trainer.step(scored.arrays, scored.scalars, scored.static)
+        first = metrics = self.trainer.step(scored.arrays, scored.scalars, scored.layout)
         for _ in range(scored.epochs - 1):
-            metrics = self.trainer.step(scored.arrays, scored.scalars, scored.static)
+            metrics = self.trainer.step(scored.arrays, scored.scalars, scored.layout)
         return {**metrics, "first_loss": first["loss"]} if scored.epochs > 1 else metrics
 
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's
-        metrics, the seconds each part took (rollout_s, score_s, step_s) and the tokens scored
-        outside the step (scored_tokens: reference and likelihood passes)."""
+        metrics and what the update spent: sample_s / sampled_tokens (all generation), score_s /
+        scored_tokens (all scoring passes outside the step), step_s, sample_tokens_per_s."""
         if self.refresh and self.step and self.step % self.refresh == 0:
             self.old = jax.tree.map(jnp.copy, self.trainer.state.params)
-        policies = self.policies()
-        scored_before = self.scorer.scored_tokens
-        t0 = time.perf_counter()
-        rollout = self.algorithm.rollout(policies, examples, key)
-        t1 = time.perf_counter()
-        scored = self.algorithm.score(policies, rollout)
-        t2 = time.perf_counter()
+        usage = Usage()
+        policies = self.policies(usage)
+        scored = self.algorithm.score(policies, self.algorithm.rollout(policies, examples, key))
+        started = time.perf_counter()
         metrics = self.apply(scored)
-        t3 = time.perf_counter()
-        timing = {"rollout_s": t1 - t0, "score_s": t2 - t1, "step_s": t3 - t2,
-                  "scored_tokens": float(self.scorer.scored_tokens - scored_before)}
-        if "sampled_tokens" in scored.metrics:
-            timing["sample_tokens_per_s"] = scored.metrics["sampled_tokens"] / (t1 - t0)
-        return {**metrics, **scored.metrics, **timing}
+        return {**metrics, **scored.metrics, **usage.metrics(), "step_s": time.perf_counter() - started}

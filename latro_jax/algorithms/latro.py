@@ -10,11 +10,13 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout, scoring
+from latro_jax import objectives, rollout
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
 from latro_jax.data import Example
+from latro_jax.logprobs import span_logprob, token_logprobs
 from latro_jax.models import Transformer
 from latro_jax.sampling import SamplingParams
+from latro_jax.train import RowLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +84,14 @@ class Latro:
 
     def sample(self, policies: Policies, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                bare_answers: Sequence[Sequence[int]] | None, key: jax.Array) -> rollout.Rollout:
-        """The rollout of token ids: K rationales per prompt from the policy, cut at the first
-        stop, rows [x | z | y] with y = `answers` (`bare_answers` after an empty rationale)."""
+        """The rollout of token ids: K rationales per prompt from the policy, cut before the first
+        stop (the formatter's end ids and answer phrases), rows [x | z | y] with y = `answers`
+        (`bare_answers` after an empty rationale)."""
         cfg = self.cfg
         return rollout.sample_rows(
-            policies.model(), prompts, answers, bare_answers, num_samples=cfg.num_samples,
-            max_new_tokens=cfg.max_rationale_tokens, sampling_params=cfg.sampling,
-            stops=self.ctx.stops, key=key, pad_id=self.ctx.pad_id, mesh=self.ctx.mesh,
-            policy_logprobs=cfg.reuse_sampler_logprobs)
+            policies.sampler, policies.model(), prompts, answers, bare_answers, num_samples=cfg.num_samples,
+            max_new_tokens=cfg.max_rationale_tokens, sampling_params=cfg.sampling, stops=self.ctx.fmt.stops,
+            key=key, policy_logprobs=cfg.reuse_sampler_logprobs)
 
     def score(self, policies: Policies, ro: rollout.Rollout) -> ScoredBatch:
         """Rewards R = log pi(y|x+z) - beta * (log pi(z|x) - log pi_0(z|x)) (the non-stop
@@ -112,21 +114,21 @@ class Latro:
         rewards = np.asarray(objectives.latro_rewards(
             y_logp, z_logp, ref_z_logp, ro.finished.reshape(-1, K), beta=cfg.beta,
             nonstop_penalty=cfg.nonstop_penalty))
-        advantages = np.asarray(objectives.rloo_advantages(rewards)).reshape(-1)
+        advantages = np.asarray(objectives.advantages("rloo", objectives.GroupOutcomes(rewards))).reshape(-1)
         metrics = {"reward": float(rewards.mean()), "answer_logp": float(y_logp.mean()),
                    "kl": float((z_logp - ref_z_logp).mean()), "finished": float(ro.finished.mean()),
                    "rationale_length": float(ro.lengths.mean()),
-                   "advantage_std": float(advantages.std()), "sampled_tokens": float(ro.sampled_tokens)}
+                   "advantage_std": float(advantages.std())}
         return ScoredBatch(arrays={**arrays, "advantages": advantages}, scalars={"rows": len(advantages)},
-                           static={"shared_prefix": shared}, metrics=metrics, details={"z_logp": z_logp, "y_logp": y_logp,
-                                                     "ref_z_logp": ref_z_logp, "rewards": rewards})
+                           layout=RowLayout(shared), metrics=metrics,
+                           details={"z_logp": z_logp, "y_logp": y_logp, "ref_z_logp": ref_z_logp, "rewards": rewards})
 
-    def loss(self, model: Transformer, mb: dict, scalars: dict):
+    def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):
         """The LaTRO surrogate of a micro-batch, weighted by its share of the batch's rows
         (scalars["rows"]), so micro-batch contributions sum to the batch loss."""
-        logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=self.ctx.logprob_chunk,
-                                      shared_prefix=scalars.get("shared_prefix"))
-        z_logp = scoring.span_logprob(logp, mb["rationale_mask"])
-        y_logp = scoring.span_logprob(logp, mb["answer_mask"])
+        logp = token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=self.ctx.logprob_chunk,
+                              shared_prefix=layout.shared_prefix)
+        z_logp = span_logprob(logp, mb["rationale_mask"])
+        y_logp = span_logprob(logp, mb["answer_mask"])
         share = z_logp.shape[0] / scalars["rows"]  # micro-batch share of the batch mean
         return objectives.latro_loss(z_logp, y_logp, mb["advantages"], sft_coef=self.cfg.sft_coef) * share, {}

@@ -20,28 +20,29 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout, sampling
+from latro_jax import objectives, rollout
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
+from latro_jax.algorithms.group_rl import GroupSampling
 from latro_jax.algorithms.sft import completion_loss
 from latro_jax.data import Example
 from latro_jax.episodes import SegmentConfig, make_segmenter
 from latro_jax.meta_prover import ForcingConfig, MetaProver
 from latro_jax.models import Transformer
 from latro_jax.sampling import SamplingParams
+from latro_jax.train import RowLayout
 
 FILTERS = ("max_prefix", "nonneg", "outcome")
 
 
 @dataclasses.dataclass(frozen=True)
 class MrtStarConfig:
-    """num_samples traces of at most max_tokens per question, drawn at `sampling`; filter:
-    max_prefix | nonneg | outcome; keep_per_question: at most this many kept traces per
-    question; epochs: optimizer steps on the kept set per round (each a pass over all of it; the
-    stage's optimizer schedule counts steps x epochs); segment and forcing as for MRT-RL."""
+    """rollout: num_samples traces of at most max_tokens per question, drawn at `sampling` (the
+    GRPO family's block, group_rl.GroupSampling); filter: max_prefix | nonneg | outcome;
+    keep_per_question: at most this many kept traces per question; epochs: optimizer steps on
+    the kept set per round (each a pass over all of it; the stage's optimizer schedule counts
+    steps x epochs); segment and forcing as for MRT-RL."""
 
-    num_samples: int = 4
-    max_tokens: int = 512
-    sampling: SamplingParams = SamplingParams(temperature=1.0)
+    rollout: GroupSampling = GroupSampling(sampling=SamplingParams(temperature=1.0))
     filter: str = "max_prefix"
     keep_per_question: int = 1
     epochs: int = 3
@@ -51,9 +52,8 @@ class MrtStarConfig:
     def __post_init__(self):
         if self.filter not in FILTERS:
             raise ValueError(f"filter={self.filter!r}: choose one of {FILTERS}")
-        if min(self.num_samples, self.max_tokens, self.keep_per_question, self.epochs) < 1:
-            raise ValueError(f"num_samples={self.num_samples}, max_tokens={self.max_tokens}, keep_per_question="
-                             f"{self.keep_per_question} and epochs={self.epochs} must be >= 1")
+        if min(self.keep_per_question, self.epochs) < 1:
+            raise ValueError(f"keep_per_question={self.keep_per_question} and epochs={self.epochs} must be >= 1")
 
 
 @dataclasses.dataclass
@@ -73,7 +73,6 @@ class StarRollout:
     outcomes: np.ndarray  # [N, K] 0/1 scores of the sampled traces
     progress: list[np.ndarray]  # per trace: p_j of its episodes (empty without J)
     episodes: np.ndarray  # [N * K] episode counts
-    sampled_tokens: int
 
 
 class MrtStar:
@@ -87,7 +86,7 @@ class MrtStar:
 
     def __init__(self, cfg: MrtStarConfig, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
-        self.prover = MetaProver(cfg.forcing, ctx.task, ctx.fmt, ctx.mesh)
+        self.prover = MetaProver(cfg.forcing, ctx.task, ctx.fmt)
         self.segmenter = make_segmenter(cfg.segment, ctx.fmt)
 
     def rows(self, questions: int) -> int:
@@ -95,37 +94,32 @@ class MrtStar:
 
     def tokens_after_prompt(self, example: Example) -> int:
         """A trace (L) and a forced answer after it."""
-        return self.cfg.max_tokens + self.prover.forced_tokens()
+        return self.cfg.rollout.max_tokens + self.prover.forced_tokens()
 
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> StarRollout:
-        cfg, fmt, K = self.cfg, self.ctx.fmt, self.cfg.num_samples
+        fmt, K = self.ctx.fmt, self.cfg.rollout.num_samples
         k_sample, k_j, k_answer = jax.random.split(key, 3)
-        forced_before = self.prover.generated_tokens
         prompts = [fmt.prompt_ids(e.question) for e in examples]
         golds = [e.gold for e in examples]
-        p = cfg.sampling
-        out = sampling.generate(policies.model(), prompts, cfg.max_tokens, temperature=p.temperature,
-                                top_k=p.top_k, top_p=p.top_p, num_samples=K, stop_token_ids=fmt.stop_ids,
-                                key=k_sample, pad_id=fmt.pad_id, mesh=self.ctx.mesh)
-        traces = [t for row in out.tokens for t in row]
-        outcomes = np.array([[self.ctx.task.reward(fmt.decode(t), golds[n], out.finished[n * K + k])
-                              for k, t in enumerate(row)] for n, row in enumerate(out.tokens)], np.float64)
-        episodes = [self.segmenter(t) for t in traces]
+        out = policies.sampler.complete(policies.model(), prompts, max_new_tokens=self.cfg.rollout.max_tokens,
+                                        sampling_params=self.cfg.rollout.sampling, num_samples=K,
+                                        stops=fmt.stops.ends_only(), key=k_sample)
+        outcomes = rollout.grade(self.ctx.task, out.texts(fmt), golds, out.by_prompt(out.finished))
+        episodes = [self.segmenter(t) for t in out.ids]
         j_values, forced = self.j_at_every_prefix(policies, prompts, golds, episodes, k_j)
-        progress = [objectives.progress(j) for j in j_values] if j_values else [np.zeros(0)] * len(traces)
-        kept = self.keep(prompts, golds, traces, outcomes.reshape(-1), episodes, j_values, forced, policies,
-                           k_answer)
-        return StarRollout(prompts, kept, outcomes, progress, np.array([e.count for e in episodes]),
-                           int(out.lengths.sum()) + self.prover.generated_tokens - forced_before)
+        progress = [objectives.progress(j) for j in j_values] if j_values else [np.zeros(0)] * len(out.ids)
+        kept = self.keep(prompts, golds, out.ids, outcomes.reshape(-1), episodes, j_values, forced, policies,
+                         k_answer)
+        return StarRollout(prompts, kept, outcomes, progress, np.array([e.count for e in episodes]))
 
     def j_at_every_prefix(self, policies, prompts, golds, episodes, key):
         """J at prefixes 0..k of every trace (none for the outcome filter): a list of arrays, and
         with mc the forced answers' (outcomes, answer ids) per trace and prefix (else [])."""
         if self.cfg.filter == "outcome":
             return [], []
-        K = self.cfg.num_samples
+        K = self.cfg.rollout.num_samples
         items = [(t, j) for t, e in enumerate(episodes) for j in range(e.count + 1)]
-        result = self.prover.estimate(policies, [prompts[t // K] for t, _ in items],
+        result = self.prover.estimate(policies.sampler, policies.scorer, policies.params, [prompts[t // K] for t, _ in items],
                                       [episodes[t].prefix(j) for t, j in items], [golds[t // K] for t, _ in items], key,
                                       final=[0 < j == episodes[t].count for t, j in items])
         j_values, forced, start = [], [], 0
@@ -139,7 +133,7 @@ class MrtStar:
 
     def keep(self, prompts, golds, traces, outcomes, episodes, j_values, forced, policies, key) -> list[Kept]:
         """The kept traces, at most keep_per_question per question."""
-        cfg, K = self.cfg, self.cfg.num_samples
+        cfg, K = self.cfg, self.cfg.rollout.num_samples
         candidates: list[Kept] = []
         if cfg.filter == "outcome":
             candidates = [Kept(t // K, traces[t]) for t in range(len(traces)) if outcomes[t]]
@@ -164,7 +158,7 @@ class MrtStar:
     def correct_answers(self, policies, prompts, golds, episodes, best, needs, forced, key) -> dict[int, list[int] | None]:
         """A correct forced answer's ids at each trace's best prefix: one the mc estimate
         already sampled, else (likelihood) from m new forced answers there."""
-        K, out = self.cfg.num_samples, {}
+        K, out = self.cfg.rollout.num_samples, {}
         if forced:
             for t in needs:
                 outcomes, answers = forced[t][best[t]]
@@ -172,7 +166,7 @@ class MrtStar:
             return out
         if not needs:
             return out
-        sampled = self.prover.mc(policies.model(), [prompts[t // K] for t in needs],
+        sampled = self.prover.mc(policies.sampler, policies.model(), [prompts[t // K] for t in needs],
                                  [episodes[t].prefix(best[t]) for t in needs], [golds[t // K] for t in needs], key,
                                  final=[0 < best[t] == episodes[t].count for t in needs])
         for i, t in enumerate(needs):
@@ -185,21 +179,22 @@ class MrtStar:
         all_progress = np.concatenate(ro.progress) if ro.progress else np.zeros(0)
         metrics = {"kept_fraction": len(ro.kept) / ro.outcomes.size, "outcome": float(ro.outcomes.mean()),
                    "kept_tokens": float(sum(len(k.completion) for k in ro.kept)),
-                   "episodes": float(ro.episodes.mean()), "sampled_tokens": float(ro.sampled_tokens)}
+                   "episodes": float(ro.episodes.mean())}
         if all_progress.size:
             metrics["mean_progress"] = float(all_progress.mean())
             metrics["negative_progress"] = float((all_progress < 0).mean())
         if not ro.kept:
             return ScoredBatch(arrays={}, scalars={}, metrics=metrics, skip=True)
         pad = rows_total - len(ro.kept)
-        prompts = [ro.prompts[k.question] for k in ro.kept] + [[self.ctx.pad_id]] * pad
+        pad_id = self.ctx.fmt.pad_id
+        prompts = [ro.prompts[k.question] for k in ro.kept] + [[pad_id]] * pad
         completions = [k.completion for k in ro.kept] + [[]] * pad
-        rows = rollout.completion_rows(prompts, completions, pad_id=self.ctx.pad_id)
+        rows = rollout.completion_rows(prompts, completions, pad_id=pad_id)
         rows.valid[len(ro.kept):] = False
         return ScoredBatch(arrays=dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask),
                            scalars={"completion_tokens": float(rows.answer_mask.sum())}, metrics=metrics,
                            epochs=self.cfg.epochs)
 
-    def loss(self, model: Transformer, mb: dict, scalars: dict):
+    def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):
         """Completion-only NLL on the kept traces (as SFT)."""
         return completion_loss(model, mb, scalars, self.ctx.logprob_chunk)

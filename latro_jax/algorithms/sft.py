@@ -8,10 +8,12 @@ from typing import Sequence
 
 import jax
 
-from latro_jax import objectives, rollout, scoring
+from latro_jax import objectives, rollout
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
 from latro_jax.data import Example
+from latro_jax.logprobs import token_logprobs
 from latro_jax.models import Transformer
+from latro_jax.train import RowLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +47,14 @@ class Sft:
         fmt = self.ctx.fmt
         return rollout.completion_rows([fmt.prompt_ids(e.question) for e in examples],
                                        [fmt.completion_ids(e.rationale) for e in examples],
-                                       pad_id=self.ctx.pad_id)
+                                       pad_id=fmt.pad_id)
 
     def score(self, policies: Policies, rows: rollout.Rows) -> ScoredBatch:
         tokens = float(rows.answer_mask.sum())
         return ScoredBatch(arrays=dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask),
                            scalars={"completion_tokens": tokens}, metrics={"completion_tokens": tokens})
 
-    def loss(self, model: Transformer, mb: dict, scalars: dict):
+    def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):
         return completion_loss(model, mb, scalars, self.ctx.logprob_chunk)
 
 
@@ -60,6 +62,6 @@ def completion_loss(model: Transformer, mb: dict, scalars: dict, chunk_size: int
     """The completion-only NLL of a micro-batch (rows tokens / valid / completion_mask),
     weighted by its share of the batch's completion tokens (scalars["completion_tokens"]), so
     micro-batch contributions sum to the batch's sft_loss."""
-    logp = scoring.token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=chunk_size)
+    logp = token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=chunk_size)
     share = mb["completion_mask"].sum() / scalars["completion_tokens"]
     return objectives.sft_loss(logp, mb["completion_mask"]) * share, {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from latro_jax.data.tasks import STOP_PHRASES
+from latro_jax.stops import Stops
 
 
 def continuation_ids(tokenizer, prefix: str, text: str) -> list[int]:
@@ -34,10 +35,11 @@ def phrase_variants(tokenizer, phrase: str) -> set[tuple[int, ...]]:
 class PromptFormatter:
     """Question text -> prompt ids; answer / rationale text -> ids ending in the end token.
 
-    stop_ids: every id that ends a generation -- the end-of-turn token of the chat template,
-    the tokenizer's EOS and pad, and `eos_ids` (the model's own end ids: config.json and
-    generation_config.json). stop_phrases: the SPEC 1.3 phrases in each position's
-    tokenization (phrase_variants)."""
+    stops: stops.ids, every id that ends a generation -- the end-of-turn token of the chat
+    template, the tokenizer's EOS and pad, and `eos_ids` (the model's own end ids: config.json
+    and generation_config.json); stops.phrases, the SPEC 1.3 phrases in each position's
+    tokenization (phrase_variants). LaTRO cuts rationales at both, completions end at the ids
+    (stops.ends_only())."""
 
     def __init__(self, tokenizer, *, chat_template: bool | None = None,
                  stop_phrases: Sequence[str] = STOP_PHRASES, eos_ids: Sequence[int] = ()):
@@ -50,8 +52,8 @@ class PromptFormatter:
             raise ValueError("the tokenizer has no eos token; set one (it ends answers and rationales)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
         ends = {self.end_id, tokenizer.eos_token_id, self.pad_id, *map(int, eos_ids)}
-        self.stop_ids = tuple(sorted(ends - {None}))
-        self.stop_phrases = tuple(sorted(set().union(*(phrase_variants(tokenizer, p) for p in stop_phrases))))
+        self.stops = Stops(tuple(sorted(ends - {None})),
+                           tuple(sorted(set().union(*(phrase_variants(tokenizer, p) for p in stop_phrases)))))
 
     def _end_of_turn_id(self) -> int:
         """The first special token the template puts after an assistant message."""
@@ -71,7 +73,7 @@ class PromptFormatter:
         if largest >= vocab_size:
             return (f"the tokenizer has ids up to {largest} ({len(tok)} tokens) but the model ({source}) "
                     f"has {vocab_size} embedding rows; use the model's own tokenizer or a model built for this one.")
-        outside = [i for i in (*self.stop_ids, self.pad_id, tok.bos_token_id) if i is not None and i >= vocab_size]
+        outside = [i for i in (*self.stops.ids, self.pad_id, tok.bos_token_id) if i is not None and i >= vocab_size]
         if outside:
             return f"token ids {outside} (stops, pad, bos) lie beyond the model's {vocab_size} embedding rows ({source})."
         return None
