@@ -156,7 +156,8 @@ def evaluate(model: Transformer, task: Task, examples: Sequence[Example], fmt: P
         forced = []
         if cfg.forced:
             flat = [(i, t) for i, row in enumerate(traces) for t in row]
-            curves = forced_curves(sampler, model, prover, segmenter, cfg, [prompts[i] for i, _ in flat], [t for _, t in flat],
+            curves = forced_curves(sampler, model, prover, segmenter, cfg, [prompts[i] for i, _ in flat],
+                                   [t for _, t in flat],
                                    [batch[i].gold for i, _ in flat], jax.random.key(cfg.seed + start))
             forced = [[c for (i, _), c in zip(flat, curves) if i == n] for n in range(len(batch))]
         for i, ex in enumerate(batch):
@@ -323,7 +324,8 @@ def _define_flags():
     flags.DEFINE_string("hf", None, "HF model folder to evaluate.")
     flags.DEFINE_string("ckpt", None, "latro_jax checkpoint directory to evaluate.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --hf, or the run's own for a --ckpt in a workdir).")
+    flags.DEFINE_string("tokenizer", None,
+                        "Tokenizer folder (default: --hf, or the run's own for a --ckpt in a workdir).")
     flags.DEFINE_string("task", "gsm8k", "gsm8k | arc_challenge | synthetic")
     flags.DEFINE_string("data", None, "Data file, folder with <split>.jsonl, or hub id.", required=True)
     flags.DEFINE_string("split", "test", "Split name.")
@@ -336,7 +338,8 @@ def _define_flags():
     flags.DEFINE_enum("forced_at", "tokens", list(FORCED_AT), "Cut at b tokens or at the last episode end <= b.")
     flags.DEFINE_list("regret_cutoffs", [], "Cutoffs C0 of normalised regret.")
     flags.DEFINE_string("forced_suffix", ForcingConfig.suffix, "Termination suffix of forced answers.")
-    flags.DEFINE_string("final_suffix", "", "Suffix after the whole thinking (R1: '\\n</think>'; empty: --forced_suffix).")
+    flags.DEFINE_string("final_suffix", "",
+                        "Suffix after the whole thinking (R1: '\\n</think>'; empty: --forced_suffix).")
     flags.DEFINE_integer("forced_answer_tokens", ForcingConfig.answer_tokens, "Tokens of a forced answer.")
     flags.DEFINE_integer("forced_samples", 1, "Forced answers per prefix, m (1 with temperature 0: greedy).")
     flags.DEFINE_float("forced_temperature", 0.0, "Temperature of forced answers (analysis recipe: 0.6).")

@@ -264,9 +264,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     """Sample `num_samples` continuations of each prompt (ragged token-id lists).
 
     Rows are drawn from `sampling` (default greedy) and stop after a token in stops.ids or after
-    the last token of a stop phrase (a token-id subsequence); the stop is included in the returned tokens. The draws depend on
-    `key` (a jax.random key; default jax.random.key(seed)) and each row's index. With `mesh`, rows are
-    split over its data axes and parameters stay as the model's partition rules place them;
+    the last token of a stop phrase (a token-id subsequence); the stop is included in the returned
+    tokens. The draws depend on `key` (a jax.random key; default jax.random.key(seed)) and each
+    row's index. With `mesh`, rows are split over its data axes and parameters stay as the model's partition rules place them;
     in multi-process runs every process passes the same prompts and gets the full result.
     With reserve_slots > 0 the output keeps the final KV cache, with that many free slots, for
     `continuation_logprobs`.

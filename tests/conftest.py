@@ -40,3 +40,8 @@ def smollm2_dir(tmp_path_factory):
     from latro_jax.convert import gguf_to_hf
     return gguf_to_hf(smollm2_gguf(), str(tmp_path_factory.mktemp("smollm2") / "hf"))
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs the training job or a command line as a subprocess "
+                                       "(pytest -m 'not e2e' is the fast in-process loop)")

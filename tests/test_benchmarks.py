@@ -10,6 +10,9 @@ import sys
 import numpy as np
 
 from latro_jax import huge_pages
+import pytest
+
+pytestmark = pytest.mark.e2e  # the training job and CLIs as subprocesses: pytest -m 'not e2e' skips them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # the training job and CLIs as subprocesses: pytest -m 'not e2e' skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

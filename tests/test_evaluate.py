@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import transformers
 
 from hf_models import SHARED, STORIES_HF, generated
@@ -47,6 +48,7 @@ def test_greedy_and_maj_k_evaluation_end_to_end(tmp_path):
     assert json.load(open(tmp_path / "summary.json")) == summary
 
 
+@pytest.mark.e2e
 def test_evaluate_command_line_on_an_hf_folder(tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run(

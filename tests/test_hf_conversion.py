@@ -78,6 +78,7 @@ def test_sharded_export_with_index_round_trips(tmp_path):
     np.testing.assert_array_equal(torch_logits(back, tokens), torch_logits(ref, tokens))
 
 
+@pytest.mark.e2e
 def test_hf_to_orbax_to_hf_command_line(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "export"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

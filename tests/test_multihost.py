@@ -11,7 +11,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
+
+pytestmark = pytest.mark.e2e  # the training job and CLIs as subprocesses: pytest -m 'not e2e' skips them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,6 +25,8 @@ from latro_jax.algorithms import Learner
 from latro_jax.job_config import ConfigError
 from test_main import ENV, ROOT, _cmd, _final_tensors, _run, _wait_for
 
+pytestmark = pytest.mark.e2e  # the training job and CLIs as subprocesses: pytest -m 'not e2e' skips them
+
 PHI3_TOKENIZER = os.path.join(SHARED, "tokenizers", "phi-3-mini")
 
 

@@ -151,6 +151,7 @@ def test_evaluate_greedy_equals_transformers_generate_and_the_same_scorer(smol, 
     assert summary["greedy"] == np.mean(scores) and summary["examples"] == 20
 
 
+@pytest.mark.e2e
 def test_sft_step_and_latro_update_checkpoint_export_and_reload_in_transformers(smollm2_dir, tmp_path):
     """The training job on SmolLM2 (one process, one device): an SFT step on 2 gold GSM8K
     rationales, a LaTRO update (2 questions x 4 rationales of 16 tokens, c_sft = 1), checkpoints, the HF

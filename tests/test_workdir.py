@@ -15,6 +15,8 @@ from hf_models import STORIES_HF
 from test_main import ENV, ROOT, _cmd, _final_tensors, _run
 from test_reliability import _one_line_error
 
+pytestmark = pytest.mark.e2e  # the training job and CLIs as subprocesses: pytest -m 'not e2e' skips them
+
 FAST = ("--config.eval.every=0",)  # no validation: the runs below need only their final evaluations
 
 

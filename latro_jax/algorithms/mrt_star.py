@@ -119,7 +119,8 @@ class MrtStar:
             return [], []
         K = self.cfg.rollout.num_samples
         items = [(t, j) for t, e in enumerate(episodes) for j in range(e.count + 1)]
-        result = self.prover.estimate(policies.sampler, policies.scorer, policies.params, [prompts[t // K] for t, _ in items],
+        result = self.prover.estimate(policies.sampler, policies.scorer, policies.params,
+                                      [prompts[t // K] for t, _ in items],
                                       [episodes[t].prefix(j) for t, j in items], [golds[t // K] for t, _ in items], key,
                                       final=[0 < j == episodes[t].count for t, j in items])
         j_values, forced, start = [], [], 0
@@ -155,7 +156,8 @@ class MrtStar:
             kept += mine[:cfg.keep_per_question]
         return kept
 
-    def correct_answers(self, policies, prompts, golds, episodes, best, needs, forced, key) -> dict[int, list[int] | None]:
+    def correct_answers(self, policies, prompts, golds, episodes, best, needs, forced,
+                        key) -> dict[int, list[int] | None]:
         """A correct forced answer's ids at each trace's best prefix: one the mc estimate
         already sampled, else (likelihood) from m new forced answers there."""
         K, out = self.cfg.rollout.num_samples, {}
