@@ -109,3 +109,11 @@ def generated(per_prompt, finished=None):
     finished = np.ones(len(flat), bool) if finished is None else np.asarray(finished)
     return GenerateOutput(per_prompt, None, array, np.zeros(array.shape, np.float32),
                           np.array([len(t) for t in flat]), finished)
+
+
+def tiny_llama(seed: int = 0, dtype: str = "float32"):
+    """A random 2-layer Llama of vocabulary 40 (latro_jax's own init) for math-level tests."""
+    from latro_jax import models
+    config = models.ModelConfig(family="llama", vocab_size=40, hidden_size=16, intermediate_size=24,
+                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, initializer_range=0.3)
+    return models.init_model(config, seed=seed, dtype=dtype, param_dtype=dtype)
