@@ -58,10 +58,10 @@ def run_job(workdir: str, config: str, seed: int, stage: str, extra: list[str]) 
 
 
 def wall_time(workdir: str, stage: str) -> tuple[float, int, float]:
-    """(seconds of generation + scoring + steps, updates, sampled + scored tokens) of a run."""
+    """(seconds of the run's updates, updates, sampled + scored tokens) of a run."""
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-    rows = [r for r in rows if r["stage"] == stage and "sample_s" in r]
-    seconds = sum(r["sample_s"] + r["score_s"] + r["step_s"] for r in rows)
+    rows = [r for r in rows if r["stage"] == stage and "update_s" in r]
+    seconds = sum(r["update_s"] for r in rows)
     tokens = sum(r.get("sampled_tokens", 0) + r.get("scored_tokens", 0) for r in rows)
     return seconds, len(rows), tokens
 

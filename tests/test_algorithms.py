@@ -12,7 +12,7 @@ from configs.tiny import get_config
 from latro_jax import algorithms, job as jobs, models, run, sharding
 from latro_jax.algorithms import Learner
 
-TIMING = ("sample_s", "score_s", "step_s", "sample_tokens_per_s")
+TIMING = ("sample_s", "score_s", "step_s", "update_s", "sample_tokens_per_s")
 
 
 def _host_copy(model, mesh=None):

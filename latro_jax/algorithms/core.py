@@ -174,12 +174,15 @@ class Learner:
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's
         metrics and what the update spent: sample_s / sampled_tokens (all generation), score_s /
-        scored_tokens (all scoring passes outside the step), step_s, sample_tokens_per_s."""
+        scored_tokens (all scoring passes outside the step), step_s, sample_tokens_per_s, and
+        update_s, the whole update (host-side grading and row assembly included)."""
+        started = time.perf_counter()
         if self.refresh and self.step and self.step % self.refresh == 0:
             self.old = jax.tree.map(jnp.copy, self.trainer.state.params)
         usage = Usage()
         policies = self.policies(usage)
         scored = self.algorithm.score(policies, self.algorithm.rollout(policies, examples, key))
-        started = time.perf_counter()
+        stepped = time.perf_counter()
         metrics = self.apply(scored)
-        return {**metrics, **scored.metrics, **usage.metrics(), "step_s": time.perf_counter() - started}
+        done = time.perf_counter()
+        return {**metrics, **scored.metrics, **usage.metrics(), "step_s": done - stepped, "update_s": done - started}
