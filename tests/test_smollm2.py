@@ -201,5 +201,5 @@ def test_every_end_id_of_the_model_stops_training_and_evaluation(smollm2_dir, tm
     c = get_config()
     c.model.path, c.task.source = str(folder), GSM8K
     job = jobs.build(c, load_model=False)
-    assert {0, 2, 7} <= set(job.fmt.stops.ids) and job.stages[0].algorithm.ctx.stops.ids == job.fmt.stops.ids
+    assert {0, 2, 7} <= set(job.fmt.stops.ids) and job.stages[0].algorithm.ctx.fmt.stops == job.fmt.stops
     assert models.load_hf(str(folder)).config.eos_token_id == (2, 0, 7)  # what the evaluate CLI reads
