@@ -124,7 +124,7 @@ class _LengthCheck:
                               f"max_position_embeddings = {self.limit}; the longest, {worst.id!r}, needs {n} "
                               f"(prompt {self._prompt(worst)} + {n - self._prompt(worst)}). Lower the "
                               "generation budget, or set config.task.too_long='drop' to leave them out.")
-        _say(f"warning: left out {len(over)} of {len(examples)} examples of the {where}: longer than "
+        say(f"warning: left out {len(over)} of {len(examples)} examples of the {where}: longer than "
              f"max_position_embeddings = {self.limit} (the longest needs {n})")
         return [e for m, e in needs if m <= self.limit]
 
@@ -215,7 +215,7 @@ def restore_final(job: Job, workdir: str) -> models.Transformer:
     return model
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     """A one-line notice on stderr (process 0), above any progress bar."""
     if jax.process_index() == 0:
         tqdm.write(message, file=sys.stderr)

@@ -3,7 +3,7 @@ the task, and turned into trainable rows [pad | x | z | y | pad] with their mask
 
     sampler = Sampler(pad_id=fmt.pad_id, mesh=mesh, usage=usage)
     out = sampler.complete(model, prompts, num_samples=G, max_new_tokens=L,
-                           sampling=SamplingParams(1.0), stops=fmt.stops.ends_only(), key=key)
+                           sampling_params=SamplingParams(1.0), stops=fmt.stops.ends_only(), key=key)
     out.ids[r], out.finished[r]           # row r = n * G + g: completion g of prompt n
     rewards = grade(task, out.texts(fmt), golds, out.by_prompt(out.finished))   # [N, G]
     ro = sample_rows(sampler, model, prompts, answers, num_samples=K, ...)      # LaTRO's [x | z | y]
@@ -39,17 +39,25 @@ class Completions:
 
     ids: per row, the kept tokens (cut "after": up to and including the stop, at most the row's
     budget; cut "before": before the first stop id or stop phrase, stops.truncate); finished [R]:
-    the row stopped (within its budget); lengths [R]: len(ids); samples: per row what the sampler
-    generated (stop included); sampled_tokens: their total; generated: the sampler's output (its
-    log-probabilities and, with reserve_slots, its cache)."""
+    the row stopped (within its budget); samples: per row what the sampler generated (stop
+    included); generated: the sampler's output (its log-probabilities and, with reserve_slots,
+    its cache)."""
 
     ids: list[list[int]]
     finished: np.ndarray
-    lengths: np.ndarray
     samples: list[list[int]]
-    sampled_tokens: int
     group: int
     generated: sampling.GenerateOutput
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[R] tokens kept per row: len(ids[r])."""
+        return np.array([len(z) for z in self.ids])
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Every token the sampler generated (stops included)."""
+        return int(self.generated.lengths.sum())
 
     def by_prompt(self, values: Sequence) -> list:
         """Per-row values grouped per prompt: [N][G] (an [N, G] array for an array)."""
@@ -106,7 +114,7 @@ class Sampler:
             ids = [sample[:n] for sample, n in zip(samples, limit)]
             finished = np.array([bool(done) and len(sample) <= n
                                  for done, sample, n in zip(out.finished, samples, limit)])
-        return Completions(ids, finished, np.array([len(z) for z in ids]), samples, int(out.lengths.sum()), G, out)
+        return Completions(ids, finished, samples, G, out)
 
 
 @dataclasses.dataclass
@@ -209,16 +217,17 @@ def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence
     out = sampler.complete(model, prompts, max_new_tokens=max_new_tokens, sampling_params=sampling_params,
                            num_samples=K, stops=stops, key=key, cut="before", reserve_slots=reserve)
     row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(out.ids)]
+    lengths = out.lengths
     z_logp = y_logp = None
     if reuse:
         started = time.perf_counter()
-        z_logp = np.array([out.generated.logprob_array[r, :n].sum(dtype=np.float32) for r, n in enumerate(out.lengths)])
-        y_logp = sampling.continuation_logprobs(model, out.generated, prompts, out.lengths, row_answers,
+        z_logp = np.array([out.generated.logprob_array[r, :n].sum(dtype=np.float32) for r, n in enumerate(lengths)])
+        y_logp = sampling.continuation_logprobs(model, out.generated, prompts, lengths, row_answers,
                                                 pad_id=sampler.pad_id, mesh=sampler.mesh)
         sampler.usage.scored(started, sum(map(len, row_answers)))
     width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)),
                                body_multiple=ROLLOUT_BODY_MULTIPLE)
     rows = assemble_rows([p for p in prompts for _ in range(K)], out.ids, row_answers,
                          prompt_width=width, length=length, pad_id=sampler.pad_id)
-    return Rollout(rows=rows, finished=out.finished, lengths=out.lengths, samples=out.samples, z_logp=z_logp,
+    return Rollout(rows=rows, finished=out.finished, lengths=lengths, samples=out.samples, z_logp=z_logp,
                    y_logp=y_logp)

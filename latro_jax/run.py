@@ -21,7 +21,7 @@ from latro_jax import checkpoint, models, run_dir
 from latro_jax.algorithms import Learner
 from latro_jax.data import BatchIterator, select
 from latro_jax.evaluate import EvaluationStopped
-from latro_jax.job import Job, Stage, _say
+from latro_jax.job import Job, Stage, say
 from latro_jax.job_config import JobConfig
 from latro_jax.metrics_log import Logger
 from latro_jax.run_results import Evaluations, evaluate_stage
@@ -101,7 +101,7 @@ def train(job: Job, workdir: str, *, allow_config_change: bool = False) -> dict[
         results = run_dir.read_json(results_path, "delete it to evaluate every stage again (training "
                                     "is not repeated).", default={})
         if changed:
-            _say(f"config changed in {', '.join(changed)}: continuing with the new values (--allow_config_change)")
+            say(f"config changed in {', '.join(changed)}: continuing with the new values (--allow_config_change)")
         run_dir.record(workdir, record, job.tokenizer)
         logger = Logger(workdir)
         model, origin = job.model, _initial_origin(job.config)
@@ -115,7 +115,7 @@ def train(job: Job, workdir: str, *, allow_config_change: bool = False) -> dict[
                     redo = redo or trained
                     evaluations.ensure(stage.name, model, redo, updates=stage.config.stage.steps)
                 if job.config.export.hf:
-                    _say(f"exported {export(model, workdir)}")
+                    say(f"exported {export(model, workdir)}")
                 if jax.process_index() == 0:
                     _plot(workdir, job)
         except EvaluationStopped as e:
@@ -191,7 +191,7 @@ def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger:
     cfg, every_eval = stage.config.stage, job.config.eval.every
     open_checkpoints = lambda: checkpoint.TrainCheckpoints(
         _stage_dir(workdir, stage), keep=job.config.checkpoint.keep,
-        best_metric="val_greedy" if every_eval else None, notify=_say)
+        best_metric="val_greedy" if every_eval else None, notify=say)
     ckpts = open_checkpoints()
     try:
         graphdef, params = nnx.split(model)
@@ -199,7 +199,7 @@ def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger:
         if newest is not None and newest.get("origin", origin) != origin:
             ckpts.close()
             aside = _set_aside(ckpts.directory)
-            _say(f"{stage.name}: its checkpoints started from another model (an earlier stage trained "
+            say(f"{stage.name}: its checkpoints started from another model (an earlier stage trained "
                  f"further since); set aside as {aside}, training {stage.name} again")
             ckpts = open_checkpoints()
         elif newest is not None and newest["step"] >= cfg.steps:
@@ -215,7 +215,7 @@ def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger:
             learner.load_state(state, extras)
             batches.restore(meta["data"])
             step, skipped = meta["step"], meta.get("skipped", 0)
-            _say(f"{stage.name}: resuming after update {step} of {cfg.steps} from {ckpts.directory}")
+            say(f"{stage.name}: resuming after update {step} of {cfg.steps} from {ckpts.directory}")
         logger.resume(stage.name, step)
         streak, started = 0, step
         with tqdm(total=cfg.steps, initial=step, desc=stage.name, disable=jax.process_index() != 0) as bar:

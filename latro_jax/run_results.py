@@ -13,7 +13,7 @@ import jax
 
 from latro_jax import run_dir
 from latro_jax.evaluate import evaluate
-from latro_jax.job import Job, _say
+from latro_jax.job import Job, say
 from latro_jax.job_config import JobConfig
 
 
@@ -33,7 +33,7 @@ class Evaluations:
         if not redo and name in self.results and recorded == self.settings:
             return
         if name in self.results and not redo:
-            _say(f"{name}: evaluating again, with the config's evaluation settings")
+            say(f"{name}: evaluating again, with the config's evaluation settings")
         summary = evaluate_stage(self.job, model, self.workdir, name, stop=self.stop)
         run_dir.write_json(settings_path, self.settings)
         self.results[name] = {**summary, **extra}

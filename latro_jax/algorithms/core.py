@@ -44,7 +44,7 @@ class Context:
     may leave the task None and give as fmt any object with `stops` and `pad_id`."""
 
     task: Task | None
-    fmt: PromptFormatter | None
+    fmt: PromptFormatter
     mesh: jax.sharding.Mesh | None = None
     microbatches: int = 1
     logprob_chunk: int = 128
@@ -157,9 +157,9 @@ class Learner:
         """The current parameters, with a sampler and a scorer that record into `usage`."""
         usage = usage or Usage()
         ctx = self.algorithm.ctx
-        pad_id = ctx.fmt.pad_id if ctx.fmt is not None else 0
-        return Policies(self.trainer.state.params, self.reference, Sampler(pad_id=pad_id, mesh=ctx.mesh, usage=usage),
-                        self.scorer.with_usage(usage), self.old)
+        return Policies(self.trainer.state.params, self.reference,
+                        Sampler(pad_id=ctx.fmt.pad_id, mesh=ctx.mesh, usage=usage), self.scorer.with_usage(usage),
+                        self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
         """scored.epochs optimizer steps on a scored batch (none when it says skip); the metrics
