@@ -10,11 +10,13 @@ checkpoint of a run converts to HF through `restore_model` + `models.save_hf`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
@@ -279,8 +281,10 @@ def set_aside(path: str, suffix: str) -> str:
 def _writer_noise_held():
     """Hold what is written to stderr (file descriptor 2, so C++ writers too) during a save: a
     failed write makes Orbax's and TensorStore's writer threads print dozens of tracebacks and
-    error logs before the save raises; the caller reports the failure in one line. Held output
-    is replayed when the save succeeds, and on failure too with --verbosity >= 1."""
+    error logs before the save raises -- and some after, from threads still unwinding -- so on
+    failure stderr is given back only once the held output has settled; the caller reports the
+    failure in one line. Held output is replayed when the save succeeds, and on failure too
+    with --verbosity >= 1."""
     sys.stderr.flush()
     held, saved = tempfile.TemporaryFile(), os.dup(2)
     os.dup2(held.fileno(), 2)
@@ -289,6 +293,8 @@ def _writer_noise_held():
         yield
         failed = False
     finally:
+        if failed:
+            _settle(held)
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
@@ -296,6 +302,21 @@ def _writer_noise_held():
             held.seek(0)
             sys.stderr.write(held.read().decode(errors="replace"))
         held.close()
+
+
+def _settle(held, quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
+    """Wait until nothing more is written to `held` for `quiet_s` (at most `limit_s`): the
+    writer threads of a failed save finish their reports there, and the tasks it left behind
+    are collected (asyncio reports an unretrieved task exception when it is collected)."""
+    deadline, size = time.monotonic() + limit_s, -1
+    while time.monotonic() < deadline:
+        gc.collect()
+        sys.stderr.flush()
+        now = os.fstat(held.fileno()).st_size
+        if now == size:
+            return
+        size = now
+        time.sleep(quiet_s)
 
 
 def check_writable(directory: str) -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -203,6 +204,21 @@ def test_a_failed_write_stops_the_run_at_that_save_with_one_message(tmp_path):
     rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
     assert [(r["stage"], r["step"]) for r in rows] == [("sft", 1)]  # stopped at the failed save
     assert not (workdir / "hf").exists()
+
+
+def test_writer_reports_that_come_after_a_failed_save_are_held_too(capfd):
+    """A writer thread that reports after the save has raised (Orbax's signalling threads log
+    as they unwind) still writes into the held output, not onto the user's stderr."""
+    def late_report():
+        time.sleep(0.2)
+        print("Traceback: a late writer report", file=sys.__stderr__, flush=True)  # fd 2, as in a run
+        os.write(2, b"E1207 a late C++ writer report\n")
+    with pytest.raises(OSError):
+        with checkpoint._writer_noise_held():
+            threading.Thread(target=late_report).start()
+            raise OSError("write failed")
+    time.sleep(0.5)
+    assert capfd.readouterr().err == ""
 
 
 def test_too_little_free_space_for_a_checkpoint_is_refused_before_writing(monkeypatch, tmp_path):
