@@ -1,5 +1,5 @@
 """LaTRO vs outcome-reward GRPO vs MRT-RL vs MRT-STaR (and vanilla STaR) from one SFT warm start
-on the synthetic task, on a 2-core CPU (launch/compare.py runs it; README reports it).
+on the synthetic task, on a 2-core CPU (launch/compare.py runs it; docs/results.md reports it).
 
     python launch/compare.py --root=/tmp/compare --seeds=0,1,2
 

@@ -93,18 +93,18 @@ def test_no_update_after_the_first_compiles_anything_new(name):
     assert counts[1:] == [0, 0, 0], counts
 
 
-def _readme_algorithm() -> dict:
-    """The REINFORCE algorithm README's "Adding an algorithm" shows, executed as written."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    section = readme[readme.index("#### Adding an algorithm"):]
+def _docs_algorithm() -> dict:
+    """The REINFORCE algorithm docs/algorithms.md's "Adding an algorithm" shows, executed as written."""
+    page = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "algorithms.md")).read()
+    section = page[page.index("## Adding an algorithm"):]
     block = section[section.index("```python\n") + 10:section.index("\n```", section.index("```python"))]
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/algorithms.md", "exec"), namespace)
     return namespace
 
 
-def test_the_readme_algorithm_runs_on_the_pipeline_and_its_gradient_is_reinforce():
-    """README's REINFORCE on the tiny config: its advantages are RLOO of its 0/1 rewards (NumPy),
+def test_the_docs_algorithm_runs_on_the_pipeline_and_its_gradient_is_reinforce():
+    """The docs' REINFORCE on the tiny config: its advantages are RLOO of its 0/1 rewards (NumPy),
     its step's gradient is that of -sum(A * log pi(completion token)) / completion tokens (the
     loss written out with the pure log-prob function), and an update runs with the timing
     columns every algorithm reports."""
@@ -112,7 +112,7 @@ def test_the_readme_algorithm_runs_on_the_pipeline_and_its_gradient_is_reinforce
     from latro_jax.algorithms.group_rl import GroupSampling
     from latro_jax.logprobs import token_logprobs
     from latro_jax.sampling import SamplingParams
-    space = _readme_algorithm()
+    space = _docs_algorithm()
     config = get_config()
     config.stages = "grpo"
     job = jobs.build(config)

@@ -1,5 +1,5 @@
 """The benchmark scripts run at small shapes and print the measurements their docstrings and
-README describe (their figures are taken on the real shapes by hand; here only that they run
+docs/performance.md describe (their figures are taken on the real shapes by hand; here only that they run
 and report what they measured)."""
 
 import json
