@@ -43,10 +43,26 @@ def get_base() -> ml_collections.ConfigDict:
     # group | batch | none (Dr. GRPO); share_prompts: the reference pass and the step run each
     # prompt once per question.
     group = dict(num_samples=4, max_tokens=512, sampling=dict(temperature=0.9, top_k=0, top_p=1.0))
-    policy_loss = dict(clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True)
-    c.grpo = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
-                  share_prompts=True, microbatches=1, logprob_chunk=128,
-                  optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+    policy_loss = dict(objective="clip", clip_eps=0.2, clip_eps_high=0.0, cispo_max=5.0, cispo_clip="upper",
+                       beta=0.04, aggregation="token", logprobs_at_temperature=True, updates_per_rollout=1)
+    rl_optim = optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01)
+    grpo = dict(steps=100, batch_size=16, rollout=group, loss=policy_loss, scaling="group", advantage_eps=1e-4,
+                share_prompts=True, microbatches=1, logprob_chunk=128, optim=rl_optim)
+    c.grpo = dict(grpo)  # (a ConfigDict copies the dicts it is given)
+    # The GRPO variants (SPEC 3.2; algorithms/grpo_variants.py): GRPO's keys with their papers'
+    # loss settings. `loss.objective` clip | gspo | cispo; clip range (1 - clip_eps,
+    # 1 + clip_eps_high), clip_eps_high 0 = symmetric; updates_per_rollout mu: the batch's groups
+    # in mu mini-batches, one optimizer step each against pi_old = the sampling policy (clipping
+    # acts only when mu > 1; batch_size must be a multiple of mu). DAPO adds overlong_cache L_c
+    # (the overlong shaping of its +-1 reward; 0 = off) and drop_uniform_groups (its dynamic
+    # sampling's filter, without the refill). Dr. GRPO: grpo with scaling="none" and
+    # loss.aggregation="dr_grpo".
+    c.dapo = dict(grpo, loss=dict(policy_loss, clip_eps_high=0.28, beta=0.0), advantage_eps=1e-6,
+                  rollout=dict(group, sampling=dict(temperature=1.0, top_k=0, top_p=1.0)),
+                  overlong_cache=128, drop_uniform_groups=True)
+    c.gspo = dict(grpo, loss=dict(policy_loss, objective="gspo", clip_eps=3e-4, clip_eps_high=4e-4, beta=0.0,
+                                  aggregation="sequence", updates_per_rollout=4))
+    c.cispo = dict(grpo, loss=dict(policy_loss, objective="cispo", beta=0.0))
     # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): GRPO's keys plus prefixes traces | empty (a
     # pi_old trace cut after j ~ U{0..k-1} episodes), prefix_refresh (0: pi_old = the stage's
     # start; N: the policy every N updates), budget full | remaining, advantage (the reading,
@@ -63,7 +79,7 @@ def get_base() -> ml_collections.ConfigDict:
     forcing = dict(suffix=" The answer is", estimator="mc", samples=8,
                    sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=16)
     c.mrt = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
-                 share_prompts=True, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
+                 advantage_eps=1e-4, share_prompts=True, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
                  alpha=0.0, continuation="full", segment=dict(segment), forcing=dict(forcing), microbatches=1,
                  logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
     # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question (the `rollout`

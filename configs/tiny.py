@@ -13,9 +13,12 @@ def get_config():
     c.sft.update(steps=4, batch_size=8)
     c.sft.optim.warmup_steps = 0
     c.latro.update(steps=4, batch_size=2, num_samples=4, max_rationale_tokens=12)
-    for section in ("grpo", "mrt", "mrt_star"):
+    for section in ("grpo", "dapo", "gspo", "cispo", "mrt", "mrt_star"):
         c[section].update(steps=2, batch_size=2, rollout=dict(num_samples=4, max_tokens=12))
         c[section].optim.update(learning_rate=2e-3, warmup_steps=0)
+    c.dapo.update(overlong_cache=4, drop_uniform_groups=False)  # a random model's groups are all wrong
+    c.gspo.update(batch_size=4)  # two mini-batches (updates_per_rollout) of 2 questions x 4 = 8 rows
+    c.gspo.loss.update(updates_per_rollout=2)
     c.mrt.forcing.update(samples=2, answer_tokens=4)
     c.mrt_star.update(keep_per_question=4)  # 2 questions x 4 = 8 rows: one per fake device
     c.mrt_star.forcing.update(samples=2, answer_tokens=4)

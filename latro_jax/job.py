@@ -22,7 +22,7 @@ from latro_jax.algorithms import Algorithm, Context
 from latro_jax.data import PromptFormatter, get_task, load_examples
 from latro_jax.data.task_tokenizers import build_char_tokenizer, build_word_tokenizer
 from latro_jax.evaluate import tokens_after_prompt
-from latro_jax.job_config import ConfigError, JobConfig, StageConfig, parse
+from latro_jax.job_config import ConfigError, JobConfig, StageConfig, minibatches, parse
 
 __all__ = ["ConfigError", "Job", "Stage", "build", "restore_final"]
 
@@ -154,11 +154,17 @@ def _stage(s: StageConfig, c: JobConfig, train: list, ctx: Context) -> Stage:
     if len(examples) < s.stage.batch_size:
         raise ConfigError(f"config.{s.name}.batch_size={s.stage.batch_size} exceeds the "
                           f"{len(examples)} training examples left for this stage.")
-    rows, shards = algorithm.rows(s.stage.batch_size), sharding.data_shards(ctx.mesh)
+    parts = minibatches(s.config)
+    if s.stage.batch_size % parts:
+        raise ConfigError(f"config.{s.name}: batch_size={s.stage.batch_size} questions do not split into "
+                          f"loss.updates_per_rollout={parts} mini-batches of whole groups; make batch_size a "
+                          "multiple of it.")
+    rows, shards = algorithm.rows(s.stage.batch_size) // parts, sharding.data_shards(ctx.mesh)
     if rows % (s.stage.microbatches * shards):
-        raise ConfigError(f"config.{s.name}: a step of batch_size={s.stage.batch_size} has {rows} rows, "
-                          f"not divisible by microbatches ({s.stage.microbatches}) x data-parallel "
-                          f"devices ({shards}); change {s.name}.batch_size or the mesh.")
+        raise ConfigError(f"config.{s.name}: a step of batch_size={s.stage.batch_size} has {rows} rows"
+                          f"{f' per mini-batch' if parts > 1 else ''}, not divisible by microbatches "
+                          f"({s.stage.microbatches}) x data-parallel devices ({shards}); change "
+                          f"{s.name}.batch_size or the mesh.")
     return Stage(s, algorithm, examples)
 
 

@@ -236,7 +236,18 @@ def _stage(name: str, section: Mapping[str, Any], check_only: bool = False) -> S
     optim = dict(own.pop("optim", {}))
     stage = read(StageSection, {**own, "algorithm": algo_name}, name)
     config = read(algorithm.Config, rest, name)
-    steps_per_update = getattr(config, "epochs", 1)  # optimizer steps per update (ScoredBatch.epochs)
+    steps_per_update = optimizer_steps_per_update(config)
     stage = dataclasses.replace(stage, optim=read(OptimConfig, optim, f"{name}.optim",
                                                   total_steps=stage.steps * steps_per_update))
     return StageConfig(name=name, stage=stage, algorithm=algorithm, config=config)
+
+
+def minibatches(config) -> int:
+    """Optimizer steps in one pass over an update's batch: the GRPO family's updates_per_rollout."""
+    return getattr(getattr(config, "loss", None), "updates_per_rollout", 1)
+
+
+def optimizer_steps_per_update(config) -> int:
+    """ScoredBatch.epochs passes (MRT-STaR's epochs) of minibatches(config) steps each; the
+    schedule counts steps x this."""
+    return getattr(config, "epochs", 1) * minibatches(config)

@@ -62,10 +62,10 @@ ADVANTAGE_SCALINGS = ("group", "batch", "none")
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
 
 
-def group_advantages(rewards: np.ndarray, scaling: str = "group") -> np.ndarray:
-    """GRPO advantages of rewards [N, G]: A_i = (r_i - mean_G r) / (std + 1e-4) with std the
+def group_advantages(rewards: np.ndarray, scaling: str = "group", eps: float = GROUP_EPS) -> np.ndarray:
+    """GRPO advantages of rewards [N, G]: A_i = (r_i - mean_G r) / (std + eps) with std the
     UNBIASED (ddof 1) std of the group (`group`) or of the whole batch (`batch`); `none`:
-    r_i - mean_G r (Dr. GRPO). G >= 2."""
+    r_i - mean_G r (Dr. GRPO). G >= 2. eps: 1e-4 (TRL), 1e-6 (verl: DAPO, RLPR)."""
     rewards = np.asarray(rewards, np.float64)
     if rewards.shape[-1] < 2:
         raise ValueError(f"group advantages need G >= 2 samples per question, got {rewards.shape[-1]}")
@@ -73,25 +73,68 @@ def group_advantages(rewards: np.ndarray, scaling: str = "group") -> np.ndarray:
     if scaling == "none":
         return centred
     if scaling == "group":
-        return centred / (rewards.std(axis=-1, ddof=1, keepdims=True) + GROUP_EPS)
+        return centred / (rewards.std(axis=-1, ddof=1, keepdims=True) + eps)
     if scaling == "batch":
-        return centred / (rewards.std(ddof=1) + GROUP_EPS)
+        return centred / (rewards.std(ddof=1) + eps)
     raise ValueError(f"advantage scaling {scaling!r}: choose one of {ADVANTAGE_SCALINGS}")
 
 
+def k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """The k3 estimate of KL(pi || pi_ref) per token: exp(d) - d - 1, d = log pi_ref - log pi."""
+    diff = ref_logp - logp
+    return jnp.exp(diff) - diff - 1
+
+
+def clipped_surrogate(ratio: jax.Array, advantages: jax.Array, eps_low: float, eps_high: float) -> jax.Array:
+    """-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), elementwise (PPO; DAPO's
+    clip-higher when eps_high > eps_low)."""
+    return -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - eps_low, 1 + eps_high) * advantages)
+
+
 def grpo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
-                      advantages: jax.Array, *, clip_eps: float, beta: float) -> jax.Array:
-    """Per-token loss [B, T]: l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta k3_t,
-    rho_t = exp(log pi - log pi_old), k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
-    (the KL is in the loss, with its gradient). advantages are per row [B]."""
+                      advantages: jax.Array, *, clip_eps: float, beta: float,
+                      clip_eps_high: float | None = None) -> jax.Array:
+    """Per-token loss [B, T]: l_t = -min(rho_t A, clip(rho_t, 1 - eps_lo, 1 + eps_hi) A) + beta k3_t,
+    rho_t = exp(log pi - log pi_old), eps_lo = clip_eps, eps_hi = clip_eps_high (default clip_eps;
+    DAPO 0.28), k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (the KL is in the
+    loss, with its gradient). advantages are per row [B]."""
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    loss = clipped_surrogate(jnp.exp(logp - old_logp), advantages[:, None], clip_eps, eps_high)
+    return loss + beta * k3(logp, ref_logp) if beta else loss
+
+
+def gspo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
+                      advantages: jax.Array, mask: jax.Array, *, clip_eps: float, clip_eps_high: float,
+                      beta: float) -> jax.Array:
+    """GSPO (SPEC 3.2): the sequence ratio s_i = exp((1/|o_i|) sum_t mask (log pi - log pi_old)),
+    its gradient through every token; the row loss l_i = -min(s_i A_i, clip(s_i, 1 - eps_lo,
+    1 + eps_hi) A_i) on each of the row's tokens (so `sequence` aggregation gives mean_i l_i),
+    plus beta k3_t. [B, T]."""
+    length = jnp.maximum(jnp.sum(mask, axis=-1), 1)
+    ratio = jnp.exp(jnp.sum((logp - old_logp) * mask, axis=-1) / length)
+    loss = jnp.broadcast_to(clipped_surrogate(ratio, advantages, clip_eps, clip_eps_high)[:, None], logp.shape)
+    return loss + beta * k3(logp, ref_logp) if beta else loss
+
+
+CISPO_CLIPS = ("upper", "both")
+
+
+def cispo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
+                       advantages: jax.Array, *, rho_max: float, clip: str, clip_eps: float,
+                       clip_eps_high: float, beta: float) -> jax.Array:
+    """CISPO (SPEC 3.2): l_t = -sg(w_t) A log pi_t + beta k3_t with the importance weight
+    w_t = min(rho_t, rho_max) (`upper`, TRL / ScaleRL) or clip(rho_t, 1 - eps_lo, 1 + eps_hi)
+    (`both`, verl). Its value holds log pi (unlike GRPO's at rho = 1). [B, T]."""
     ratio = jnp.exp(logp - old_logp)
-    a = advantages[:, None]
-    surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a)
-    loss = -surrogate
-    if beta:
-        diff = ref_logp - logp
-        loss = loss + beta * (jnp.exp(diff) - diff - 1)
-    return loss
+    weight = jnp.minimum(ratio, rho_max) if clip == "upper" else jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps_high)
+    loss = -jax.lax.stop_gradient(weight * advantages[:, None]) * logp
+    return loss + beta * k3(logp, ref_logp) if beta else loss
+
+
+def overlong_penalty(lengths: np.ndarray, max_length: int, cache: int) -> np.ndarray:
+    """DAPO's soft overlong punishment (SPEC 3.2): -min(1, max(0, |o| - (L_max - L_c)) / L_c)."""
+    over = np.maximum(0.0, np.asarray(lengths, np.float64) - (max_length - cache)) / cache
+    return -np.minimum(1.0, over)
 
 
 def aggregate_token_losses(losses: jax.Array, mask: jax.Array, aggregation: str, *,
@@ -156,29 +199,29 @@ def _needs(outcomes: GroupOutcomes, name: str, *fields: str) -> None:
         raise ValueError(f"the {name!r} advantages read {', '.join(missing)}, which the rollout did not give")
 
 
-def _rloo(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+def _rloo(o: GroupOutcomes, scaling: str, alpha: float, eps: float) -> np.ndarray:
     return rloo_advantages(o.rewards)
 
 
-def _group(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+def _group(o: GroupOutcomes, scaling: str, alpha: float, eps: float) -> np.ndarray:
     if alpha > 0:
         _needs(o, "group", "j_prefix", "j_after")
-        return group_advantages(bonus_rewards(o.rewards, o.j_after, o.j_prefix, alpha), scaling)
-    return group_advantages(o.rewards, scaling)
+        return group_advantages(bonus_rewards(o.rewards, o.j_after, o.j_prefix, alpha), scaling, eps)
+    return group_advantages(o.rewards, scaling, eps)
 
 
-def _termination(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+def _termination(o: GroupOutcomes, scaling: str, alpha: float, eps: float) -> np.ndarray:
     _needs(o, "termination", "j_prefix")
     return termination_advantages(o.rewards, o.j_prefix)
 
 
-def _mixed(o: GroupOutcomes, scaling: str, alpha: float) -> np.ndarray:
+def _mixed(o: GroupOutcomes, scaling: str, alpha: float, eps: float) -> np.ndarray:
     _needs(o, "mixed", "forced")
     return mixed_advantages(o.rewards, o.forced)
 
 
-# name -> estimator(outcomes, scaling, alpha) -> [N, G] advantages
-ADVANTAGE_ESTIMATORS: dict[str, Callable[[GroupOutcomes, str, float], np.ndarray]] = {
+# name -> estimator(outcomes, scaling, alpha, eps) -> [N, G] advantages
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[GroupOutcomes, str, float, float], np.ndarray]] = {
     "rloo": _rloo,  # r_k - mean of the other K - 1 (LaTRO)
     "group": _group,  # GRPO: (R_i - mean) / std by `scaling`, R_i = r_i + alpha (J_after,i - J(c))
     "termination": _termination,  # MRT-RL: r_i - J(c)
@@ -186,11 +229,13 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[GroupOutcomes, str, float], np.ndarray
 }
 
 
-def advantages(name: str, outcomes: GroupOutcomes, *, scaling: str = "group", alpha: float = 0.0) -> np.ndarray:
-    """The [N, G] advantages of the estimator registered as `name` (ADVANTAGE_ESTIMATORS)."""
+def advantages(name: str, outcomes: GroupOutcomes, *, scaling: str = "group", alpha: float = 0.0,
+               eps: float = GROUP_EPS) -> np.ndarray:
+    """The [N, G] advantages of the estimator registered as `name` (ADVANTAGE_ESTIMATORS); eps
+    is the group std's epsilon where the estimator divides by it."""
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[name](outcomes, scaling, alpha)
+    return ADVANTAGE_ESTIMATORS[name](outcomes, scaling, alpha, eps)
 
 
 def normalised_regret(tokens: Sequence[float], accuracy: Sequence[float], cutoff: float,

@@ -72,7 +72,9 @@ class ScoredBatch:
     """What one optimizer step learns from.
 
     arrays:  [rows, ...] host arrays the loss reads, split into micro-batches by the Trainer
-    scalars: global values the loss divides by (so micro-batch contributions sum to the loss)
+    scalars: global values the loss divides by (so micro-batch contributions sum to the loss);
+             a list of them splits the rows into as many equal consecutive mini-batches, one
+             optimizer step each in order (the GRPO family's updates_per_rollout)
     layout:  what shapes the loss's program (the rows' shared prompt columns), given to the loss
     metrics: host metrics of this rollout (logged with the step's own)
     details: per-row or per-question values for analysis, never sent to the step
@@ -82,12 +84,20 @@ class ScoredBatch:
     """
 
     arrays: dict[str, np.ndarray]
-    scalars: dict[str, float]
+    scalars: dict[str, float] | list[dict[str, float]]
     metrics: dict[str, float]
     details: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     skip: bool = False
     layout: RowLayout = RowLayout()
     epochs: int = 1
+
+    def minibatches(self) -> list[tuple[dict[str, np.ndarray], dict[str, float]]]:
+        """(arrays, scalars) of each optimizer step of one pass, in order."""
+        if isinstance(self.scalars, dict):
+            return [(self.arrays, self.scalars)]
+        parts = len(self.scalars)
+        split = {k: np.split(v, parts) for k, v in self.arrays.items()}
+        return [({k: v[i] for k, v in split.items()}, scalars) for i, scalars in enumerate(self.scalars)]
 
 
 class Algorithm(Protocol):
@@ -162,14 +172,14 @@ class Learner:
                         self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
-        """scored.epochs optimizer steps on a scored batch (none when it says skip); the metrics
-        of the last, with the first's loss as first_loss when there are several."""
+        """The optimizer steps of a scored batch (none when it says skip): scored.epochs passes,
+        each one step per mini-batch; the metrics of the last, with the first's loss as
+        first_loss when there are several."""
         if scored.skip:
             return {"skipped": 1.0}
-        first = metrics = self.trainer.step(scored.arrays, scored.scalars, scored.layout)
-        for _ in range(scored.epochs - 1):
-            metrics = self.trainer.step(scored.arrays, scored.scalars, scored.layout)
-        return {**metrics, "first_loss": first["loss"]} if scored.epochs > 1 else metrics
+        steps = [self.trainer.step(arrays, scalars, scored.layout)
+                 for _ in range(scored.epochs) for arrays, scalars in scored.minibatches()]
+        return {**steps[-1], "first_loss": steps[0]["loss"]} if len(steps) > 1 else steps[0]
 
     def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's

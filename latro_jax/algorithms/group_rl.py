@@ -1,10 +1,13 @@
-"""What the GRPO family (GRPO, MRT-RL, and the variants to come) shares, as data and one code
-path: the sampling block (G completions of at most max_tokens per question), the policy-loss
-block (clipped surrogate, beta k3 KL to the reference, aggregation, log-probs at the sampling
-temperature), and the scored batch and loss built from them (SPEC 2.5).
+"""What the GRPO family (GRPO, MRT-RL, DAPO, GSPO, CISPO) shares, as data and one code path:
+the sampling block (G completions of at most max_tokens per question), the policy-loss block
+(the objective -- clipped surrogate, GSPO's sequence ratio or CISPO's clipped weight -- with
+its clip range, beta k3 KL to the reference, aggregation, log-probs at the sampling
+temperature, and mu mini-batch updates per rollout), and the scored batch and loss built from
+them (SPEC 2.5, 3.2).
 
     c.grpo.rollout = dict(num_samples=4, max_tokens=512, sampling=dict(temperature=0.9))
-    c.grpo.loss = dict(clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=True)
+    c.grpo.loss = dict(objective="clip", clip_eps=0.2, clip_eps_high=0.0, beta=0.04,
+                       aggregation="token", logprobs_at_temperature=True, updates_per_rollout=1)
 """
 
 from __future__ import annotations
@@ -38,65 +41,132 @@ class GroupSampling:
             raise ValueError(f"num_samples={self.num_samples} and max_tokens={self.max_tokens} must be >= 1")
 
 
+OBJECTIVES = ("clip", "gspo", "cispo")
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLoss:
-    """The GRPO token loss (SPEC 2.5): the clipped surrogate (clip_eps) plus beta * k3 KL to the
-    reference (0: no reference pass); aggregation token | sequence | dr_grpo; log-probabilities
-    of logits / T when logprobs_at_temperature (the paper's TRL did not divide)."""
+    """The GRPO family's policy loss (SPEC 2.5, 3.2). objective: `clip` (the token-level clipped
+    surrogate of GRPO and DAPO), `gspo` (the clipped sequence ratio, length-normalised), `cispo`
+    (-sg(clipped rho) A log pi: cispo_clip `upper` min(rho, cispo_max), or `both`, the clip
+    range); the clip range is (1 - clip_eps, 1 + clip_eps_high), clip_eps_high 0 = clip_eps
+    (DAPO's clip-higher: 0.2, 0.28); beta * k3 KL to the reference (0: no reference pass);
+    aggregation token | sequence | dr_grpo; log-probabilities of logits / T when
+    logprobs_at_temperature (the paper's TRL did not divide); updates_per_rollout mu: the
+    rollout's groups split into mu mini-batches, one optimizer step each, their ratios against
+    pi_old = the policy that sampled (a scoring pass), so clipping acts from the second on."""
 
+    objective: str = "clip"
     clip_eps: float = 0.2
+    clip_eps_high: float = 0.0
+    cispo_max: float = 5.0
+    cispo_clip: str = "upper"
     beta: float = 0.04
     aggregation: str = "token"
     logprobs_at_temperature: bool = True
+    updates_per_rollout: int = 1
 
     def __post_init__(self):
-        if self.aggregation not in objectives.AGGREGATIONS:
-            raise ValueError(f"aggregation={self.aggregation!r}: choose one of {objectives.AGGREGATIONS}")
-        if self.beta < 0 or not 0 < self.clip_eps < 1:
-            raise ValueError(f"beta={self.beta} must be >= 0 and clip_eps={self.clip_eps} in (0, 1)")
+        for name, value, options in (("objective", self.objective, OBJECTIVES),
+                                     ("aggregation", self.aggregation, objectives.AGGREGATIONS),
+                                     ("cispo_clip", self.cispo_clip, objectives.CISPO_CLIPS)):
+            if value not in options:
+                raise ValueError(f"{name}={value!r}: choose one of {options}")
+        if self.beta < 0 or not 0 < self.clip_eps < 1 or self.clip_eps_high < 0:
+            raise ValueError(f"beta={self.beta} and clip_eps_high={self.clip_eps_high} must be >= 0 and "
+                             f"clip_eps={self.clip_eps} in (0, 1)")
+        if self.cispo_max <= 1 or self.updates_per_rollout < 1:
+            raise ValueError(f"cispo_max={self.cispo_max} must be > 1 and updates_per_rollout="
+                             f"{self.updates_per_rollout} >= 1")
+
+    @property
+    def eps_high(self) -> float:
+        return self.clip_eps_high or self.clip_eps
 
     def temperature(self, sampling: SamplingParams) -> float:
         """The T log-probabilities are taken at (1 unless logprobs_at_temperature and T > 0)."""
         t = sampling.temperature
         return t if self.logprobs_at_temperature and t > 0 else 1.0
 
+    def token_losses(self, logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
+                     advantages: jax.Array, mask: jax.Array) -> jax.Array:
+        """The objective's per-token losses [B, T] (objectives.py has each formula)."""
+        common = dict(beta=self.beta, clip_eps=self.clip_eps)
+        if self.objective == "gspo":
+            return objectives.gspo_token_losses(logp, old_logp, ref_logp, advantages, mask,
+                                                clip_eps_high=self.eps_high, **common)
+        if self.objective == "cispo":
+            return objectives.cispo_token_losses(logp, old_logp, ref_logp, advantages, rho_max=self.cispo_max,
+                                                 clip=self.cispo_clip, clip_eps_high=self.eps_high, **common)
+        return objectives.grpo_token_losses(logp, old_logp, ref_logp, advantages, clip_eps_high=self.eps_high,
+                                            **common)
+
+    def clipped(self, logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, T] where the objective's clip acts on the ratio: the token ratio (the sequence
+        ratio for gspo, on each of its tokens) outside (1 - clip_eps, 1 + clip_eps_high), or
+        above cispo_max for cispo's `upper` clip."""
+        ratio = jnp.exp(logp - old_logp)
+        if self.objective == "gspo":
+            ratio = jnp.exp(jnp.sum((logp - old_logp) * mask, -1, keepdims=True) / jnp.maximum(mask.sum(-1, keepdims=True), 1))
+            ratio = jnp.broadcast_to(ratio, logp.shape)
+        if self.objective == "cispo" and self.cispo_clip == "upper":
+            return ratio > self.cispo_max
+        return (ratio < 1 - self.clip_eps) | (ratio > 1 + self.eps_high)
+
 
 def scored_completions(policies: Policies, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                        advantages: np.ndarray, *, group: int, loss: PolicyLoss, temperature: float,
                        max_tokens: int, share_prompts: bool, pad_id: int, metrics: dict[str, float],
+                       kept_groups: np.ndarray | None = None,
                        details: dict[str, np.ndarray] | None = None) -> ScoredBatch:
     """The batch policy_loss learns from: completion rows [prompt | completion] (`group`
-    consecutive rows per prompt), their advantages, and the reference's token log-probs when
-    beta > 0 (one pass, each prompt run once per group with share_prompts)."""
+    consecutive rows per prompt), their advantages, the reference's token log-probs when
+    beta > 0 (one pass, each prompt run once per group with share_prompts), and with
+    updates_per_rollout mu > 1 the sampling policy's (pi_old), the rows split into mu
+    mini-batches of whole groups, each with its own denominators. Groups not in `kept_groups`
+    [N] (DAPO's dropped ones) keep their rows, so shapes stay fixed, but no completion token:
+    they add nothing to the loss or its denominators."""
     rows = rollout.completion_rows(prompts, completions, pad_id=pad_id)
-    arrays = dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask,
+    mask = rows.answer_mask
+    if kept_groups is not None:
+        mask = mask * np.repeat(np.asarray(kept_groups, mask.dtype), group)[:, None]
+    arrays = dict(tokens=rows.tokens, valid=rows.valid, completion_mask=mask,
                   advantages=np.asarray(advantages, np.float32).reshape(-1))
     shared = policies.scorer.prefix_sharing(rows, group) if share_prompts else None
     if loss.beta:
         arrays["ref_logp"] = policies.scorer.token_logprobs(policies.reference, arrays, temperature=temperature,
                                                             shared_prefix=shared)
-    scalars = {"completion_tokens": float(rows.answer_mask.sum()), "rows": float(len(rows.tokens)),
-               "max_length": float(max_tokens)}
-    return ScoredBatch(arrays=arrays, scalars=scalars, metrics=metrics, details=details or {},
-                       layout=RowLayout(shared))
+    mu = loss.updates_per_rollout
+    if mu > 1:
+        arrays["old_logp"] = policies.scorer.token_logprobs(policies.params, arrays, temperature=temperature,
+                                                            shared_prefix=shared)
+    parts = np.split(mask, mu)
+    # the rows that count: every row, less dropped groups' (at least 1, so an all-dropped
+    # mini-batch is a zero loss, not 0 / 0)
+    scalars = [{"completion_tokens": max(float(m.sum()), 1.0), "rows": max(float((m.sum(-1) > 0).sum()), 1.0),
+                "max_length": float(max_tokens)} for m in parts]
+    return ScoredBatch(arrays=arrays, scalars=scalars[0] if mu == 1 else scalars, metrics=metrics,
+                       details=details or {}, layout=RowLayout(shared))
 
 
 def policy_loss(model: Transformer, mb: dict, scalars: dict, layout: RowLayout, cfg: PolicyLoss, *,
                 temperature: float, chunk_size: int):
-    """The GRPO token loss of a micro-batch (SPEC 2.5), divided by the global denominators of
-    its aggregation. One optimizer step per rollout: pi_old = stop_grad(pi_theta), rho = 1 (an
-    `old_logp` array, when given, replaces it)."""
+    """The family's loss of a micro-batch (SPEC 2.5, 3.2), divided by the global denominators of
+    its aggregation, with the share of completion tokens whose ratio lies outside the clip range
+    (`clipped`) and the mean |rho - 1| (`ratio_dev`). One optimizer step per rollout: pi_old =
+    stop_grad(pi_theta), rho = 1; with mini-batches the `old_logp` array replaces it."""
     logp = token_logprobs(model, mb["tokens"], mb["valid"], chunk_size=chunk_size, temperature=temperature,
                           shared_prefix=layout.shared_prefix)
     old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
-    losses = objectives.grpo_token_losses(logp, old, mb.get("ref_logp"), mb["advantages"],
-                                          clip_eps=cfg.clip_eps, beta=cfg.beta)
     mask = mb["completion_mask"]
+    losses = cfg.token_losses(logp, old, mb.get("ref_logp"), mb["advantages"], mask)
     value = objectives.aggregate_token_losses(losses, mask, cfg.aggregation,
                                               completion_tokens=scalars["completion_tokens"],
                                               rows=scalars["rows"], max_length=scalars["max_length"])
-    aux = {}
+    fixed = jax.lax.stop_gradient(logp)
+    tokens = scalars["completion_tokens"]
+    aux = {"clipped": jnp.sum(cfg.clipped(fixed, old, mask) * mask) / tokens,
+           "ratio_dev": jnp.sum(jnp.abs(jnp.exp(fixed - old) - 1) * mask) / tokens}
     if cfg.beta:
-        diff = mb["ref_logp"] - logp
-        aux["kl"] = jnp.sum((jnp.exp(diff) - diff - 1) * mask) / scalars["completion_tokens"]
+        aux["kl"] = jnp.sum(objectives.k3(logp, mb["ref_logp"]) * mask) / tokens
     return value, aux

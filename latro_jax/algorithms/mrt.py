@@ -62,21 +62,22 @@ READINGS = {"termination": Reading(("j_prefix",), reads_alpha=False),
 class GrpoConfig:
     """Outcome-reward GRPO (SPEC 2.5; TRL as the paper's runs used it): `rollout` G completions
     per question (group_rl.GroupSampling), `loss` the policy loss (group_rl.PolicyLoss);
-    scaling of the group advantages: group | batch (std over the batch) | none (Dr. GRPO);
-    share_prompts: the reference pass and the step run each question's prompt once for its G
+    scaling of the group advantages: group | batch (std over the batch) | none (Dr. GRPO), with
+    advantage_eps added to the std (TRL 1e-4, verl 1e-6); share_prompts: the reference pass and the step run each question's prompt once for its G
     rows (scoring.prefix_sharing)."""
 
     rollout: GroupSampling = GroupSampling()
     loss: PolicyLoss = PolicyLoss()
     scaling: str = "group"
+    advantage_eps: float = objectives.GROUP_EPS
     share_prompts: bool = True
 
     def __post_init__(self):
         self.as_mrt()  # the checks
 
     def as_mrt(self) -> "MrtConfig":
-        return MrtConfig(rollout=self.rollout, loss=self.loss, scaling=self.scaling, share_prompts=self.share_prompts,
-                         prefixes="empty", advantage="group")
+        return MrtConfig(rollout=self.rollout, loss=self.loss, scaling=self.scaling, advantage_eps=self.advantage_eps,
+                         share_prompts=self.share_prompts, prefixes="empty", advantage="group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,7 @@ class MrtConfig:
     rollout: GroupSampling = GroupSampling()
     loss: PolicyLoss = PolicyLoss()
     scaling: str = "group"
+    advantage_eps: float = objectives.GROUP_EPS
     share_prompts: bool = True
     prefixes: str = "traces"
     prefix_refresh: int = 0
@@ -112,6 +114,8 @@ class MrtConfig:
                                      ("scaling", self.scaling, objectives.ADVANTAGE_SCALINGS)):
             if value not in options:
                 raise ValueError(f"{name}={value!r}: choose one of {options}")
+        if self.advantage_eps <= 0:
+            raise ValueError(f"advantage_eps={self.advantage_eps} must be > 0")
         if self.prefix_refresh < 0 or self.max_prefix_tokens < 0 or self.alpha < 0:
             raise ValueError(f"prefix_refresh={self.prefix_refresh}, max_prefix_tokens={self.max_prefix_tokens} "
                              f"and alpha={self.alpha} must be >= 0")
@@ -245,13 +249,18 @@ class Mrt:
 
     # ------------------------------------------------------------ score
     def score(self, policies: Policies, ro: MrtRollout) -> ScoredBatch:
-        cfg, o = self.cfg, ro.outcomes
-        advantages = objectives.advantages(cfg.advantage, o, scaling=cfg.scaling, alpha=cfg.alpha)
+        cfg, o = self.cfg, self.outcomes(ro)
+        kept = self.kept_groups(ro)
+        if not kept.any():  # nothing to learn from (DAPO: every group answered alike)
+            return ScoredBatch({}, {}, {"reward": float(o.rewards.mean()), "kept_groups": 0.0}, skip=True)
+        advantages = objectives.advantages(cfg.advantage, o, scaling=cfg.scaling, alpha=cfg.alpha,
+                                           eps=cfg.advantage_eps) * kept[:, None]
         metrics = {"reward": float(o.rewards.mean()), "finished": float(ro.finished.mean()),
                    "completion_length": float(np.mean([len(z) for z in ro.continuations])),
                    "advantage_abs": float(np.abs(advantages.astype(np.float32)).mean()),
                    "prefix_episodes": float(ro.prefix_episodes.mean()),
-                   "prefix_length": float(np.mean([len(c) for c in ro.prefixes]))}
+                   "prefix_length": float(np.mean([len(c) for c in ro.prefixes])),
+                   "kept_groups": float(kept.mean())}
         if o.j_prefix is not None:
             metrics["j_prefix"] = float(o.j_prefix.mean())
         if o.j_after is not None:
@@ -259,7 +268,16 @@ class Mrt:
         return scored_completions(policies, ro.prompts, ro.continuations, advantages, group=cfg.rollout.num_samples,
                                   loss=cfg.loss, temperature=self.temperature, max_tokens=cfg.rollout.max_tokens,
                                   share_prompts=cfg.share_prompts, pad_id=self.ctx.fmt.pad_id, metrics=metrics,
+                                  kept_groups=kept,
                                   details={"rewards": o.rewards, "advantages": advantages.astype(np.float32)})
+
+    def outcomes(self, ro: MrtRollout) -> objectives.GroupOutcomes:
+        """What the advantages read (a variant shapes the rewards here)."""
+        return ro.outcomes
+
+    def kept_groups(self, ro: MrtRollout) -> np.ndarray:
+        """[N] which questions' groups the loss learns from (a variant drops some here)."""
+        return np.ones(len(ro.prefixes), bool)
 
     def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):
         return policy_loss(model, mb, scalars, layout, self.cfg.loss, temperature=self.temperature,

@@ -1,0 +1,97 @@
+"""The GRPO variants of SPEC 3.2 on GRPO's one code path (algorithms/mrt.py): each is GRPO with
+its own defaults for the policy-loss block (group_rl.PolicyLoss) and, for DAPO, its reward
+shaping and group dropping.
+
+- DAPO (arXiv 2503.14476): reward +-1 plus the soft overlong punishment
+  -min(1, max(0, |o| - (L_max - L_c)) / L_c) (L_max = rollout.max_tokens, L_c = overlong_cache;
+  0 = off); groups whose outcomes are all equal are dropped (dynamic sampling, without the
+  refill: their rows stay in the batch with no completion token, so shapes stay fixed);
+  clip-higher (0.2, 0.28), `token` aggregation, beta 0, advantage eps 1e-6.
+- GSPO (arXiv 2507.18071): the clipped sequence ratio, length-normalised (0.0003, 0.0004),
+  `sequence` aggregation, beta 0, 4 updates per rollout (the clip acts only off-policy).
+- CISPO (arXiv 2506.13585): -sg(min(rho, 5)) A log pi (or the two-sided clip), `token`, beta 0.
+Dr. GRPO is grpo with scaling="none", loss.aggregation="dr_grpo"; TRL's `bnpo` is grpo's
+`token` aggregation on one micro-batch (SPEC 3.2: no new math).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from latro_jax import objectives
+from latro_jax.algorithms.core import Context
+from latro_jax.algorithms.group_rl import PolicyLoss
+from latro_jax.algorithms.mrt import Grpo, GrpoConfig, Mrt, MrtRollout
+
+
+@dataclasses.dataclass(frozen=True)
+class DapoConfig(GrpoConfig):
+    """GRPO's keys with DAPO's defaults, and overlong_cache L_c (0: no overlong shaping) and
+    drop_uniform_groups (dynamic sampling's filter: drop groups whose outcomes are all equal)."""
+
+    loss: PolicyLoss = PolicyLoss(clip_eps=0.2, clip_eps_high=0.28, beta=0.0, aggregation="token")
+    advantage_eps: float = 1e-6
+    overlong_cache: int = 0
+    drop_uniform_groups: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.overlong_cache <= self.rollout.max_tokens:
+            raise ValueError(f"overlong_cache={self.overlong_cache} must be in [0, rollout.max_tokens="
+                             f"{self.rollout.max_tokens}]")
+
+
+class Dapo(Grpo):
+    """GRPO with DAPO's rewards (+-1, overlong shaping) and dropped all-equal groups."""
+
+    name = "dapo"
+    Config = DapoConfig
+    shown = ("reward", "kept_groups", "clipped", "completion_length", "sample_tokens_per_s")
+
+    def __init__(self, cfg: DapoConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.dapo = cfg
+
+    def outcomes(self, ro: MrtRollout) -> objectives.GroupOutcomes:
+        acc = ro.outcomes.rewards
+        shaped = 2 * acc - 1
+        if self.dapo.overlong_cache:
+            lengths = np.array([len(z) for z in ro.continuations]).reshape(acc.shape)
+            shaped = shaped + objectives.overlong_penalty(lengths, self.dapo.rollout.max_tokens,
+                                                          self.dapo.overlong_cache)
+        return dataclasses.replace(ro.outcomes, rewards=shaped)
+
+    def kept_groups(self, ro: MrtRollout) -> np.ndarray:
+        acc = ro.outcomes.rewards  # the outcomes, not the shaped rewards, decide (SPEC 3.2)
+        if not self.dapo.drop_uniform_groups:
+            return Mrt.kept_groups(self, ro)
+        return ~np.all(acc == acc[:, :1], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GspoConfig(GrpoConfig):
+    """GRPO's keys with GSPO's defaults (SPEC 3.2)."""
+
+    loss: PolicyLoss = PolicyLoss(objective="gspo", clip_eps=3e-4, clip_eps_high=4e-4, beta=0.0,
+                                  aggregation="sequence", updates_per_rollout=4)
+
+
+class Gspo(Grpo):
+    name = "gspo"
+    Config = GspoConfig
+    shown = ("reward", "clipped", "completion_length", "sample_tokens_per_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class CispoConfig(GrpoConfig):
+    """GRPO's keys with CISPO's defaults (SPEC 3.2; loss.cispo_clip upper | both)."""
+
+    loss: PolicyLoss = PolicyLoss(objective="cispo", cispo_max=5.0, beta=0.0, aggregation="token")
+
+
+class Cispo(Grpo):
+    name = "cispo"
+    Config = CispoConfig
+    shown = ("reward", "clipped", "completion_length", "sample_tokens_per_s")

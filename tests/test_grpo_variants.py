@@ -1,0 +1,219 @@
+"""The GRPO variants (SPEC 3.2; objectives.py, algorithms/group_rl.py, algorithms/grpo_variants.py):
+SPEC 3.3's hand values for DAPO, GSPO and CISPO, their losses and gradients against NumPy
+transcriptions on random inputs, DAPO's group dropping on a real rollout, and mu mini-batch
+updates per rollout (the ratio is 1 on the first, moves and clips on the next)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.tiny import get_config
+from latro_jax import job as jobs, objectives, run
+from latro_jax.algorithms import Learner
+from latro_jax.algorithms.group_rl import PolicyLoss
+
+
+@pytest.fixture
+def x64():
+    """float64 for the pure-math tests (the hand values to 1e-7, NumPy to 1e-10)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def _pad(rows, width):
+    return np.array([r + [0.0] * (width - len(r)) for r in rows]), np.array(
+        [[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+
+
+def np_loss(logp, old, A, mask, objective, eps_lo, eps_hi, aggregation, rho_max=5.0, cispo_clip="upper"):
+    """SPEC 3.2 transcribed in NumPy: (loss, d loss / d log pi) of one batch."""
+    rows = len(logp)
+    if aggregation == "token":
+        w = mask / mask.sum()
+    else:  # sequence
+        w = mask / mask.sum(1, keepdims=True) / rows
+    a = A[:, None]
+    if objective == "gspo":
+        n = mask.sum(1)
+        s = np.exp(((logp - old) * mask).sum(1) / n)
+        un, cl = s * A, np.clip(s, 1 - eps_lo, 1 + eps_hi) * A
+        row_loss = -np.minimum(un, cl)
+        active = (un <= cl) | ((s > 1 - eps_lo) & (s < 1 + eps_hi))  # min picks the unclipped, or inside
+        # the row loss sits on each token with weight w; d s / d logp_t = s / n on the row's tokens
+        row_weight = (w.sum(1))
+        grad = (-(active * s * A / n) * row_weight)[:, None] * mask
+        return float((row_loss * row_weight).sum()), grad
+    rho = np.exp(logp - old)
+    if objective == "cispo":
+        weight = np.minimum(rho, rho_max) if cispo_clip == "upper" else np.clip(rho, 1 - eps_lo, 1 + eps_hi)
+        return float((-weight * a * logp * w).sum()), -weight * a * w
+    un, cl = rho * a, np.clip(rho, 1 - eps_lo, 1 + eps_hi) * a
+    active = (un <= cl) | ((rho > 1 - eps_lo) & (rho < 1 + eps_hi))
+    return float((-np.minimum(un, cl) * w).sum()), -(active * rho * a) * w
+
+
+def jax_loss(logp, old, A, mask, cfg: PolicyLoss):
+    def f(lp):
+        losses = cfg.token_losses(lp, jnp.asarray(old), None, jnp.asarray(A), jnp.asarray(mask))
+        return objectives.aggregate_token_losses(losses, jnp.asarray(mask), cfg.aggregation,
+                                                 completion_tokens=mask.sum(), rows=float(len(mask)),
+                                                 max_length=float(mask.shape[1]))
+    value, grad = jax.value_and_grad(f)(jnp.asarray(logp))
+    return float(value), np.asarray(grad)
+
+
+# ---------------------------------------------------------------- SPEC 3.3 hand values
+def test_dapo_hand_values(x64):
+    logp, mask = _pad([[-0.4, -1.1], [-0.9, -0.2, -1.5], [-0.3, -0.7, -0.1, -2], [-1.2, -0.5, -0.8, -0.6]], 4)
+    old, _ = _pad([[-0.62, -1], [-0.7, -0.45, -1.5], [-0.3, -0.95, -0.05, -2.1], [-1, -0.5, -1.1, -0.4]], 4)
+    acc = np.array([1.0, 0.0, 1.0, 0.0])
+    R = 2 * acc - 1 + objectives.overlong_penalty(mask.sum(1), max_length=4, cache=2)
+    np.testing.assert_allclose(R, [1, -1.5, 0, -2])
+    A = objectives.group_advantages(R[None], "group", eps=1e-6)[0]
+    np.testing.assert_allclose(A, [1.180193, -0.6354884, 0.4539203, -0.9986247], atol=1e-6)
+    for eps_hi, want in ((0.28, 0.1112868), (0.2, 0.1182632)):
+        cfg = PolicyLoss(clip_eps=0.2, clip_eps_high=eps_hi, beta=0.0, aggregation="token")
+        got, grad = jax_loss(logp, old, A, mask, cfg)
+        np_value, np_grad = np_loss(logp, old, A, mask, "clip", 0.2, eps_hi, "token")
+        assert got == pytest.approx(want, abs=1e-7) and np_value == pytest.approx(want, abs=1e-7)
+        np.testing.assert_allclose(grad, np_grad, atol=1e-12)
+
+
+def test_gspo_hand_values_and_gradient(x64):
+    logp, mask = _pad([[-0.5, -1.2], [-0.8, -0.3, -1.1], [-2, -0.1]], 3)
+    old, _ = _pad([[-0.5003, -1.2001], [-0.799, -0.3, -1.1], [-2.0002, -0.1004]], 3)
+    A = objectives.group_advantages(np.array([[1.0, 0.0, 1.0]]), eps=1e-4)[0]
+    np.testing.assert_allclose(A, [0.5772503, -1.154501, 0.5772503], atol=1e-6)
+    s = np.exp(((logp - old) * mask).sum(1) / mask.sum(1))
+    np.testing.assert_allclose(s, [1.0002, 0.9996667, 1.0003], atol=1e-7)
+    cfg = PolicyLoss(objective="gspo", clip_eps=3e-4, clip_eps_high=4e-4, beta=0.0, aggregation="sequence")
+    got, grad = jax_loss(logp, old, A, mask, cfg)
+    assert got == pytest.approx(-2.116709e-4, abs=1e-10)
+    want = np.array([-0.09622762, 0.0, -0.09623725])[:, None] * mask  # row 2 clipped: no gradient
+    np.testing.assert_allclose(grad, want, atol=1e-8)
+    np_value, np_grad = np_loss(logp, old, A, mask, "gspo", 3e-4, 4e-4, "sequence")
+    assert np_value == pytest.approx(got, abs=1e-12)
+    np.testing.assert_allclose(np_grad, grad, atol=1e-12)
+    clipped = cfg.clipped(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(mask))
+    assert np.asarray(clipped).any(axis=1).tolist() == [False, True, False]
+
+
+SPEC_LOGP = np.array([[-1.0, -2.0, -0.5, 0.0], [-0.3, -1.2, -2.2, -0.9]])
+SPEC_OLD = np.array([[-1.3, -1.9, -0.5, 0.0], [-0.3, -0.9, -2.4, -0.9]])
+SPEC_MASK = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], float)
+
+
+@pytest.mark.parametrize("clip,want", [("upper", -0.1127710), ("both", -0.1303241)])
+def test_cispo_hand_values(clip, want, x64):
+    A = objectives.group_advantages(np.array([[1.0, 0.0]]))[0]
+    cfg = PolicyLoss(objective="cispo", cispo_clip=clip, clip_eps=0.2, beta=0.0, aggregation="token")
+    got, grad = jax_loss(SPEC_LOGP, SPEC_OLD, A, SPEC_MASK, cfg)
+    assert got == pytest.approx(want, abs=1e-7)
+    np_value, np_grad = np_loss(SPEC_LOGP, SPEC_OLD, A, SPEC_MASK, "cispo", 0.2, 0.2, "token", cispo_clip=clip)
+    assert np_value == pytest.approx(want, abs=1e-7)
+    np.testing.assert_allclose(grad, np_grad, atol=1e-12)  # the weight is held: d/d log pi = -w A
+
+
+# ---------------------------------------------------------------- random inputs against NumPy
+@pytest.mark.parametrize("objective,aggregation,eps", [
+    ("clip", "token", (0.2, 0.28)), ("clip", "sequence", (0.2, 0.2)), ("gspo", "sequence", (0.01, 0.02)),
+    ("gspo", "token", (0.01, 0.02)), ("cispo", "token", (0.2, 0.28))])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_losses_and_gradients_match_numpy_on_random_batches(objective, aggregation, eps, seed, x64):
+    rng = np.random.RandomState(seed)
+    rows, T = rng.randint(2, 7), rng.randint(3, 9)
+    lengths = rng.randint(1, T + 1, rows)
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(float)
+    logp = -rng.exponential(1.0, (rows, T))
+    old = logp + rng.normal(0, 0.3, (rows, T))  # ratios on both sides of the clip range
+    A = rng.normal(0, 1, rows)
+    A[0] = 0.0  # a row of an all-equal group
+    cfg = PolicyLoss(objective=objective, clip_eps=eps[0], clip_eps_high=eps[1], beta=0.0, aggregation=aggregation)
+    got, grad = jax_loss(logp, old, A, mask, cfg)
+    if objective == "gspo" and aggregation == "token":  # the row loss on each token, weighted by length
+        w = mask / mask.sum()
+        n = mask.sum(1)
+        s = np.exp(((logp - old) * mask).sum(1) / n)
+        un, cl = s * A, np.clip(s, 1 - eps[0], 1 + eps[1]) * A
+        want = float((-np.minimum(un, cl)[:, None] * w).sum())
+        assert got == pytest.approx(want, abs=1e-10)
+        return
+    want, want_grad = np_loss(logp, old, A, mask, objective, eps[0], eps[1], aggregation)
+    assert got == pytest.approx(want, abs=1e-10)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-10)
+    garbage = np.where(mask > 0, logp, logp - 3.0)  # padded positions change nothing
+    assert jax_loss(garbage, old, A, mask, cfg)[0] == pytest.approx(got, abs=1e-10)
+
+
+def test_overlong_penalty_by_hand():
+    np.testing.assert_allclose(objectives.overlong_penalty([10, 16, 17, 20, 24, 30], 24, 8),
+                               [0, 0, -1 / 8, -0.5, -1, -1])
+
+
+# ---------------------------------------------------------------- on the pipeline
+def test_dapo_drops_groups_whose_outcomes_are_all_equal_and_keeps_the_shapes():
+    """A real DAPO rollout on the tiny config, its outcomes set to one mixed group and one
+    all-right group: the all-right group's rows keep their tokens but lose every completion
+    token (so they add nothing to the loss or its denominators), their advantages are 0, the
+    mixed group's advantages are DAPO's (+-1 rewards, overlong shaping, eps 1e-6); all groups
+    uniform: no step."""
+    config = get_config()
+    config.stages = "dapo"
+    config.dapo.drop_uniform_groups = True
+    job = jobs.build(config)
+    (stage,) = job.stages
+    learner = Learner(stage.algorithm, job.model, stage.config.stage.optim)
+    policies = learner.policies()
+    ro = stage.algorithm.rollout(policies, stage.examples[:2], run.rollout_key(0, "dapo", 0))
+    lengths = np.array([[6, 9, 10, 12], [12, 12, 12, 12]])  # the sampled tokens, cut: penalties 0, -1/4, -1/2, -1
+    assert all(len(z) == 12 for z in ro.continuations)  # the random model runs to the budget
+    cut = [z[:n] for z, n in zip(ro.continuations, lengths.reshape(-1))]
+    acc = np.array([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    ro = dataclasses.replace(ro, continuations=cut, outcomes=dataclasses.replace(ro.outcomes, rewards=acc))
+    scored = stage.algorithm.score(policies, ro)
+    R = np.array([1.0, -1.25, 0.5, -2.0])  # +-1 plus the overlong shaping (L_max 12, L_c 4)
+    want = (R - R.mean()) / (R.std(ddof=1) + 1e-6)
+    np.testing.assert_allclose(scored.arrays["advantages"][:4], want, atol=1e-6)
+    assert not scored.arrays["advantages"][4:].any()
+    mask = scored.arrays["completion_mask"]
+    assert mask[:4].sum() == lengths[0].sum() and not mask[4:].any()
+    assert scored.arrays["tokens"].shape[0] == 8 and scored.scalars["completion_tokens"] == lengths[0].sum()
+    assert scored.metrics["kept_groups"] == 0.5
+    uniform = dataclasses.replace(ro, outcomes=dataclasses.replace(ro.outcomes, rewards=np.zeros((2, 4))))
+    assert stage.algorithm.score(policies, uniform).skip
+
+
+def test_mini_batches_start_on_policy_then_the_ratio_moves_and_clips():
+    """updates_per_rollout = 2 on GRPO: the batch's groups split in two mini-batches, each one
+    optimizer step. The first step's ratio is 1 (pi_old is the policy that sampled, scored by a
+    separate pass: equal to float rounding) and its loss is the on-policy loss; the second
+    step's ratio is against the same pi_old, so it has moved (lr 2e-3) and a tight clip range
+    clips. Refreshing pi_old between the mini-batches would leave the second ratio at 1."""
+    config = get_config()
+    config.stages = "grpo"
+    config.grpo.update(batch_size=4)
+    config.grpo.loss.update(updates_per_rollout=2, beta=0.0, clip_eps=1e-3)
+    job = jobs.build(config)
+    (stage,) = job.stages
+    algorithm = stage.algorithm
+    learner = Learner(algorithm, job.model, stage.config.stage.optim)
+    policies = learner.policies()
+    ro = algorithm.rollout(policies, stage.examples[:4], run.rollout_key(0, "grpo", 0))
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0]] * 4)  # non-zero advantages for the random model
+    ro = dataclasses.replace(ro, outcomes=dataclasses.replace(ro.outcomes, rewards=rewards))
+    scored = algorithm.score(policies, ro)
+    assert len(scored.scalars) == 2 and "old_logp" in scored.arrays
+    first_arrays, first_scalars = scored.minibatches()[0]
+    assert first_scalars["completion_tokens"] == first_arrays["completion_mask"].sum() and first_scalars["rows"] == 8
+    on_policy = {k: jnp.asarray(v) for k, v in first_arrays.items() if k != "old_logp"}
+    on_policy_loss = float(algorithm.loss(learner.model(), on_policy, first_scalars, scored.layout)[0])
+    steps, step = [], learner.trainer.step
+    learner.trainer.step = lambda *a: steps.append(step(*a)) or steps[-1]
+    learner.apply(scored)
+    assert len(steps) == 2 and learner.step == 2
+    assert steps[0]["ratio_dev"] < 1e-5 and steps[0]["clipped"] == 0
+    assert steps[0]["loss"] == pytest.approx(on_policy_loss, abs=1e-6)
+    assert steps[1]["ratio_dev"] > 1e-3 and steps[1]["clipped"] > 0.05
