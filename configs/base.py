@@ -35,6 +35,16 @@ def get_base() -> ml_collections.ConfigDict:
                    reuse_sampler_logprobs=True,  # the policy's log-probs from the sampler (T = 1 only)
                    share_prompts=True,  # the reference pass and the step run each prompt once per question
                    microbatches=1, logprob_chunk=128, optim=optim(5e-7))
+    # The likelihood-reward family (SPEC 3.1; algorithms/likelihood.py): LaTRO's rollout keys
+    # (num_samples, max_rationale_tokens, sampling, reuse_sampler_logprobs, share_prompts), no KL
+    # and no reference pass. VeriFree: reward prob | logprob (pi(y|x+z), 0 unfinished),
+    # answer_weight reward | advantage | one. JEPO: mode single | multi (the Jensen bound).
+    rationale = dict(sampling=dict(temperature=1.0, top_k=0, top_p=1.0), reuse_sampler_logprobs=True,
+                     share_prompts=True, microbatches=1, logprob_chunk=128)
+    c.verifree = dict(rationale, steps=100, batch_size=16, num_samples=8, max_rationale_tokens=3000, reward="prob",
+                      answer_weight="reward", optim=optim(1e-6, "constant"))
+    c.jepo = dict(rationale, steps=100, batch_size=16, num_samples=8, max_rationale_tokens=500, mode="multi",
+                  optim=optim(1e-6, "constant"))
     # The GRPO family (SPEC 2.5; latro_jax/algorithms/group_rl.py) shares two blocks: `rollout`,
     # G completions per question (num_samples) of at most max_tokens at `sampling` (T 0.9), and
     # `loss`, the clipped surrogate (clip_eps) + beta * k3 KL to the reference (0: no reference

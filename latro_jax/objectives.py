@@ -42,13 +42,48 @@ def latro_rewards(answer_logp: jax.Array, rationale_logp: jax.Array,
 
 
 def latro_loss(rationale_logp: jax.Array, answer_logp: jax.Array, advantages: jax.Array, *,
-               sft_coef: float) -> jax.Array:
+               sft_coef: float | jax.Array) -> jax.Array:
     """mean over N*K of  -stop_grad(A) * log pi(z|x)  -  sft_coef * log pi(y|x+z).
 
     Its gradient is the REINFORCE-with-RLOO estimate of grad E_z[log pi(y|x+z)] - beta KL plus
-    sft_coef times the gradient of the answer likelihood (SPEC 1.2)."""
-    advantages = jax.lax.stop_gradient(advantages)
+    sft_coef times the gradient of the answer likelihood (SPEC 1.2). sft_coef may be a per-row
+    answer weight, held like A (VeriFree's R_k, JEPO's w_k; SPEC 3.1)."""
+    advantages, sft_coef = jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(sft_coef)
     return jnp.mean(-advantages * rationale_logp - sft_coef * answer_logp)
+
+
+# ---------------------------------------------------------------- likelihood rewards (SPEC 3.1)
+LIKELIHOOD_REWARDS = ("prob", "logprob")
+
+
+def verifree_rewards(answer_logp: np.ndarray, finished: np.ndarray, reward: str = "prob") -> np.ndarray:
+    """VeriFree's reward [N, K]: R_k = pi(y | x + z_k) = exp(l_k) (`prob`) or l_k (`logprob`), 0
+    where z_k did not finish within its budget."""
+    if reward not in LIKELIHOOD_REWARDS:
+        raise ValueError(f"reward {reward!r}: choose one of {LIKELIHOOD_REWARDS}")
+    answer_logp = np.asarray(answer_logp, np.float64)
+    value = np.exp(answer_logp) if reward == "prob" else answer_logp
+    return np.where(finished, value, 0.0)
+
+
+def _logmeanexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.mean(np.exp(x - top), axis=axis))
+
+
+def jepo_multi(answer_logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """JEPO's multi-sample bound of a question's K answer log-likelihoods l [N, K]:
+    L = log(1/K sum_j e^{l_j}); advantages A_k = L - log(1/(K-1) sum_{j != k} e^{l_j}) (the
+    leave-one-out control variate); answer weights w = softmax(l) = dL/dl. The loss
+    1/N sum_questions sum_k [-A_k log pi(z_k|x) - w_k l_k] is K times the mean over rows."""
+    l = np.asarray(answer_logp, np.float64)
+    K = l.shape[-1]
+    if K < 2:
+        raise ValueError(f"JEPO's multi-sample bound needs K >= 2 samples per question, got K = {K}")
+    bound = _logmeanexp(l, -1)
+    others = np.stack([_logmeanexp(np.delete(l, k, axis=-1), -1) for k in range(K)], axis=-1)
+    weights = np.exp(l - np.max(l, -1, keepdims=True))
+    return bound[..., None] - others, weights / weights.sum(-1, keepdims=True)
 
 
 def sft_loss(token_logp: jax.Array, completion_mask: jax.Array) -> jax.Array:

@@ -20,15 +20,11 @@ from latro_jax.train import RowLayout
 
 
 @dataclasses.dataclass(frozen=True)
-class LatroConfig:
-    """SPEC 1.2-1.5 defaults (GSM8K): K = 16, beta = 0.05, gamma = 2, c_sft = 1 (the paper's
-    derivation; 0 reproduces the released code), L = 500 tokens sampled at T = 1, top-k off,
-    top-p 1."""
+class RationaleRollout:
+    """What LaTRO and the likelihood-reward family (SPEC 3.1) share: K rationales of at most L
+    tokens per question sampled at `sampling`, cut at the first stop, rows [x | z | y]."""
 
     num_samples: int = 16
-    beta: float = 0.05
-    nonstop_penalty: float = 2.0
-    sft_coef: float = 1.0
     max_rationale_tokens: int = 500
     sampling: SamplingParams = SamplingParams(temperature=1.0)
     # log pi(z|x) and log pi(y|x+z) from the sampler (its token log-probs and its KV cache)
@@ -40,13 +36,27 @@ class LatroConfig:
 
     def __post_init__(self):
         if self.num_samples < 2:
-            raise ValueError(f"num_samples={self.num_samples}: RLOO needs K >= 2")
+            raise ValueError(f"num_samples={self.num_samples}: leave-one-out baselines need K >= 2")
+        if self.max_rationale_tokens < 1:
+            raise ValueError(f"max_rationale_tokens={self.max_rationale_tokens} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatroConfig(RationaleRollout):
+    """SPEC 1.2-1.5 defaults (GSM8K): K = 16, beta = 0.05, gamma = 2, c_sft = 1 (the paper's
+    derivation; 0 reproduces the released code), L = 500 tokens sampled at T = 1, top-k off,
+    top-p 1."""
+
+    beta: float = 0.05
+    nonstop_penalty: float = 2.0
+    sft_coef: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0")
         if self.nonstop_penalty < 0:
             raise ValueError(f"nonstop_penalty={self.nonstop_penalty} must be >= 0")
-        if self.max_rationale_tokens < 1:
-            raise ValueError(f"max_rationale_tokens={self.max_rationale_tokens} must be >= 1")
 
 
 class Latro:
@@ -94,11 +104,11 @@ class Latro:
             key=key, policy_logprobs=cfg.reuse_sampler_logprobs)
 
     def score(self, policies: Policies, ro: rollout.Rollout) -> ScoredBatch:
-        """Rewards R = log pi(y|x+z) - beta * (log pi(z|x) - log pi_0(z|x)) (the non-stop
-        penalty for unfinished z) and their RLOO advantages per question. details holds the
-        [N, K] log pi(z|x), log pi(y|x+z), log pi_0(z|x) and rewards. The policy's terms come
-        from the rollout when the sampler gave them, otherwise from a scoring pass. With
-        share_prompts the scoring passes and the step run each question's prompt once."""
+        """log pi(z|x), log pi(y|x+z) (and log pi_0(z|x) when the algorithm needs the reference)
+        per row, then `estimate`'s rewards, advantages and answer weights. details holds the
+        [N, K] values. The policy's terms come from the rollout when the sampler gave them,
+        otherwise from a scoring pass. With share_prompts the scoring passes and the step run
+        each question's prompt once."""
         cfg, K = self.cfg, self.cfg.num_samples
         arrays = ro.rows.arrays()
         shared = policies.scorer.prefix_sharing(ro.rows, K) if cfg.share_prompts else None
@@ -108,20 +118,32 @@ class Latro:
             z_logp, y_logp = policies.scorer.span_logprobs(policies.params, arrays,
                                                             ("rationale_mask", "answer_mask"),
                                                             shared_prefix=shared)
-        ref_z_logp, = policies.scorer.span_logprobs(policies.reference, arrays, ("rationale_mask",),
-                                                    shared_prefix=shared)
-        z_logp, y_logp, ref_z_logp = (x.reshape(-1, K) for x in (z_logp, y_logp, ref_z_logp))
-        rewards = np.asarray(objectives.latro_rewards(
-            y_logp, z_logp, ref_z_logp, ro.finished.reshape(-1, K), beta=cfg.beta,
-            nonstop_penalty=cfg.nonstop_penalty))
-        advantages = np.asarray(objectives.advantages("rloo", objectives.GroupOutcomes(rewards))).reshape(-1)
+        z_logp, y_logp = z_logp.reshape(-1, K), y_logp.reshape(-1, K)
+        details = {"z_logp": z_logp, "y_logp": y_logp}
+        if self.needs_reference:
+            ref_z_logp, = policies.scorer.span_logprobs(policies.reference, arrays, ("rationale_mask",),
+                                                        shared_prefix=shared)
+            details["ref_z_logp"] = ref_z_logp.reshape(-1, K)
+        rewards, advantages, answer_weight = self.estimate(details, ro.finished.reshape(-1, K))
         metrics = {"reward": float(rewards.mean()), "answer_logp": float(y_logp.mean()),
-                   "kl": float((z_logp - ref_z_logp).mean()), "finished": float(ro.finished.mean()),
-                   "rationale_length": float(ro.lengths.mean()),
+                   "finished": float(ro.finished.mean()), "rationale_length": float(ro.lengths.mean()),
                    "advantage_std": float(advantages.std())}
-        return ScoredBatch(arrays={**arrays, "advantages": advantages}, scalars={"rows": len(advantages)},
-                           layout=RowLayout(shared), metrics=metrics,
-                           details={"z_logp": z_logp, "y_logp": y_logp, "ref_z_logp": ref_z_logp, "rewards": rewards})
+        if self.needs_reference:
+            metrics["kl"] = float((z_logp - details["ref_z_logp"]).mean())
+        arrays = {**arrays, "advantages": np.asarray(advantages, np.float32).reshape(-1)}
+        if answer_weight is not None:
+            arrays["answer_weight"] = np.asarray(answer_weight, np.float32).reshape(-1)
+        return ScoredBatch(arrays=arrays, scalars={"rows": len(arrays["advantages"])},
+                           layout=RowLayout(shared), metrics=metrics, details={**details, "rewards": rewards})
+
+    def estimate(self, logps: dict[str, np.ndarray], finished: np.ndarray):
+        """(rewards, advantages, per-row answer weights or None for the scalar c_sft), all
+        [N, K]: LaTRO's r = R' - beta (log pi(z|x) - log pi_0(z|x)) (the non-stop penalty for
+        unfinished z) and its RLOO advantages."""
+        rewards = np.asarray(objectives.latro_rewards(
+            logps["y_logp"], logps["z_logp"], logps["ref_z_logp"], finished, beta=self.cfg.beta,
+            nonstop_penalty=self.cfg.nonstop_penalty))
+        return rewards, np.asarray(objectives.advantages("rloo", objectives.GroupOutcomes(rewards))), None
 
     def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):
         """The LaTRO surrogate of a micro-batch, weighted by its share of the batch's rows
@@ -131,4 +153,5 @@ class Latro:
         z_logp = span_logprob(logp, mb["rationale_mask"])
         y_logp = span_logprob(logp, mb["answer_mask"])
         share = z_logp.shape[0] / scalars["rows"]  # micro-batch share of the batch mean
-        return objectives.latro_loss(z_logp, y_logp, mb["advantages"], sft_coef=self.cfg.sft_coef) * share, {}
+        weight = mb["answer_weight"] if "answer_weight" in mb else self.cfg.sft_coef
+        return objectives.latro_loss(z_logp, y_logp, mb["advantages"], sft_coef=weight) * share, {}
