@@ -1,7 +1,10 @@
 r"""LaTRO vs outcome-reward GRPO vs MRT-RL vs MRT-STaR vs STaR from one SFT warm start, per seed.
 
     python launch/compare.py --root=/tmp/compare --seeds=0,1,2 [--config=configs/compare.py] \
-        [--extra=--config.latro.steps=40 ...]
+        [--methods=latro,grpo,...] [--extra=--config.latro.steps=40 ...]
+
+--methods names the config's stage sections to run (default: the five above and grpo_matched;
+configs/compare_families.py holds the likelihood-reward family and the GRPO variants).
 
 For each seed: the SFT warm start once (<root>/s<seed>/sft), then from its export every method
 in its own workdir (<root>/s<seed>/<method>: latro, grpo, mrt, mrt_star, star), and last a GRPO
@@ -28,7 +31,7 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-METHODS = ("latro", "grpo", "mrt", "mrt_star", "star")
+METHODS = ("latro", "grpo", "mrt", "mrt_star", "star", "grpo_matched")
 
 
 def run_job(workdir: str, config: str, seed: int, stage: str, extra: list[str]) -> dict:
@@ -82,13 +85,13 @@ def episode_stats(workdir: str, name: str) -> dict[str, float]:
             "negative_progress": float(np.mean(np.array(progress) < 0)) if progress else 0.0}
 
 
-def summarise(root: str, seeds: list[int]) -> dict:
+def summarise(root: str, seeds: list[int], methods=METHODS) -> dict:
     table = {}
     for seed in seeds:
         base = os.path.join(root, f"s{seed}")
         sft = json.load(open(os.path.join(base, "sft", "results.json")))["sft"]
         rows = {"sft": {**sft, **episode_stats(os.path.join(base, "sft"), "sft")}}
-        for method in (*METHODS, "grpo_matched"):
+        for method in methods:
             workdir = os.path.join(base, method)
             result = json.load(open(os.path.join(workdir, "results.json")))[method]
             seconds, updates, tokens = wall_time(workdir, method)
@@ -136,10 +139,14 @@ def main(argv=None):
     parser.add_argument("--root", required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--config", default="configs/compare.py")
+    parser.add_argument("--methods", default=",".join(METHODS), help="the config's stage sections to run, in order")
     parser.add_argument("--extra", action="append", default=[], help="extra flag for every run")
     args = parser.parse_args(argv)
     root, seeds = os.path.abspath(args.root), [int(s) for s in args.seeds.split(",")]
-    units = [(seed, stage) for seed in seeds for stage in ("sft", *METHODS, "grpo_matched")]
+    methods = tuple(args.methods.split(","))
+    if "grpo_matched" in methods and not {"grpo", "mrt"} <= set(methods[:methods.index("grpo_matched")]):
+        parser.error("--methods: grpo_matched takes its update count from the grpo and mrt runs before it")
+    units = [(seed, stage) for seed in seeds for stage in ("sft", *methods)]
     with tqdm(total=len(units), desc="compare", unit="run") as bar:
         for seed, stage in units:
             bar.set_postfix(seed=seed, run=stage)
@@ -151,7 +158,7 @@ def main(argv=None):
                 extra.append(f"--config.grpo_matched.steps={max(1, round(mrt_s / (grpo_s / grpo_n)))}")
             run_job(workdir, args.config, seed, stage, extra)
             bar.update(1)
-    table = summarise(root, seeds)
+    table = summarise(root, seeds, methods)
     with open(os.path.join(root, "table.json"), "w") as f:
         json.dump(table, f, indent=2)
     plot(table, os.path.join(root, "compare.png"))

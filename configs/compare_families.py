@@ -1,0 +1,27 @@
+"""LaTRO beside its likelihood-reward relatives (VeriFree, JEPO) and outcome-reward GRPO beside
+its variants (DAPO, GSPO, CISPO), all from the SFT warm start of configs/compare.py (the same
+task, data and seed), with its budget: 80 updates of 16 questions x 8 samples at lr 5e-5.
+
+    python launch/compare.py --root=/tmp/families --config=configs/compare_families.py \\
+        --methods=latro,verifree,jepo,grpo,dapo,gspo,cispo --seeds=0,1,2
+
+The likelihood family samples rationales of at most 56 tokens (LaTRO's budget); the GRPO family
+completions of at most 64 at T 1, beta 0. DAPO's overlong shaping starts 16 tokens before the
+budget; GSPO takes 4 mini-batch updates per rollout (its paper's), the others one.
+"""
+
+from configs.compare import LR, QUESTIONS, SAMPLES, STEPS, get_config as compare
+
+
+def get_config():
+    c = compare()
+    rl = dict(steps=STEPS, batch_size=QUESTIONS)
+    rl_optim = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    for section in ("verifree", "jepo"):
+        c[section].update(max_rationale_tokens=c.latro.max_rationale_tokens, num_samples=SAMPLES, **rl)
+        c[section].optim.update(rl_optim)
+    for section in ("dapo", "gspo", "cispo"):
+        c[section].update(rollout=c.grpo.rollout.to_dict(), **rl)
+        c[section].optim.update(rl_optim)
+    c.dapo.update(overlong_cache=16)
+    return c
