@@ -60,7 +60,7 @@ def full_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.latro.num_samples=1", "RLOO needs K >= 2"),
+    ("--config.latro.num_samples=1", "leave-one-out baselines need K >= 2"),
     ("--config.latro.beta=-0.1", "config.latro: beta=-0.1 must be >= 0"),
     ("--config.model.init.family=gpt2", "unknown model family 'gpt2'"),
     ("--config.task.source=/nonexistent/gsm8k.jsonl", "/nonexistent/gsm8k.jsonl: no such data file"),
