@@ -91,7 +91,7 @@ def get_base() -> ml_collections.ConfigDict:
     c.mrt = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
                  advantage_eps=1e-4, share_prompts=True, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
                  alpha=0.0, continuation="full", segment=dict(segment), forcing=dict(forcing), microbatches=1,
-                 logprob_chunk=128, optim=optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01))
+                 logprob_chunk=128, optim=dict(rl_optim))
     # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question (the `rollout`
     # block, drawn at T 1), J at every prefix, filter max_prefix | nonneg | outcome (vanilla
     # STaR), keep_per_question, then

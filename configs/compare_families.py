@@ -10,18 +10,16 @@ completions of at most 64 at T 1, beta 0. DAPO's overlong shaping starts 16 toke
 budget; GSPO takes 4 mini-batch updates per rollout (its paper's), the others one.
 """
 
-from configs.compare import LR, QUESTIONS, SAMPLES, STEPS, get_config as compare
+from configs.compare import RL, RL_OPTIM, SAMPLES, get_config as compare
 
 
 def get_config():
     c = compare()
-    rl = dict(steps=STEPS, batch_size=QUESTIONS)
-    rl_optim = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
     for section in ("verifree", "jepo"):
-        c[section].update(max_rationale_tokens=c.latro.max_rationale_tokens, num_samples=SAMPLES, **rl)
-        c[section].optim.update(rl_optim)
+        c[section].update(max_rationale_tokens=c.latro.max_rationale_tokens, num_samples=SAMPLES, **RL)
+        c[section].optim.update(RL_OPTIM)
     for section in ("dapo", "gspo", "cispo"):
-        c[section].update(rollout=c.grpo.rollout.to_dict(), **rl)
-        c[section].optim.update(rl_optim)
+        c[section].update(rollout=c.grpo.rollout.to_dict(), **RL)
+        c[section].optim.update(RL_OPTIM)
     c.dapo.update(overlong_cache=16)
     return c

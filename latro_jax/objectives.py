@@ -138,15 +138,20 @@ def grpo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array 
     return loss + beta * k3(logp, ref_logp) if beta else loss
 
 
+def sequence_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """GSPO's sequence ratio [B]: s_i = exp((1/|o_i|) sum_t mask (log pi - log pi_old)), its
+    gradient through every token."""
+    length = jnp.maximum(jnp.sum(mask, axis=-1), 1)
+    return jnp.exp(jnp.sum((logp - old_logp) * mask, axis=-1) / length)
+
+
 def gspo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
                       advantages: jax.Array, mask: jax.Array, *, clip_eps: float, clip_eps_high: float,
                       beta: float) -> jax.Array:
-    """GSPO (SPEC 3.2): the sequence ratio s_i = exp((1/|o_i|) sum_t mask (log pi - log pi_old)),
-    its gradient through every token; the row loss l_i = -min(s_i A_i, clip(s_i, 1 - eps_lo,
-    1 + eps_hi) A_i) on each of the row's tokens (so `sequence` aggregation gives mean_i l_i),
-    plus beta k3_t. [B, T]."""
-    length = jnp.maximum(jnp.sum(mask, axis=-1), 1)
-    ratio = jnp.exp(jnp.sum((logp - old_logp) * mask, axis=-1) / length)
+    """GSPO (SPEC 3.2): the row loss l_i = -min(s_i A_i, clip(s_i, 1 - eps_lo, 1 + eps_hi) A_i)
+    of the sequence ratio s_i on each of the row's tokens (so `sequence` aggregation gives
+    mean_i l_i), plus beta k3_t. [B, T]."""
+    ratio = sequence_ratio(logp, old_logp, mask)
     loss = jnp.broadcast_to(clipped_surrogate(ratio, advantages, clip_eps, clip_eps_high)[:, None], logp.shape)
     return loss + beta * k3(logp, ref_logp) if beta else loss
 

@@ -105,10 +105,10 @@ class PolicyLoss:
         """[B, T] where the objective's clip acts on the ratio: the token ratio (the sequence
         ratio for gspo, on each of its tokens) outside (1 - clip_eps, 1 + clip_eps_high), or
         above cispo_max for cispo's `upper` clip."""
-        ratio = jnp.exp(logp - old_logp)
         if self.objective == "gspo":
-            ratio = jnp.exp(jnp.sum((logp - old_logp) * mask, -1, keepdims=True) / jnp.maximum(mask.sum(-1, keepdims=True), 1))
-            ratio = jnp.broadcast_to(ratio, logp.shape)
+            ratio = jnp.broadcast_to(objectives.sequence_ratio(logp, old_logp, mask)[:, None], logp.shape)
+        else:
+            ratio = jnp.exp(logp - old_logp)
         if self.objective == "cispo" and self.cispo_clip == "upper":
             return ratio > self.cispo_max
         return (ratio < 1 - self.clip_eps) | (ratio > 1 + self.eps_high)

@@ -23,7 +23,7 @@ import numpy as np
 from latro_jax import objectives
 from latro_jax.algorithms.core import Context
 from latro_jax.algorithms.group_rl import PolicyLoss
-from latro_jax.algorithms.mrt import Grpo, GrpoConfig, Mrt, MrtRollout
+from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Dapo(Grpo):
     def kept_groups(self, ro: MrtRollout) -> np.ndarray:
         acc = ro.outcomes.rewards  # the outcomes, not the shaped rewards, decide (SPEC 3.2)
         if not self.dapo.drop_uniform_groups:
-            return Mrt.kept_groups(self, ro)
+            return super().kept_groups(ro)
         return ~np.all(acc == acc[:, :1], axis=1)
 
 

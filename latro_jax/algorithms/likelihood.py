@@ -45,12 +45,17 @@ class VerifreeConfig(RationaleRollout):
                 raise ValueError(f"{name}={value!r}: choose one of {options}")
 
 
-class Verifree(Latro):
-    name = "verifree"
-    Config = VerifreeConfig
+class LikelihoodReward(Latro):
+    """LaTRO's rollout, scoring and loss with a subclass's `estimate`; no KL, so no reference."""
+
     needs_reference = False
     shown = ("reward", "answer_logp", "finished", "sample_tokens_per_s")
     curves = ("reward", "answer_logp", "finished")
+
+
+class Verifree(LikelihoodReward):
+    name = "verifree"
+    Config = VerifreeConfig
 
     def estimate(self, logps: dict[str, np.ndarray], finished: np.ndarray):
         rewards = objectives.verifree_rewards(logps["y_logp"], finished, self.cfg.reward)
@@ -73,12 +78,9 @@ class JepoConfig(RationaleRollout):
             raise ValueError(f"mode={self.mode!r}: choose one of {JEPO_MODES}")
 
 
-class Jepo(Latro):
+class Jepo(LikelihoodReward):
     name = "jepo"
     Config = JepoConfig
-    needs_reference = False
-    shown = ("reward", "answer_logp", "finished", "sample_tokens_per_s")
-    curves = ("reward", "answer_logp", "finished")
 
     def estimate(self, logps: dict[str, np.ndarray], finished: np.ndarray):
         """Rewards are the answer log-likelihoods of every row (finished or not)."""
