@@ -49,18 +49,20 @@ def get_base() -> ml_collections.ConfigDict:
     # G completions per question (num_samples) of at most max_tokens at `sampling` (T 0.9), and
     # `loss`, the clipped surrogate (clip_eps) + beta * k3 KL to the reference (0: no reference
     # pass), aggregation token | sequence | dr_grpo, log-probs at the sampling temperature.
-    # Outcome-reward GRPO (algorithms/mrt.py:GrpoConfig): scaling of the group advantages
-    # group | batch | none (Dr. GRPO); share_prompts: the reference pass and the step run each
-    # prompt once per question.
+    # Outcome-reward GRPO (algorithms/mrt.py:GrpoConfig): advantage group | rloo (leave-one-out,
+    # unscaled); scaling of the group advantages group | batch | none (Dr. GRPO); reward_kl beta_r:
+    # the advantages read r - beta_r sum_t (log pi_old - log pi_ref) (0 = off); share_prompts: the
+    # scoring passes and the step run each prompt once per question.
     group = dict(num_samples=4, max_tokens=512, sampling=dict(temperature=0.9, top_k=0, top_p=1.0))
     policy_loss = dict(objective="clip", clip_eps=0.2, clip_eps_high=0.0, cispo_max=5.0, cispo_clip="upper",
                        beta=0.04, aggregation="token", logprobs_at_temperature=True, updates_per_rollout=1)
     rl_optim = optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01)
-    grpo = dict(steps=100, batch_size=16, rollout=group, loss=policy_loss, scaling="group", advantage_eps=1e-4,
-                share_prompts=True, microbatches=1, logprob_chunk=128, optim=rl_optim)
+    grpo = dict(steps=100, batch_size=16, rollout=group, loss=policy_loss, advantage="group", scaling="group",
+                advantage_eps=1e-4, reward_kl=0.0, share_prompts=True, microbatches=1, logprob_chunk=128,
+                optim=rl_optim)
     c.grpo = dict(grpo)  # (a ConfigDict copies the dicts it is given)
     # The GRPO variants (SPEC 3.2; algorithms/grpo_variants.py): GRPO's keys with their papers'
-    # loss settings. `loss.objective` clip | gspo | cispo; clip range (1 - clip_eps,
+    # loss settings. `loss.objective` clip | gspo | cispo | rloo; clip range (1 - clip_eps,
     # 1 + clip_eps_high), clip_eps_high 0 = symmetric; updates_per_rollout mu: the batch's groups
     # in mu mini-batches, one optimizer step each against pi_old = the sampling policy (clipping
     # acts only when mu > 1; batch_size must be a multiple of mu). DAPO adds overlong_cache L_c
@@ -73,10 +75,12 @@ def get_base() -> ml_collections.ConfigDict:
     c.gspo = dict(grpo, loss=dict(policy_loss, objective="gspo", clip_eps=3e-4, clip_eps_high=4e-4, beta=0.0,
                                   aggregation="sequence", updates_per_rollout=4))
     c.cispo = dict(grpo, loss=dict(policy_loss, objective="cispo", beta=0.0))
+    c.rloo = dict(grpo, rollout=dict(group, num_samples=2), advantage="rloo", reward_kl=0.05,
+                  loss=dict(policy_loss, objective="rloo", beta=0.0, aggregation="sequence"))
     # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): GRPO's keys plus prefixes traces | empty (a
     # pi_old trace cut after j ~ U{0..k-1} episodes), prefix_refresh (0: pi_old = the stage's
     # start; N: the policy every N updates), budget full | remaining, advantage (the reading,
-    # mrt.READINGS) termination | mixed | group, alpha (the progress bonus of `group` and
+    # mrt.READINGS) termination | mixed | group | rloo, alpha (the progress bonus of `group` and
     # `episode`; refused > 0 with termination / mixed, which do not read it; SPEC: not published,
     # the authors' re-implementation used 1.0), continuation full | episode, segment
     # (episodes.py:SegmentConfig: rule markers | end_tokens, markers, gap, max_splits, end_texts,
@@ -89,7 +93,8 @@ def get_base() -> ml_collections.ConfigDict:
     forcing = dict(suffix=" The answer is", estimator="mc", samples=8,
                    sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=16)
     c.mrt = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
-                 advantage_eps=1e-4, share_prompts=True, prefixes="traces", prefix_refresh=0, budget="full", advantage="termination",
+                 advantage_eps=1e-4, reward_kl=0.0, share_prompts=True, prefixes="traces", prefix_refresh=0,
+                 budget="full", advantage="termination",
                  alpha=0.0, continuation="full", segment=dict(segment), forcing=dict(forcing), microbatches=1,
                  logprob_chunk=128, optim=dict(rl_optim))
     # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question (the `rollout`

@@ -17,7 +17,7 @@ def get_config():
         c[section].update(steps=2, batch_size=2, num_samples=4, max_rationale_tokens=12)
         c[section].optim.update(learning_rate=5e-5)  # the demo's LaTRO rate
     c.verifree.answer_weight = "one"  # a random model finishes no rationale: every R (so w = R) is 0
-    for section in ("grpo", "dapo", "gspo", "cispo", "mrt", "mrt_star"):
+    for section in ("grpo", "dapo", "gspo", "cispo", "rloo", "mrt", "mrt_star"):
         c[section].update(steps=2, batch_size=2, rollout=dict(num_samples=4, max_tokens=12))
         c[section].optim.update(learning_rate=2e-3, warmup_steps=0)
     c.dapo.update(overlong_cache=4, drop_uniform_groups=False)  # a random model's groups are all wrong

@@ -138,22 +138,30 @@ def grpo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array 
     return loss + beta * k3(logp, ref_logp) if beta else loss
 
 
-def sequence_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
-    """GSPO's sequence ratio [B]: s_i = exp((1/|o_i|) sum_t mask (log pi - log pi_old)), its
-    gradient through every token."""
-    length = jnp.maximum(jnp.sum(mask, axis=-1), 1)
-    return jnp.exp(jnp.sum((logp - old_logp) * mask, axis=-1) / length)
+def sequence_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, *, normalised: bool = True) -> jax.Array:
+    """The sequence ratio [B], its gradient through every token: GSPO's length-normalised
+    s_i = exp((1/|o_i|) sum_t mask (log pi - log pi_old)), or RLOO's
+    rho_i = exp(sum_t mask (log pi - log pi_old)) (normalised=False)."""
+    total = jnp.sum((logp - old_logp) * mask, axis=-1)
+    return jnp.exp(total / jnp.maximum(jnp.sum(mask, axis=-1), 1) if normalised else total)
 
 
-def gspo_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
-                      advantages: jax.Array, mask: jax.Array, *, clip_eps: float, clip_eps_high: float,
-                      beta: float) -> jax.Array:
-    """GSPO (SPEC 3.2): the row loss l_i = -min(s_i A_i, clip(s_i, 1 - eps_lo, 1 + eps_hi) A_i)
-    of the sequence ratio s_i on each of the row's tokens (so `sequence` aggregation gives
-    mean_i l_i), plus beta k3_t. [B, T]."""
-    ratio = sequence_ratio(logp, old_logp, mask)
+def sequence_token_losses(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
+                          advantages: jax.Array, mask: jax.Array, *, clip_eps: float, clip_eps_high: float,
+                          beta: float, normalised: bool = True) -> jax.Array:
+    """GSPO and RLOO (SPEC 3.2): the row loss l_i = -min(s_i A_i, clip(s_i, 1 - eps_lo, 1 + eps_hi) A_i)
+    of the sequence ratio s_i (sequence_ratio: length-normalised for GSPO, the plain sum for
+    RLOO) on each of the row's tokens (so `sequence` aggregation gives mean_i l_i), plus beta
+    k3_t. [B, T]."""
+    ratio = sequence_ratio(logp, old_logp, mask, normalised=normalised)
     loss = jnp.broadcast_to(clipped_surrogate(ratio, advantages, clip_eps, clip_eps_high)[:, None], logp.shape)
     return loss + beta * k3(logp, ref_logp) if beta else loss
+
+
+def kl_penalised_rewards(rewards: np.ndarray, sequence_kl: np.ndarray, beta: float) -> np.ndarray:
+    """RLOO's rewards with the KL in them (SPEC 3.2): r_k = score_k - beta sum_t (log pi_old -
+    log pi_ref), sequence_kl the sum per sample, [N, G] like rewards."""
+    return np.asarray(rewards, np.float64) - beta * np.asarray(sequence_kl, np.float64)
 
 
 CISPO_CLIPS = ("upper", "both")

@@ -1,7 +1,8 @@
 """The GRPO variants (SPEC 3.2; objectives.py, algorithms/group_rl.py, algorithms/grpo_variants.py):
-SPEC 3.3's hand values for DAPO, GSPO and CISPO, their losses and gradients against NumPy
-transcriptions on random inputs, DAPO's group dropping on a real rollout, and mu mini-batch
-updates per rollout (the ratio is 1 on the first, moves and clips on the next)."""
+SPEC 3.3's hand values for DAPO, GSPO, CISPO and RLOO, their losses and gradients against NumPy
+transcriptions on random inputs, DAPO's group dropping and RLOO's KL-penalised rewards on real
+rollouts, and mu mini-batch updates per rollout (the ratio is 1 on the first, moves and clips on
+the next)."""
 
 import dataclasses
 
@@ -36,8 +37,8 @@ def np_loss(logp, old, A, mask, objective, eps_lo, eps_hi, aggregation, rho_max=
     else:  # sequence
         w = mask / mask.sum(1, keepdims=True) / rows
     a = A[:, None]
-    if objective == "gspo":
-        n = mask.sum(1)
+    if objective in ("gspo", "rloo"):  # GSPO's ratio is length-normalised, RLOO's the plain sum
+        n = mask.sum(1) if objective == "gspo" else np.ones(rows)
         s = np.exp(((logp - old) * mask).sum(1) / n)
         un, cl = s * A, np.clip(s, 1 - eps_lo, 1 + eps_hi) * A
         row_loss = -np.minimum(un, cl)
@@ -117,10 +118,28 @@ def test_cispo_hand_values(clip, want, x64):
     np.testing.assert_allclose(grad, np_grad, atol=1e-12)  # the weight is held: d/d log pi = -w A
 
 
+def test_rloo_hand_values(x64):
+    """SPEC 3.3 on the 2.5 arrays: rewards (1, 0), the sequences' KL (0.1, -0.1) in the reward
+    (beta 0.05), leave-one-out advantages, the clipped plain-sum ratio, the mean over rows."""
+    kl = np.array([[0.1, -0.1]])  # sum_t (log pi_old - log pi_ref), given
+    A = objectives.rloo_advantages(objectives.kl_penalised_rewards(np.array([[1.0, 0.0]]), kl, 0.05))[0]
+    np.testing.assert_allclose(A, [0.99, -0.99], atol=1e-12)
+    cfg = PolicyLoss(objective="rloo", clip_eps=0.2, beta=0.0, aggregation="sequence")
+    ratio = objectives.sequence_ratio(jnp.asarray(SPEC_LOGP), jnp.asarray(SPEC_OLD), jnp.asarray(SPEC_MASK),
+                                      normalised=False)
+    np.testing.assert_allclose(ratio, [1.221403, 0.9048374], atol=1e-6)
+    got, grad = jax_loss(SPEC_LOGP, SPEC_OLD, A, SPEC_MASK, cfg)
+    assert got == pytest.approx(-0.1461055, abs=1e-7)
+    np_value, np_grad = np_loss(SPEC_LOGP, SPEC_OLD, A, SPEC_MASK, "rloo", 0.2, 0.2, "sequence")
+    assert np_value == pytest.approx(-0.1461055, abs=1e-7)
+    np.testing.assert_allclose(grad, np_grad, atol=1e-12)  # row 1 clipped (1.22 > 1.2): no gradient
+    assert not grad[0].any() and grad[1, :3].all()
+
+
 # ---------------------------------------------------------------- random inputs against NumPy
 @pytest.mark.parametrize("objective,aggregation,eps", [
     ("clip", "token", (0.2, 0.28)), ("clip", "sequence", (0.2, 0.2)), ("gspo", "sequence", (0.01, 0.02)),
-    ("gspo", "token", (0.01, 0.02)), ("cispo", "token", (0.2, 0.28))])
+    ("gspo", "token", (0.01, 0.02)), ("cispo", "token", (0.2, 0.28)), ("rloo", "sequence", (0.2, 0.2))])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_losses_and_gradients_match_numpy_on_random_batches(objective, aggregation, eps, seed, x64):
     rng = np.random.RandomState(seed)
@@ -184,6 +203,45 @@ def test_dapo_drops_groups_whose_outcomes_are_all_equal_and_keeps_the_shapes():
     assert scored.metrics["kept_groups"] == 0.5
     uniform = dataclasses.replace(ro, outcomes=dataclasses.replace(ro.outcomes, rewards=np.zeros((2, 4))))
     assert stage.algorithm.score(policies, uniform).skip
+
+
+def test_rloo_puts_each_sampled_sequences_kl_to_the_reference_in_its_reward():
+    """RLOO on a real rollout of the tiny model whose policy has moved from the reference: the
+    advantages are the leave-one-out ones of r - 0.05 sum_t (log pi - log pi_ref), each sum
+    over the completion's tokens of log_softmax(logits / T) of the full forward pass of the
+    policy and of the reference (no chunking, no shared prompts); the step gets neither pass
+    (beta 0 in the loss, one update per rollout)."""
+    config = get_config()
+    config.stages = "rloo"
+    job = jobs.build(config)
+    (stage,) = job.stages
+    algorithm = stage.algorithm
+    learner = Learner(algorithm, job.model, stage.config.stage.optim)
+    policies = learner.policies()
+    leaves, treedef = jax.tree.flatten(policies.params)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    moved = jax.tree.unflatten(treedef, [x + 0.5 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
+                                         for x, k in zip(leaves, keys)])
+    policies = dataclasses.replace(policies, params=moved)
+    ro = algorithm.rollout(policies, stage.examples[:2], run.rollout_key(0, "rloo", 0))
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    ro = dataclasses.replace(ro, outcomes=dataclasses.replace(ro.outcomes, rewards=rewards))
+    scored = algorithm.score(policies, ro)
+    T = config.rloo.rollout.sampling.temperature
+
+    def completion_logp(params, prompt, completion):
+        seq = jnp.asarray([prompt + completion], jnp.int32)
+        logp = jax.nn.log_softmax(policies.model(params)(seq)[0] / T, axis=-1)
+        return sum(float(logp[t - 1, seq[0, t]]) for t in range(len(prompt), seq.shape[1]))
+
+    kl = np.array([completion_logp(moved, x, z) - completion_logp(learner.reference, x, z)
+                   for x, z in zip(ro.prompts, ro.continuations)]).reshape(2, 4)
+    assert np.abs(kl).mean() > 0.1  # the policy has moved: the KL term matters
+    r = rewards - 0.05 * kl
+    want = r - (r.sum(1, keepdims=True) - r) / 3
+    np.testing.assert_allclose(scored.arrays["advantages"], want.reshape(-1), atol=2e-5)
+    assert scored.metrics["sequence_kl"] == pytest.approx(kl.mean(), abs=2e-5)
+    assert not {"ref_logp", "old_logp"} & set(scored.arrays)
 
 
 def test_mini_batches_start_on_policy_then_the_ratio_moves_and_clips():

@@ -5,14 +5,15 @@ its class and one entry here.
 """
 
 from latro_jax.algorithms.core import Algorithm, Context, Learner, Policies, ScoredBatch
-from latro_jax.algorithms.grpo_variants import Cispo, Dapo, Gspo
+from latro_jax.algorithms.grpo_variants import Cispo, Dapo, Gspo, Rloo
 from latro_jax.algorithms.latro import Latro, LatroConfig
 from latro_jax.algorithms.likelihood import Jepo, Verifree
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, Mrt, MrtConfig
 from latro_jax.algorithms.mrt_star import MrtStar, MrtStarConfig
 from latro_jax.algorithms.sft import Sft, SftConfig
 
-ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (Sft, Latro, Verifree, Jepo, Grpo, Dapo, Gspo, Cispo, Mrt, MrtStar)}
+ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (Sft, Latro, Verifree, Jepo, Grpo, Dapo, Gspo, Cispo, Rloo, Mrt,
+                                                     MrtStar)}
 
 
 def get(name: str) -> type:

@@ -1,9 +1,9 @@
-"""What the GRPO family (GRPO, MRT-RL, DAPO, GSPO, CISPO) shares, as data and one code path:
-the sampling block (G completions of at most max_tokens per question), the policy-loss block
-(the objective -- clipped surrogate, GSPO's sequence ratio or CISPO's clipped weight -- with
-its clip range, beta k3 KL to the reference, aggregation, log-probs at the sampling
-temperature, and mu mini-batch updates per rollout), and the scored batch and loss built from
-them (SPEC 2.5, 3.2).
+"""What the GRPO family (GRPO, MRT-RL, DAPO, GSPO, CISPO, RLOO) shares, as data and one code
+path: the sampling block (G completions of at most max_tokens per question), the policy-loss
+block (the objective -- clipped surrogate, GSPO's or RLOO's sequence ratio or CISPO's clipped
+weight -- with its clip range, beta k3 KL to the reference, aggregation, log-probs at the
+sampling temperature, and mu mini-batch updates per rollout), and the scored batch and loss
+built from them (SPEC 2.5, 3.2).
 
     c.grpo.rollout = dict(num_samples=4, max_tokens=512, sampling=dict(temperature=0.9))
     c.grpo.loss = dict(objective="clip", clip_eps=0.2, clip_eps_high=0.0, beta=0.04,
@@ -41,15 +41,16 @@ class GroupSampling:
             raise ValueError(f"num_samples={self.num_samples} and max_tokens={self.max_tokens} must be >= 1")
 
 
-OBJECTIVES = ("clip", "gspo", "cispo")
+OBJECTIVES = ("clip", "gspo", "cispo", "rloo")
+SEQUENCE_RATIOS = {"gspo": True, "rloo": False}  # objective -> its sequence ratio is length-normalised
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLoss:
     """The GRPO family's policy loss (SPEC 2.5, 3.2). objective: `clip` (the token-level clipped
-    surrogate of GRPO and DAPO), `gspo` (the clipped sequence ratio, length-normalised), `cispo`
-    (-sg(clipped rho) A log pi: cispo_clip `upper` min(rho, cispo_max), or `both`, the clip
-    range); the clip range is (1 - clip_eps, 1 + clip_eps_high), clip_eps_high 0 = clip_eps
+    surrogate of GRPO and DAPO), `gspo` (the clipped sequence ratio, length-normalised), `rloo`
+    (the clipped sequence ratio, the plain sum of the token log-ratios), `cispo` (-sg(clipped
+    rho) A log pi: cispo_clip `upper` min(rho, cispo_max), or `both`, the clip range); the clip range is (1 - clip_eps, 1 + clip_eps_high), clip_eps_high 0 = clip_eps
     (DAPO's clip-higher: 0.2, 0.28); beta * k3 KL to the reference (0: no reference pass);
     aggregation token | sequence | dr_grpo; log-probabilities of logits / T when
     logprobs_at_temperature (the paper's TRL did not divide); updates_per_rollout mu: the
@@ -92,9 +93,10 @@ class PolicyLoss:
                      advantages: jax.Array, mask: jax.Array) -> jax.Array:
         """The objective's per-token losses [B, T] (objectives.py has each formula)."""
         common = dict(beta=self.beta, clip_eps=self.clip_eps)
-        if self.objective == "gspo":
-            return objectives.gspo_token_losses(logp, old_logp, ref_logp, advantages, mask,
-                                                clip_eps_high=self.eps_high, **common)
+        if self.objective in SEQUENCE_RATIOS:
+            return objectives.sequence_token_losses(logp, old_logp, ref_logp, advantages, mask,
+                                                    clip_eps_high=self.eps_high,
+                                                    normalised=SEQUENCE_RATIOS[self.objective], **common)
         if self.objective == "cispo":
             return objectives.cispo_token_losses(logp, old_logp, ref_logp, advantages, rho_max=self.cispo_max,
                                                  clip=self.cispo_clip, clip_eps_high=self.eps_high, **common)
@@ -103,10 +105,11 @@ class PolicyLoss:
 
     def clipped(self, logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
         """[B, T] where the objective's clip acts on the ratio: the token ratio (the sequence
-        ratio for gspo, on each of its tokens) outside (1 - clip_eps, 1 + clip_eps_high), or
-        above cispo_max for cispo's `upper` clip."""
-        if self.objective == "gspo":
-            ratio = jnp.broadcast_to(objectives.sequence_ratio(logp, old_logp, mask)[:, None], logp.shape)
+        ratio for gspo and rloo, on each of its tokens) outside (1 - clip_eps, 1 + clip_eps_high),
+        or above cispo_max for cispo's `upper` clip."""
+        if self.objective in SEQUENCE_RATIOS:
+            ratio = objectives.sequence_ratio(logp, old_logp, mask, normalised=SEQUENCE_RATIOS[self.objective])
+            ratio = jnp.broadcast_to(ratio[:, None], logp.shape)
         else:
             ratio = jnp.exp(logp - old_logp)
         if self.objective == "cispo" and self.cispo_clip == "upper":
@@ -114,39 +117,62 @@ class PolicyLoss:
         return (ratio < 1 - self.clip_eps) | (ratio > 1 + self.eps_high)
 
 
-def scored_completions(policies: Policies, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                       advantages: np.ndarray, *, group: int, loss: PolicyLoss, temperature: float,
-                       max_tokens: int, share_prompts: bool, pad_id: int, metrics: dict[str, float],
-                       kept_groups: np.ndarray | None = None,
-                       details: dict[str, np.ndarray] | None = None) -> ScoredBatch:
-    """The batch policy_loss learns from: completion rows [prompt | completion] (`group`
-    consecutive rows per prompt), their advantages, the reference's token log-probs when
-    beta > 0 (one pass, each prompt run once per group with share_prompts), and with
-    updates_per_rollout mu > 1 the sampling policy's (pi_old), the rows split into mu
-    mini-batches of whole groups, each with its own denominators. Groups not in `kept_groups`
-    [N] (DAPO's dropped ones) keep their rows, so shapes stay fixed, but no completion token:
-    they add nothing to the loss or its denominators."""
+@dataclasses.dataclass
+class CompletionRows:
+    """Completion rows [prompt | completion] (`group` consecutive rows per prompt) and their
+    token log-prob passes: `ref_logp` (the reference) and `old_logp` (pi_old, the policy that
+    sampled) where the loss or the rewards read them; `shared`, the prompt columns the passes
+    and the step run once per group."""
+
+    arrays: dict[str, np.ndarray]
+    shared: tuple[int, int] | None
+
+    def sequence_kl(self) -> np.ndarray:
+        """[rows] sum_t mask (log pi_old - log pi_ref): the sampled sequence's KL estimate."""
+        a = self.arrays
+        return np.sum((a["old_logp"] - a["ref_logp"]) * a["completion_mask"], axis=-1, dtype=np.float64)
+
+
+def completion_rows(policies: Policies, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                    group: int, loss: PolicyLoss, temperature: float, share_prompts: bool, pad_id: int,
+                    kept_groups: np.ndarray | None = None, reward_kl: bool = False) -> CompletionRows:
+    """The rows and the passes they need: the reference's log-probs when beta > 0 or the KL is
+    in the reward, pi_old's when updates_per_rollout mu > 1 or the KL is in the reward (each
+    prompt run once per group with share_prompts). Groups not in `kept_groups` [N] (DAPO's
+    dropped ones) keep their rows, so shapes stay fixed, but no completion token: they add
+    nothing to the loss or its denominators."""
     rows = rollout.completion_rows(prompts, completions, pad_id=pad_id)
     mask = rows.answer_mask
     if kept_groups is not None:
         mask = mask * np.repeat(np.asarray(kept_groups, mask.dtype), group)[:, None]
-    arrays = dict(tokens=rows.tokens, valid=rows.valid, completion_mask=mask,
-                  advantages=np.asarray(advantages, np.float32).reshape(-1))
+    arrays = dict(tokens=rows.tokens, valid=rows.valid, completion_mask=mask)
     shared = policies.scorer.prefix_sharing(rows, group) if share_prompts else None
-    if loss.beta:
-        arrays["ref_logp"] = policies.scorer.token_logprobs(policies.reference, arrays, temperature=temperature,
-                                                            shared_prefix=shared)
+    passes = {"ref_logp": (policies.reference, loss.beta > 0 or reward_kl),
+              "old_logp": (policies.params, loss.updates_per_rollout > 1 or reward_kl)}
+    for name, (params, needed) in passes.items():
+        if needed:
+            arrays[name] = policies.scorer.token_logprobs(params, arrays, temperature=temperature,
+                                                          shared_prefix=shared)
+    return CompletionRows(arrays, shared)
+
+
+def scored_completions(rows: CompletionRows, advantages: np.ndarray, *, loss: PolicyLoss, max_tokens: int,
+                       metrics: dict[str, float], details: dict[str, np.ndarray] | None = None) -> ScoredBatch:
+    """The batch policy_loss learns from: the rows with their advantages (one per row), the
+    passes the loss reads (ref_logp when beta > 0, old_logp when mu > 1), and with mu > 1 the
+    rows split into mu mini-batches of whole groups, each with its own denominators."""
+    arrays = {k: v for k, v in rows.arrays.items()
+              if k in ("tokens", "valid", "completion_mask") or (k == "ref_logp" and loss.beta > 0)
+              or (k == "old_logp" and loss.updates_per_rollout > 1)}
+    arrays["advantages"] = np.asarray(advantages, np.float32).reshape(-1)
     mu = loss.updates_per_rollout
-    if mu > 1:
-        arrays["old_logp"] = policies.scorer.token_logprobs(policies.params, arrays, temperature=temperature,
-                                                            shared_prefix=shared)
-    parts = np.split(mask, mu)
+    parts = np.split(arrays["completion_mask"], mu)
     # the rows that count: every row, less dropped groups' (at least 1, so an all-dropped
     # mini-batch is a zero loss, not 0 / 0)
     scalars = [{"completion_tokens": max(float(m.sum()), 1.0), "rows": max(float((m.sum(-1) > 0).sum()), 1.0),
                 "max_length": float(max_tokens)} for m in parts]
     return ScoredBatch(arrays=arrays, scalars=scalars[0] if mu == 1 else scalars, metrics=metrics,
-                       details=details or {}, layout=RowLayout(shared))
+                       details=details or {}, layout=RowLayout(rows.shared))
 
 
 def policy_loss(model: Transformer, mb: dict, scalars: dict, layout: RowLayout, cfg: PolicyLoss, *,

@@ -10,6 +10,9 @@ shaping and group dropping.
 - GSPO (arXiv 2507.18071): the clipped sequence ratio, length-normalised (0.0003, 0.0004),
   `sequence` aggregation, beta 0, 4 updates per rollout (the clip acts only off-policy).
 - CISPO (arXiv 2506.13585): -sg(min(rho, 5)) A log pi (or the two-sided clip), `token`, beta 0.
+- RLOO (arXiv 2402.14740, TRL's trainer): the KL in the reward, r_k = score_k - 0.05 sum_t
+  (log pi_old - log pi_ref), leave-one-out advantages, the clipped plain-sum sequence ratio
+  (0.2), the mean over rows, K = 2.
 Dr. GRPO is grpo with scaling="none", loss.aggregation="dr_grpo"; TRL's `bnpo` is grpo's
 `token` aggregation on one micro-batch (SPEC 3.2: no new math).
 """
@@ -22,7 +25,7 @@ import numpy as np
 
 from latro_jax import objectives
 from latro_jax.algorithms.core import Context
-from latro_jax.algorithms.group_rl import PolicyLoss
+from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout
 
 
@@ -95,3 +98,21 @@ class Cispo(Grpo):
     name = "cispo"
     Config = CispoConfig
     shown = ("reward", "clipped", "completion_length", "sample_tokens_per_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class RlooConfig(GrpoConfig):
+    """GRPO's keys with RLOO's defaults (SPEC 3.2, TRL): K 2, leave-one-out advantages of the
+    rewards less 0.05 x the sampled sequence's KL to the reference, the clipped plain-sum
+    sequence ratio (0.2), the mean over rows, no KL in the loss."""
+
+    rollout: GroupSampling = GroupSampling(num_samples=2)
+    loss: PolicyLoss = PolicyLoss(objective="rloo", clip_eps=0.2, beta=0.0, aggregation="sequence")
+    advantage: str = "rloo"
+    reward_kl: float = 0.05
+
+
+class Rloo(Grpo):
+    name = "rloo"
+    Config = RlooConfig
+    shown = ("reward", "sequence_kl", "clipped", "completion_length", "sample_tokens_per_s")

@@ -28,7 +28,7 @@ import numpy as np
 
 from latro_jax import objectives, rollout
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
-from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss, policy_loss, scored_completions
+from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss, completion_rows, policy_loss, scored_completions
 from latro_jax.data import Example
 from latro_jax.episodes import SegmentConfig, make_segmenter
 from latro_jax.meta_prover import ForcingConfig, MetaProver
@@ -54,30 +54,41 @@ class Reading:
 
 # SPEC 2.6's readings of MRT-RL, each an estimator of objectives.ADVANTAGE_ESTIMATORS by its name
 READINGS = {"termination": Reading(("j_prefix",), reads_alpha=False),
+            "rloo": Reading((), reads_alpha=False),
             "mixed": Reading(("j_prefix", "forced"), reads_alpha=False),
             "group": Reading((), reads_alpha=True)}
+OUTCOME_READINGS = tuple(name for name, r in READINGS.items() if not r.signals)  # read no J: GRPO's choices
 
 
 @dataclasses.dataclass(frozen=True)
 class GrpoConfig:
     """Outcome-reward GRPO (SPEC 2.5; TRL as the paper's runs used it): `rollout` G completions
     per question (group_rl.GroupSampling), `loss` the policy loss (group_rl.PolicyLoss);
-    scaling of the group advantages: group | batch (std over the batch) | none (Dr. GRPO), with
-    advantage_eps added to the std (TRL 1e-4, verl 1e-6); share_prompts: the reference pass and the step run each question's prompt once for its G
+    advantage: group (GRPO) | rloo (r_k - the mean of the other G - 1, no scaling); scaling of
+    the group advantages: group | batch (std over the batch) | none (Dr. GRPO), with
+    advantage_eps added to the std (TRL 1e-4, verl 1e-6); reward_kl beta_r: the rewards the
+    advantages read are r - beta_r sum_t (log pi_old - log pi_ref) (RLOO; 0 = off, no passes);
+    share_prompts: the scoring passes and the step run each question's prompt once for its G
     rows (scoring.prefix_sharing)."""
 
     rollout: GroupSampling = GroupSampling()
     loss: PolicyLoss = PolicyLoss()
+    advantage: str = "group"
     scaling: str = "group"
     advantage_eps: float = objectives.GROUP_EPS
+    reward_kl: float = 0.0
     share_prompts: bool = True
 
     def __post_init__(self):
+        if self.advantage not in OUTCOME_READINGS:
+            raise ValueError(f"advantage={self.advantage!r}: choose one of {OUTCOME_READINGS} (the readings "
+                             "of J need MRT's prefixes: algorithm 'mrt')")
         self.as_mrt()  # the checks
 
     def as_mrt(self) -> "MrtConfig":
-        return MrtConfig(rollout=self.rollout, loss=self.loss, scaling=self.scaling, advantage_eps=self.advantage_eps,
-                         share_prompts=self.share_prompts, prefixes="empty", advantage="group")
+        return MrtConfig(rollout=self.rollout, loss=self.loss, advantage=self.advantage, scaling=self.scaling,
+                         advantage_eps=self.advantage_eps, reward_kl=self.reward_kl,
+                         share_prompts=self.share_prompts, prefixes="empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +97,7 @@ class MrtConfig:
     0 = pi_old is the stage's starting model, N = the policy copied every N updates;
     max_prefix_tokens: the longest prefix the prompt holds (0 = rollout.max_tokens; the paper's
     prompt length, 4,096 for R1); budget: full | remaining; advantage: a reading of READINGS,
-    termination (default) | mixed | group; alpha: the progress bonus weight, read by `group`
+    termination (default) | mixed | group | rloo; alpha: the progress bonus weight, read by `group`
     (R_i = r_i + alpha (J_after,i - J(c)), J_after the meta-prover's estimate after z_i's
     thinking) and `episode` (refused where the reading does not read it); continuation: full |
     episode; segment: how traces split into episodes; forcing: the meta-prover (suffix,
@@ -96,6 +107,7 @@ class MrtConfig:
     loss: PolicyLoss = PolicyLoss()
     scaling: str = "group"
     advantage_eps: float = objectives.GROUP_EPS
+    reward_kl: float = 0.0
     share_prompts: bool = True
     prefixes: str = "traces"
     prefix_refresh: int = 0
@@ -114,12 +126,12 @@ class MrtConfig:
                                      ("scaling", self.scaling, objectives.ADVANTAGE_SCALINGS)):
             if value not in options:
                 raise ValueError(f"{name}={value!r}: choose one of {options}")
-        if self.advantage_eps <= 0:
-            raise ValueError(f"advantage_eps={self.advantage_eps} must be > 0")
+        if self.advantage_eps <= 0 or self.reward_kl < 0:
+            raise ValueError(f"advantage_eps={self.advantage_eps} must be > 0 and reward_kl={self.reward_kl} >= 0")
         if self.prefix_refresh < 0 or self.max_prefix_tokens < 0 or self.alpha < 0:
             raise ValueError(f"prefix_refresh={self.prefix_refresh}, max_prefix_tokens={self.max_prefix_tokens} "
                              f"and alpha={self.alpha} must be >= 0")
-        if self.advantage in ("group", "mixed") and self.rollout.num_samples < 2:
+        if self.advantage in ("group", "mixed", "rloo") and self.rollout.num_samples < 2:
             raise ValueError(f"rollout.num_samples={self.rollout.num_samples}: {self.advantage} advantages "
                              "need G >= 2")
         if "forced" in self.signals and self.forcing.estimator != "mc":
@@ -175,7 +187,7 @@ class Mrt:
 
     def __init__(self, cfg: MrtConfig, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
-        self.needs_reference = cfg.loss.beta > 0
+        self.needs_reference = cfg.loss.beta > 0 or cfg.reward_kl > 0
         self.old_policy_refresh = cfg.prefix_refresh if cfg.prefixes == "traces" else None
         self.prover = MetaProver(cfg.forcing, ctx.task, ctx.fmt) if cfg.signals else None
         self.segmenter = make_segmenter(cfg.segment, ctx.fmt)
@@ -253,22 +265,27 @@ class Mrt:
         kept = self.kept_groups(ro)
         if not kept.any():  # nothing to learn from (DAPO: every group answered alike)
             return ScoredBatch({}, {}, {"reward": float(o.rewards.mean()), "kept_groups": 0.0}, skip=True)
+        rows = completion_rows(policies, ro.prompts, ro.continuations, group=cfg.rollout.num_samples, loss=cfg.loss,
+                               temperature=self.temperature, share_prompts=cfg.share_prompts,
+                               pad_id=self.ctx.fmt.pad_id, kept_groups=kept, reward_kl=cfg.reward_kl > 0)
+        metrics = {}
+        if cfg.reward_kl:
+            kl = rows.sequence_kl().reshape(o.rewards.shape)
+            o = dataclasses.replace(o, rewards=objectives.kl_penalised_rewards(o.rewards, kl, cfg.reward_kl))
+            metrics["sequence_kl"] = float(kl.mean())
         advantages = objectives.advantages(cfg.advantage, o, scaling=cfg.scaling, alpha=cfg.alpha,
                                            eps=cfg.advantage_eps) * kept[:, None]
-        metrics = {"reward": float(o.rewards.mean()), "finished": float(ro.finished.mean()),
-                   "completion_length": float(np.mean([len(z) for z in ro.continuations])),
-                   "advantage_abs": float(np.abs(advantages.astype(np.float32)).mean()),
-                   "prefix_episodes": float(ro.prefix_episodes.mean()),
-                   "prefix_length": float(np.mean([len(c) for c in ro.prefixes])),
-                   "kept_groups": float(kept.mean())}
+        metrics.update({"reward": float(o.rewards.mean()), "finished": float(ro.finished.mean()),
+                        "completion_length": float(np.mean([len(z) for z in ro.continuations])),
+                        "advantage_abs": float(np.abs(advantages.astype(np.float32)).mean()),
+                        "prefix_episodes": float(ro.prefix_episodes.mean()),
+                        "prefix_length": float(np.mean([len(c) for c in ro.prefixes])),
+                        "kept_groups": float(kept.mean())})
         if o.j_prefix is not None:
             metrics["j_prefix"] = float(o.j_prefix.mean())
         if o.j_after is not None:
             metrics["bonus"] = float((o.j_after - o.j_prefix[:, None]).mean())
-        return scored_completions(policies, ro.prompts, ro.continuations, advantages, group=cfg.rollout.num_samples,
-                                  loss=cfg.loss, temperature=self.temperature, max_tokens=cfg.rollout.max_tokens,
-                                  share_prompts=cfg.share_prompts, pad_id=self.ctx.fmt.pad_id, metrics=metrics,
-                                  kept_groups=kept,
+        return scored_completions(rows, advantages, loss=cfg.loss, max_tokens=cfg.rollout.max_tokens, metrics=metrics,
                                   details={"rewards": o.rewards, "advantages": advantages.astype(np.float32)})
 
     def outcomes(self, ro: MrtRollout) -> objectives.GroupOutcomes:
