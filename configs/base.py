@@ -77,6 +77,15 @@ def get_base() -> ml_collections.ConfigDict:
     c.cispo = dict(grpo, loss=dict(policy_loss, objective="cispo", beta=0.0))
     c.rloo = dict(grpo, rollout=dict(group, num_samples=2), advantage="rloo", reward_kl=0.05,
                   loss=dict(policy_loss, objective="rloo", beta=0.0, aggregation="sequence"))
+    # RLPR (SPEC 3.1; algorithms/rlpr.py): GRPO's keys; the reward is the mean probability of
+    # the gold answer's tokens after the completion's reasoning, less the same with no reasoning
+    # under pi_0: R = (1 - format_weight) max(r - r', 0) + format_weight * format; std_filter drops
+    # a group whose reward std < ratio x EMA (decay; the EMA starts as the mean over updates
+    # warmup_start..warmup_end and the filter acts after them; ratio 0 = off).
+    c.rlpr = dict(grpo, rollout=dict(group, num_samples=8, sampling=dict(temperature=1.0, top_k=0, top_p=1.0)),
+                  loss=dict(policy_loss, clip_eps_high=0.27, beta=0.0, updates_per_rollout=4), advantage_eps=1e-6,
+                  format_weight=0.1, std_filter=dict(ratio=0.5, decay=0.99, warmup_start=6, warmup_end=10),
+                  optim=optim(1e-6, "constant"))
     # MRT-RL (SPEC 2.6; algorithms/mrt.py:MrtConfig): GRPO's keys plus prefixes traces | empty (a
     # pi_old trace cut after j ~ U{0..k-1} episodes), prefix_refresh (0: pi_old = the stage's
     # start; N: the policy every N updates), budget full | remaining, advantage (the reading,

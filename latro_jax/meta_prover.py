@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import rollout, sampling, sharding
+from latro_jax import rollout
 from latro_jax.data.prompts import continuation_ids
 from latro_jax.rollout import Sampler
 from latro_jax.sampling import SamplingParams
@@ -153,7 +153,7 @@ class MetaProver:
         width, length = rollout.row_widths(prompts, max(map(len, contexts)) + max(map(len, targets)))
         rows = rollout.assemble_rows(prompts, contexts, targets, prompt_width=width, length=length,
                                      pad_id=fmt.pad_id)
-        (logp,) = scorer.span_logprobs(params, _padded(rows.arrays(), scorer), ("answer_mask",))
+        (logp,) = scorer.span_logprobs(params, scorer.padded(rows.arrays()), ("answer_mask",))
         return Forced(j=np.exp(logp[:len(prompts)]))
 
     def estimate(self, sampler: Sampler, scorer: Scorer, params, prompts, prefixes, golds: Sequence[str],
@@ -163,12 +163,3 @@ class MetaProver:
         if self.cfg.estimator == "likelihood":
             return self.likelihood(scorer, params, prompts, prefixes, golds, final=final)
         return self.mc(sampler, scorer.model(params), prompts, prefixes, golds, key, final=final)
-
-
-def _padded(arrays: dict[str, np.ndarray], scorer: Scorer) -> dict[str, np.ndarray]:
-    """Rows padded (with empty rows) to a multiple of the scorer's micro-batches x data shards
-    x 8, so any number of prefixes scores in few compiled shapes."""
-    multiple = int(np.lcm(scorer.microbatches * sharding.data_shards(scorer.mesh), sampling.BATCH_MULTIPLE))
-    n = len(arrays["tokens"])
-    target = sampling.round_up(n, multiple)
-    return {k: np.concatenate([v, np.zeros((target - n, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}

@@ -86,6 +86,29 @@ def jepo_multi(answer_logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bound[..., None] - others, weights / weights.sum(-1, keepdims=True)
 
 
+def mean_token_probs(token_logp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RLPR's probability reward per row [B]: the mean over the masked (gold) tokens of
+    pi(y*_t | ...) = exp(log pi_t); 0 for a row with no masked token."""
+    mask = np.asarray(mask, np.float64)
+    probs = np.exp(np.asarray(token_logp, np.float64)) * mask
+    return probs.sum(-1) / np.maximum(mask.sum(-1), 1.0)
+
+
+def rlpr_rewards(probs: np.ndarray, prior: np.ndarray, formatted: np.ndarray, format_weight: float = 0.1
+                 ) -> np.ndarray:
+    """RLPR's debiased reward [N, G] (SPEC 3.1): R_k = (1 - w) max(r_k - r', 0) + w format_k,
+    r_k the gold tokens' mean probability after completion k's reasoning (0 when it states no
+    answer: format_k = 0), r' [N] the same with no reasoning under pi_0, w = format_weight."""
+    formatted = np.asarray(formatted, bool)
+    debiased = np.maximum(np.where(formatted, probs, 0.0) - np.asarray(prior, np.float64)[:, None], 0.0)
+    return np.where(formatted, (1 - format_weight) * debiased + format_weight, 0.0)
+
+
+def ema_update(ema: float, value: float, decay: float) -> float:
+    """EMA <- decay EMA + (1 - decay) value (RLPR's std-filter threshold: decay 0.99)."""
+    return decay * ema + (1 - decay) * value
+
+
 def sft_loss(token_logp: jax.Array, completion_mask: jax.Array) -> jax.Array:
     """Completion-only negative log-likelihood per token: -sum(mask * logp) / sum(mask)."""
     return -jnp.sum(token_logp * completion_mask) / jnp.maximum(jnp.sum(completion_mask), 1)

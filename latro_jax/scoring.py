@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from latro_jax import sharding
+from latro_jax import sampling, sharding
 from latro_jax.logprobs import span_logprob, token_logprobs
 from latro_jax.models import ModelConfig, Transformer
 from latro_jax.usage import Usage
@@ -83,6 +83,15 @@ class Scorer:
     def _microbatches(self, arrays: dict[str, np.ndarray], names: Sequence[str]):
         placed = sharding.split_microbatches({k: arrays[k] for k in names}, self.microbatches, self.mesh)
         return [{k: v[m] for k, v in placed.items()} for m in range(self.microbatches)]
+
+    def padded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows padded (with empty rows) to a multiple of this scorer's micro-batches x data
+        shards x 8, so any number of rows scores in few compiled shapes (the first rows of the
+        result are the given ones)."""
+        multiple = int(np.lcm(self.microbatches * sharding.data_shards(self.mesh), sampling.BATCH_MULTIPLE))
+        n = len(arrays["tokens"])
+        target = sampling.round_up(n, multiple)
+        return {k: np.concatenate([v, np.zeros((target - n, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}
 
     def prefix_sharing(self, rows: Rows, samples: int) -> tuple[int, int] | None:
         """prefix_sharing for rows split as this scorer (and the step, under the same Context)

@@ -245,6 +245,17 @@ def real_tokenizer(request):
     return transformers.AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
 
 
+@pytest.mark.parametrize("gold", ["18", "1,250", "-3", "wet palms", "B"])
+def test_the_gold_span_is_the_gold_answers_own_tokens(real_tokenizer, gold):
+    """RLPR scores only the gold answer's tokens of y*: after a rationale and as a whole
+    completion, the span decodes to the gold, the answer phrase before it, the period after."""
+    fmt = PromptFormatter(real_tokenizer)
+    for ids in (fmt.answer_ids(f"The answer is {gold}."), fmt.completion_ids(f"The answer is {gold}.")):
+        start, end = fmt.gold_span(ids, gold)
+        assert fmt.decode(ids[start:end]).strip() == gold
+        assert fmt.decode(ids[:start]).strip() == "The answer is" and fmt.decode(ids[end:]).strip() == "."
+
+
 @pytest.mark.parametrize("phrase", STOP_PHRASES)
 def test_every_stop_phrase_is_cut_at_its_start_in_every_position(real_tokenizer, phrase):
     """SPEC 1.3 on real tokenizers (SentencePiece: Phi-3; byte-level BPE: GPT-2, SmolLM2): the

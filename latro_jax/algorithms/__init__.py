@@ -10,10 +10,11 @@ from latro_jax.algorithms.latro import Latro, LatroConfig
 from latro_jax.algorithms.likelihood import Jepo, Verifree
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, Mrt, MrtConfig
 from latro_jax.algorithms.mrt_star import MrtStar, MrtStarConfig
+from latro_jax.algorithms.rlpr import Rlpr
 from latro_jax.algorithms.sft import Sft, SftConfig
 
-ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (Sft, Latro, Verifree, Jepo, Grpo, Dapo, Gspo, Cispo, Rloo, Mrt,
-                                                     MrtStar)}
+ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (Sft, Latro, Verifree, Jepo, Grpo, Dapo, Gspo, Cispo, Rloo,
+                                                         Rlpr, Mrt, MrtStar)}
 
 
 def get(name: str) -> type:

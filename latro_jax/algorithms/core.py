@@ -10,7 +10,9 @@ An algorithm is a small class (see latro.py, sft.py) with
     rollout(policies, examples, key)  -> anything `score` understands (sampled or gold rows)
     score(policies, rollout)          -> ScoredBatch
     loss(model, microbatch, scalars, layout) -> (loss contribution, aux); pure, jitted by the Trainer
-and takes (config, Context) in its constructor. It samples with policies.sampler
+and takes (config, Context) in its constructor. An algorithm that carries host state from one
+update to the next (RLPR's std-filter EMA) also has state() -> {name: float32 NumPy array} and
+load_state(that dict), which checkpoints hold so that a resume is exact. It samples with policies.sampler
 (rollout.Sampler.complete) and scores with policies.scorer, which record what they spend in the
 update's Usage; `Learner.update` runs the three parts for every algorithm and reports sample_s,
 score_s and step_s with one meaning for all. run.py finds algorithms by name in
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latro_jax import sharding
 from latro_jax.data import Example, PromptFormatter, Task
 from latro_jax.models import Transformer
 from latro_jax.rollout import Sampler
@@ -154,11 +157,20 @@ class Learner:
         self.trainer.load_state(state.params, state.opt_state, int(state.step))
         if extras and "old_params" in extras:
             self.old = jax.device_put(extras["old_params"], jax.tree.map(lambda x: x.sharding, self.old))
+        if extras and "algorithm_state" in extras:
+            self.algorithm.load_state({k: sharding.to_host(v) for k, v in extras["algorithm_state"].items()})
 
     def extras(self) -> dict[str, Any]:
         """State besides the train state that a checkpoint must hold for an exact resume: pi_old
-        when it is refreshed from the policy (at refresh 0 it is the stage's starting weights)."""
-        return {"old_params": self.old} if self.refresh else {}
+        when it is refreshed from the policy (at refresh 0 it is the stage's starting weights),
+        and the algorithm's host state when it has one (replicated over the mesh)."""
+        extras = {"old_params": self.old} if self.refresh else {}
+        if hasattr(self.algorithm, "state"):
+            mesh = self.algorithm.ctx.mesh
+            place = (jnp.asarray if mesh is None else
+                     lambda x: sharding.put_global(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+            extras["algorithm_state"] = {k: place(np.asarray(v, np.float32)) for k, v in self.algorithm.state().items()}
+        return extras
 
     def model(self) -> Transformer:
         return self.trainer.model()

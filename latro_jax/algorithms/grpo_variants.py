@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from latro_jax import objectives
-from latro_jax.algorithms.core import Context
+from latro_jax.algorithms.core import Context, Policies
 from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout
 
@@ -57,7 +57,7 @@ class Dapo(Grpo):
         super().__init__(cfg, ctx)
         self.dapo = cfg
 
-    def outcomes(self, ro: MrtRollout) -> objectives.GroupOutcomes:
+    def outcomes(self, policies: Policies, ro: MrtRollout) -> objectives.GroupOutcomes:
         acc = ro.outcomes.rewards
         shaped = 2 * acc - 1
         if self.dapo.overlong_cache:
@@ -66,10 +66,10 @@ class Dapo(Grpo):
                                                           self.dapo.overlong_cache)
         return dataclasses.replace(ro.outcomes, rewards=shaped)
 
-    def kept_groups(self, ro: MrtRollout) -> np.ndarray:
+    def kept_groups(self, ro: MrtRollout, outcomes: objectives.GroupOutcomes) -> np.ndarray:
         acc = ro.outcomes.rewards  # the outcomes, not the shaped rewards, decide (SPEC 3.2)
         if not self.dapo.drop_uniform_groups:
-            return super().kept_groups(ro)
+            return super().kept_groups(ro, outcomes)
         return ~np.all(acc == acc[:, :1], axis=1)
 
 

@@ -168,7 +168,8 @@ class MrtRollout:
     """One update's samples: per row (N*G, question-major) the prompt x + c and the continuation
     z (stop included); per question the prefix c, its episode count j, and the signals of the
     reading (objectives.GroupOutcomes: rewards r [N, G], J(c), the m forced outcomes at c with mc,
-    J_after [N, G])."""
+    J_after [N, G]); metrics: what the rollout or the score's hooks measured, logged with the
+    update's."""
 
     prompts: list[list[int]]
     continuations: list[list[int]]
@@ -176,6 +177,7 @@ class MrtRollout:
     prefixes: list[list[int]]
     prefix_episodes: np.ndarray
     outcomes: objectives.GroupOutcomes
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Mrt:
@@ -261,10 +263,11 @@ class Mrt:
 
     # ------------------------------------------------------------ score
     def score(self, policies: Policies, ro: MrtRollout) -> ScoredBatch:
-        cfg, o = self.cfg, self.outcomes(ro)
-        kept = self.kept_groups(ro)
+        cfg, o = self.cfg, self.outcomes(policies, ro)
+        kept = self.kept_groups(ro, o)
         if not kept.any():  # nothing to learn from (DAPO: every group answered alike)
-            return ScoredBatch({}, {}, {"reward": float(o.rewards.mean()), "kept_groups": 0.0}, skip=True)
+            return ScoredBatch({}, {}, {**ro.metrics, "reward": float(o.rewards.mean()), "kept_groups": 0.0},
+                               skip=True)
         rows = completion_rows(policies, ro.prompts, ro.continuations, group=cfg.rollout.num_samples, loss=cfg.loss,
                                temperature=self.temperature, share_prompts=cfg.share_prompts,
                                pad_id=self.ctx.fmt.pad_id, kept_groups=kept, reward_kl=cfg.reward_kl > 0)
@@ -285,15 +288,17 @@ class Mrt:
             metrics["j_prefix"] = float(o.j_prefix.mean())
         if o.j_after is not None:
             metrics["bonus"] = float((o.j_after - o.j_prefix[:, None]).mean())
+        metrics.update(ro.metrics)
         return scored_completions(rows, advantages, loss=cfg.loss, max_tokens=cfg.rollout.max_tokens, metrics=metrics,
                                   details={"rewards": o.rewards, "advantages": advantages.astype(np.float32)})
 
-    def outcomes(self, ro: MrtRollout) -> objectives.GroupOutcomes:
-        """What the advantages read (a variant shapes the rewards here)."""
+    def outcomes(self, policies: Policies, ro: MrtRollout) -> objectives.GroupOutcomes:
+        """What the advantages read (a variant shapes or replaces the rewards here)."""
         return ro.outcomes
 
-    def kept_groups(self, ro: MrtRollout) -> np.ndarray:
-        """[N] which questions' groups the loss learns from (a variant drops some here)."""
+    def kept_groups(self, ro: MrtRollout, outcomes: objectives.GroupOutcomes) -> np.ndarray:
+        """[N] which questions' groups the loss learns from (a variant drops some here), given
+        the outcomes the advantages read."""
         return np.ones(len(ro.prefixes), bool)
 
     def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):

@@ -95,3 +95,18 @@ class PromptFormatter:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def gold_span(self, ids: Sequence[int], gold: str) -> tuple[int, int]:
+        """(start, end): the tokens of `ids` (an answer, "The answer is {gold}." + end) that
+        spell the gold answer itself -- the last start and then the shortest span whose text,
+        stripped, is `gold` (or `gold` followed by "." where the tokenizer merged them); the
+        answer phrase, the period and the end token are context. Every token but the end
+        token when no span spells it."""
+        want = gold.strip()
+        for strict in (True, False):
+            for start in range(len(ids) - 1, -1, -1):
+                for end in range(start + 1, len(ids) + 1):
+                    text = self.decode(ids[start:end]).strip()
+                    if text == want or (not strict and text.rstrip(".") == want and text.startswith(want)):
+                        return start, end
+        return 0, max(len(ids) - 1, 1)
