@@ -156,6 +156,53 @@ def paper_recipe(model_path: str, task: str, stages: str, sft_coef: float = 0.0)
     return c
 
 
+def family_recipe(stage: str, model_path: str) -> ml_collections.ConfigDict:
+    """DAPO, VeriFree or RLPR with its paper's published hyper-parameters (SPEC 3.1-3.2) on GSM8K
+    (the LaTRO recipes' task and prompt, whose rationales end in "The answer is", the y every
+    likelihood reward scores and RLPR's answer marker; the papers trained on DAPO-Math-17K and
+    WebInstruct): full fine-tuning, bf16 compute, remat, fsdp over 8 devices, the model as
+    --config.model.path. Published and set: dapo 512 prompts x 16 at T 1, 16 updates per
+    rollout, completions <= 20,480 tokens with the overlong shaping from 16,384 (L_c 4,096),
+    clip (0.2, 0.28), `token`, beta 0, advantage eps 1e-6, dynamic sampling's filter, AdamW
+    1e-6 constant after a linear warm-up of 20 rollouts (320 optimizer steps); verifree K 8 at
+    T 1, rationales <= 3,000 tokens, 16 questions per update, R = pi(y|x+z) weighting the
+    answer term, lr 1e-6 constant, one step per rollout; rlpr 768 prompts x 8 at T 1, 4 updates
+    per rollout, completions <= 3,072 tokens, clip (0.2, 0.27), `token`, beta 0, the std filter
+    (0.5, EMA 0.99 after updates 6-10), lr 1e-6 constant. Ours: the number of updates, the
+    micro-batches (1 row per device), evaluation (greedy and maj@8 at the training length).
+    Not here: DAPO's and RLPR's refill of dropped groups, RLPR's entropy bonus."""
+    c = get_base()
+    c.stages = stage
+    c.model.update(path=model_path, dtype="bfloat16", param_dtype="float32", remat="full")
+    t = PAPER_TASKS["gsm8k"]
+    c.task.update(name=t["name"], source=t["source"], train_split="train", eval_split="test")
+    c.mesh.update(data=-1, fsdp=8, tensor=1)
+    t1 = dict(temperature=1.0, top_k=0, top_p=1.0)
+    if stage == "dapo":
+        c.dapo.update(steps=200, batch_size=512, rollout=dict(num_samples=16, max_tokens=20480, sampling=t1),
+                      loss=dict(clip_eps=0.2, clip_eps_high=0.28, beta=0.0, aggregation="token",
+                                updates_per_rollout=16),
+                      advantage_eps=1e-6, overlong_cache=4096, drop_uniform_groups=True, microbatches=64,
+                      optim=optim(1e-6, "constant", warmup_steps=20 * 16))
+        length = 20480
+    elif stage == "verifree":
+        c.verifree.update(steps=500, batch_size=16, num_samples=8, max_rationale_tokens=3000, sampling=t1,
+                          reward="prob", answer_weight="reward", microbatches=16, optim=optim(1e-6, "constant"))
+        length = 3000
+    elif stage == "rlpr":
+        c.rlpr.update(steps=200, batch_size=768, rollout=dict(num_samples=8, max_tokens=3072, sampling=t1),
+                      loss=dict(clip_eps=0.2, clip_eps_high=0.27, beta=0.0, aggregation="token",
+                                updates_per_rollout=4),
+                      advantage_eps=1e-6, format_weight=0.1,
+                      std_filter=dict(ratio=0.5, decay=0.99, warmup_start=6, warmup_end=10), microbatches=192,
+                      optim=optim(1e-6, "constant"))
+        length = 3072
+    else:
+        raise ValueError(f"family_recipe: no published recipe for {stage!r} (dapo, verifree, rlpr)")
+    c.eval.update(max_new_tokens=length, maj_k=8)
+    return c
+
+
 def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
     """MRT-RL or its outcome-reward GRPO baseline on DeepSeek-R1-Distill-Qwen-1.5B (SPEC 2.6,
     the paper's Table 3 where published): DeepScaleR problems, bare problem as the user turn,

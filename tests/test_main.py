@@ -205,6 +205,20 @@ def test_every_shipped_config_has_valid_sections():
             assert stage.stage.optim.learning_rate == 5e-7 and stage.stage.optim.schedule == "linear"
             assert latro.beta == (0.05 if "gsm8k" in path else 0.25)
             assert latro.sampling.temperature == 1.0 and latro.sampling.top_k == 0 and latro.sampling.top_p == 1.0
+        published = {"dapo_": (512, 16, 20480, 0.28, 16), "rlpr_": (768, 8, 3072, 0.27, 4)}  # SPEC 3.2, 3.1
+        for prefix, (questions, G, L, eps_high, mu) in published.items():
+            if os.path.basename(path).startswith(prefix):
+                (stage,) = c.stages
+                cfg = stage.config
+                assert (stage.stage.batch_size, cfg.rollout.num_samples, cfg.rollout.max_tokens) == (questions, G, L)
+                assert (cfg.loss.clip_eps, cfg.loss.clip_eps_high, cfg.loss.updates_per_rollout) == (0.2, eps_high, mu)
+                assert cfg.loss.beta == 0 and cfg.advantage_eps == 1e-6 and stage.stage.optim.learning_rate == 1e-6
+                assert cfg.rollout.sampling.temperature == 1.0 and cfg.loss.aggregation == "token"
+        if os.path.basename(path).startswith("verifree_"):
+            (stage,) = c.stages
+            cfg = stage.config
+            assert (stage.stage.batch_size, cfg.num_samples, cfg.max_rationale_tokens) == (16, 8, 3000)
+            assert (cfg.reward, cfg.answer_weight, stage.stage.optim.learning_rate) == ("prob", "reward", 1e-6)
 
 
 def test_resume_onto_a_different_mesh_shape_ends_as_an_uninterrupted_run(tmp_path):
