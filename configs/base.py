@@ -66,12 +66,13 @@ def get_base() -> ml_collections.ConfigDict:
     # 1 + clip_eps_high), clip_eps_high 0 = symmetric; updates_per_rollout mu: the batch's groups
     # in mu mini-batches, one optimizer step each against pi_old = the sampling policy (clipping
     # acts only when mu > 1; batch_size must be a multiple of mu). DAPO adds overlong_cache L_c
-    # (the overlong shaping of its +-1 reward; 0 = off) and drop_uniform_groups (its dynamic
-    # sampling's filter, without the refill). Dr. GRPO: grpo with scaling="none" and
+    # (the overlong shaping of its +-1 reward; 0 = off), drop_uniform_groups (its dynamic
+    # sampling's filter) and the refill: up to refill_rounds more rounds of refill_factor batches
+    # of questions until batch_size groups are kept (0 = off; the paper 10 rounds of 3). Dr. GRPO: grpo with scaling="none" and
     # loss.aggregation="dr_grpo".
     c.dapo = dict(grpo, loss=dict(policy_loss, clip_eps_high=0.28, beta=0.0), advantage_eps=1e-6,
                   rollout=dict(group, sampling=dict(temperature=1.0, top_k=0, top_p=1.0)),
-                  overlong_cache=128, drop_uniform_groups=True)
+                  overlong_cache=128, drop_uniform_groups=True, refill_rounds=0, refill_factor=3)
     c.gspo = dict(grpo, loss=dict(policy_loss, objective="gspo", clip_eps=3e-4, clip_eps_high=4e-4, beta=0.0,
                                   aggregation="sequence", updates_per_rollout=4))
     c.cispo = dict(grpo, loss=dict(policy_loss, objective="cispo", beta=0.0))
@@ -163,14 +164,15 @@ def family_recipe(stage: str, model_path: str) -> ml_collections.ConfigDict:
     WebInstruct): full fine-tuning, bf16 compute, remat, fsdp over 8 devices, the model as
     --config.model.path. Published and set: dapo 512 prompts x 16 at T 1, 16 updates per
     rollout, completions <= 20,480 tokens with the overlong shaping from 16,384 (L_c 4,096),
-    clip (0.2, 0.28), `token`, beta 0, advantage eps 1e-6, dynamic sampling's filter, AdamW
+    clip (0.2, 0.28), `token`, beta 0, advantage eps 1e-6, dynamic sampling (the filter and up
+    to 10 refill rounds of 3 batches), AdamW
     1e-6 constant after a linear warm-up of 20 rollouts (320 optimizer steps); verifree K 8 at
     T 1, rationales <= 3,000 tokens, 16 questions per update, R = pi(y|x+z) weighting the
     answer term, lr 1e-6 constant, one step per rollout; rlpr 768 prompts x 8 at T 1, 4 updates
     per rollout, completions <= 3,072 tokens, clip (0.2, 0.27), `token`, beta 0, the std filter
     (0.5, EMA 0.99 after updates 6-10), lr 1e-6 constant. Ours: the number of updates, the
     micro-batches (1 row per device), evaluation (greedy and maj@8 at the training length).
-    Not here: DAPO's and RLPR's refill of dropped groups, RLPR's entropy bonus."""
+    Not here: RLPR's refill of dropped groups and its entropy bonus."""
     c = get_base()
     c.stages = stage
     c.model.update(path=model_path, dtype="bfloat16", param_dtype="float32", remat="full")
@@ -182,7 +184,8 @@ def family_recipe(stage: str, model_path: str) -> ml_collections.ConfigDict:
         c.dapo.update(steps=200, batch_size=512, rollout=dict(num_samples=16, max_tokens=20480, sampling=t1),
                       loss=dict(clip_eps=0.2, clip_eps_high=0.28, beta=0.0, aggregation="token",
                                 updates_per_rollout=16),
-                      advantage_eps=1e-6, overlong_cache=4096, drop_uniform_groups=True, microbatches=64,
+                      advantage_eps=1e-6, overlong_cache=4096, drop_uniform_groups=True, refill_rounds=10,
+                      refill_factor=3, microbatches=64,
                       optim=optim(1e-6, "constant", warmup_steps=20 * 16))
         length = 20480
     elif stage == "verifree":

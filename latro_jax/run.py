@@ -221,7 +221,8 @@ def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger:
         with tqdm(total=cfg.steps, initial=step, desc=stage.name, disable=jax.process_index() != 0) as bar:
             while step < cfg.steps:
                 examples = select(stage.examples, batches.next())
-                metrics = learner.update(examples, rollout_key(job.config.seed, stage.name, step))
+                metrics = learner.update(examples, rollout_key(job.config.seed, stage.name, step),
+                                         more=lambda: select(stage.examples, batches.next()))
                 step += 1
                 streak = streak + 1 if metrics.get("nonfinite") else 0
                 skipped += int(metrics.get("skipped", 0) or metrics.get("nonfinite", 0))

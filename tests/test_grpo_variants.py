@@ -13,7 +13,7 @@ import pytest
 
 from configs.tiny import get_config
 from latro_jax import job as jobs, objectives, run
-from latro_jax.algorithms import Learner
+from latro_jax.algorithms import Learner, mrt
 from latro_jax.algorithms.group_rl import PolicyLoss
 
 
@@ -203,6 +203,60 @@ def test_dapo_drops_groups_whose_outcomes_are_all_equal_and_keeps_the_shapes():
     assert scored.metrics["kept_groups"] == 0.5
     uniform = dataclasses.replace(ro, outcomes=dataclasses.replace(ro.outcomes, rewards=np.zeros((2, 4))))
     assert stage.algorithm.score(policies, uniform).skip
+
+
+def test_dapo_refills_the_batch_from_more_questions_until_enough_groups_are_kept(monkeypatch):
+    """Dynamic sampling's refill on real rollouts of the tiny model, the grades set per round:
+    round 0 keeps 1 of 2 groups, so refill_factor = 2 more batches are drawn and sampled; the
+    batch is the first 2 kept groups in sampling order (round 0's question 1, round 1's question
+    2), with their rows, continuations and DAPO's advantages. When no round keeps a group, the
+    rounds stop at refill_rounds and the update is skipped. Learner.update hands the rollout
+    its `more`."""
+    from latro_jax import rollout as rollout_module
+    config = get_config()
+    config.stages = "dapo"
+    config.dapo.update(drop_uniform_groups=True, refill_rounds=2, refill_factor=2, overlong_cache=0)
+    job = jobs.build(config)
+    (stage,) = job.stages
+    algorithm = stage.algorithm
+    learner = Learner(algorithm, job.model, stage.config.stage.optim)
+    policies = learner.policies()
+    examples, pool, draws = stage.examples[:2], stage.examples[2:], []
+
+    def more():
+        draws.append(pool[2 * len(draws):2 * len(draws) + 2])
+        return draws[-1]
+
+    def graded(*grades):
+        it = iter(grades)
+        monkeypatch.setattr(rollout_module, "grade", lambda *a, **k: np.array(next(it), float))
+
+    graded([[1, 1, 1, 1], [0, 1, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]])
+    key = run.rollout_key(0, "dapo", 0)
+    ro = algorithm.rollout(policies, examples, key, more=more)
+    assert len(draws) == 2 and ro.metrics == {"refill_rounds": 1.0, "sampled_questions": 6.0}
+    fmt = algorithm.ctx.fmt
+    chosen = [examples[1], pool[2]]
+    assert ro.prompts == [fmt.prompt_ids(e.question) for e in chosen for _ in range(4)]
+    graded([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]])
+    round_1 = mrt.Grpo.rollout(algorithm, policies, pool[:4], jax.random.fold_in(key, 1))
+    assert ro.continuations[4:] == round_1.continuations[8:12]
+    np.testing.assert_array_equal(ro.outcomes.rewards, [[0, 1, 0, 0], [1, 0, 1, 1]])
+    scored = algorithm.score(policies, ro)
+    R = np.array([[-1.0, 1, -1, -1], [1, -1, 1, 1]])
+    np.testing.assert_allclose(scored.arrays["advantages"], objectives.group_advantages(R, eps=1e-6).reshape(-1),
+                               atol=1e-6)
+    assert scored.metrics["kept_groups"] == 1.0 and scored.arrays["completion_mask"].sum(1).all()
+
+    draws.clear()
+    graded(*[[[1, 1, 1, 1]] * n for n in (2, 4, 4)])
+    ro = algorithm.rollout(policies, examples, key, more=more)
+    assert len(draws) == 4 and ro.metrics["refill_rounds"] == 2.0 and algorithm.score(policies, ro).skip
+
+    draws.clear()
+    graded([[1, 1, 1, 1], [0, 1, 0, 0]], [[0, 1, 0, 0]] * 4)
+    metrics = learner.update(examples, key, more=more)
+    assert metrics["refill_rounds"] == 1.0 and len(draws) == 2 and metrics["kept_groups"] == 1.0
 
 
 def test_rloo_puts_each_sampled_sequences_kl_to_the_reference_in_its_reward():

@@ -12,7 +12,9 @@ An algorithm is a small class (see latro.py, sft.py) with
     loss(model, microbatch, scalars, layout) -> (loss contribution, aux); pure, jitted by the Trainer
 and takes (config, Context) in its constructor. An algorithm that carries host state from one
 update to the next (RLPR's std-filter EMA) also has state() -> {name: float32 NumPy array} and
-load_state(that dict), which checkpoints hold so that a resume is exact. It samples with policies.sampler
+load_state(that dict), which checkpoints hold so that a resume is exact. One that samples more
+questions than a batch (DAPO's refill) sets draws_more and takes rollout(..., more=), a
+callable drawing the next batch from the stage's data iterator (whose position checkpoints hold). It samples with policies.sampler
 (rollout.Sampler.complete) and scores with policies.scorer, which record what they spend in the
 update's Usage; `Learner.update` runs the three parts for every algorithm and reports sample_s,
 score_s and step_s with one meaning for all. run.py finds algorithms by name in
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -193,17 +195,21 @@ class Learner:
                  for _ in range(scored.epochs) for arrays, scalars in scored.minibatches()]
         return {**steps[-1], "first_loss": steps[0]["loss"]} if len(steps) > 1 else steps[0]
 
-    def update(self, examples: Sequence[Example], key: jax.Array) -> dict[str, float]:
+    def update(self, examples: Sequence[Example], key: jax.Array,
+               more: Callable[[], Sequence[Example]] | None = None) -> dict[str, float]:
         """rollout -> score -> step on `examples`; returns the step's and the scored batch's
         metrics and what the update spent: sample_s / sampled_tokens (all generation), score_s /
         scored_tokens (all scoring passes outside the step), step_s, sample_tokens_per_s, and
-        update_s, the whole update (host-side grading and row assembly included)."""
+        update_s, the whole update (host-side grading and row assembly included). `more` draws
+        the next batch of questions (the stage's data iterator); it is handed to the rollout of
+        an algorithm that `draws_more` (DAPO's refill)."""
         started = time.perf_counter()
         if self.refresh and self.step and self.step % self.refresh == 0:
             self.old = jax.tree.map(jnp.copy, self.trainer.state.params)
         usage = Usage()
         policies = self.policies(usage)
-        scored = self.algorithm.score(policies, self.algorithm.rollout(policies, examples, key))
+        extra = {"more": more} if more is not None and getattr(self.algorithm, "draws_more", False) else {}
+        scored = self.algorithm.score(policies, self.algorithm.rollout(policies, examples, key, **extra))
         stepped = time.perf_counter()
         metrics = self.apply(scored)
         done = time.perf_counter()

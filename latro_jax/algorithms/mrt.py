@@ -180,6 +180,20 @@ class MrtRollout:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+def gather_groups(rollouts: Sequence[MrtRollout], picks: Sequence[tuple[int, int]], group: int) -> MrtRollout:
+    """One rollout of the groups `picks` names, (rollout, question) pairs in order: their rows,
+    prefixes and outcomes (DAPO's refill, from several rounds of sampling)."""
+    rows = [(i, q * group + g) for i, q in picks for g in range(group)]
+    first = rollouts[0].outcomes
+    outcomes = {f.name: np.stack([getattr(rollouts[i].outcomes, f.name)[q] for i, q in picks])
+                for f in dataclasses.fields(first) if getattr(first, f.name) is not None}
+    return MrtRollout([rollouts[i].prompts[r] for i, r in rows], [rollouts[i].continuations[r] for i, r in rows],
+                      np.array([rollouts[i].finished[r] for i, r in rows]),
+                      [rollouts[i].prefixes[q] for i, q in picks],
+                      np.array([rollouts[i].prefix_episodes[q] for i, q in picks]),
+                      objectives.GroupOutcomes(**outcomes), dict(rollouts[0].metrics))
+
+
 class Mrt:
     name = "mrt"
     Config = MrtConfig

@@ -11,8 +11,8 @@ GRPO's group advantages (eps 1e-6); the std filter drops a group whose std of R 
 ratio x an EMA of the updates' mean group std (StdFilter); the clipped surrogate (0.2, 0.27) on
 every token of o, `token` aggregation, beta 0, 4 updates per rollout.
 
-Not here: the code's entropy bonus (0.001), the refill of dropped groups (as DAPO here: a batch
-learns from the groups it kept), the repetition penalty option.
+Not here: the code's entropy bonus (0.001), the refill of dropped groups (a batch learns from the
+groups it kept), the repetition penalty option.
 """
 
 from __future__ import annotations
