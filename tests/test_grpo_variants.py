@@ -66,6 +66,15 @@ def jax_loss(logp, old, A, mask, cfg: PolicyLoss):
     return float(value), np.asarray(grad)
 
 
+def moved_policy(policies, seed):
+    """The policies with every weight moved by 0.5 of its tensor's std (Gaussian): a policy away
+    from its reference, so that KL and prior terms are not 0."""
+    leaves, treedef = jax.tree.flatten(policies.params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    moved = [x + 0.5 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return dataclasses.replace(policies, params=jax.tree.unflatten(treedef, moved))
+
+
 # ---------------------------------------------------------------- SPEC 3.3 hand values
 def test_dapo_hand_values(x64):
     logp, mask = _pad([[-0.4, -1.1], [-0.9, -0.2, -1.5], [-0.3, -0.7, -0.1, -2], [-1.2, -0.5, -0.8, -0.6]], 4)
@@ -271,12 +280,8 @@ def test_rloo_puts_each_sampled_sequences_kl_to_the_reference_in_its_reward():
     (stage,) = job.stages
     algorithm = stage.algorithm
     learner = Learner(algorithm, job.model, stage.config.stage.optim)
-    policies = learner.policies()
-    leaves, treedef = jax.tree.flatten(policies.params)
-    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    moved = jax.tree.unflatten(treedef, [x + 0.5 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
-                                         for x, k in zip(leaves, keys)])
-    policies = dataclasses.replace(policies, params=moved)
+    policies = moved_policy(learner.policies(), seed=7)
+    moved = policies.params
     ro = algorithm.rollout(policies, stage.examples[:2], run.rollout_key(0, "rloo", 0))
     rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
     ro = dataclasses.replace(ro, outcomes=dataclasses.replace(ro.outcomes, rewards=rewards))

@@ -15,7 +15,7 @@ from latro_jax import checkpoint, job as jobs, objectives, run
 from latro_jax.algorithms import Learner
 from latro_jax.algorithms.group_rl import PolicyLoss
 from latro_jax.algorithms.rlpr import StdEma, StdFilter
-from tests.test_grpo_variants import jax_loss
+from test_grpo_variants import jax_loss, moved_policy
 
 GOLD_LOGP = np.array([[-0.1, -0.3, -0.05], [-1.2, -0.8, -2.0], [-0.4, -0.2, -0.6], [-3.0, -3.0, -3.0]])
 PRIOR_LOGP = np.array([[-0.9, -0.7, -1.1]])
@@ -105,12 +105,8 @@ def test_rewards_on_a_real_rollout_are_the_debiased_gold_probabilities():
     config, job, stage = _stage(rollout=dict(sampling=dict(temperature=0.7)))
     algorithm = stage.algorithm
     learner = Learner(algorithm, job.model, stage.config.stage.optim)
-    policies = learner.policies()
-    leaves, treedef = jax.tree.flatten(policies.params)
-    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-    moved = jax.tree.unflatten(treedef, [x + 0.5 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
-                                         for x, k in zip(leaves, keys)])
-    policies = dataclasses.replace(policies, params=moved)
+    policies = moved_policy(learner.policies(), seed=3)
+    moved = policies.params
     examples = stage.examples[:4]
     ro = algorithm.rollout(policies, examples, run.rollout_key(0, "rlpr", 0))
     fmt, T = algorithm.ctx.fmt, config.rlpr.rollout.sampling.temperature
