@@ -68,8 +68,8 @@ def get_base() -> ml_collections.ConfigDict:
     # acts only when mu > 1; batch_size must be a multiple of mu). DAPO adds overlong_cache L_c
     # (the overlong shaping of its +-1 reward; 0 = off), drop_uniform_groups (its dynamic
     # sampling's filter) and the refill: up to refill_rounds more rounds of refill_factor batches
-    # of questions until batch_size groups are kept (0 = off; the paper 10 rounds of 3). Dr. GRPO: grpo with scaling="none" and
-    # loss.aggregation="dr_grpo".
+    # of questions until batch_size groups are kept (0 = off; the paper 10 rounds of 3).
+    # Dr. GRPO: grpo with scaling="none" and loss.aggregation="dr_grpo".
     c.dapo = dict(grpo, loss=dict(policy_loss, clip_eps_high=0.28, beta=0.0), advantage_eps=1e-6,
                   rollout=dict(group, sampling=dict(temperature=1.0, top_k=0, top_p=1.0)),
                   overlong_cache=128, drop_uniform_groups=True, refill_rounds=0, refill_factor=3)

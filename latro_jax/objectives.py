@@ -99,9 +99,8 @@ def rlpr_rewards(probs: np.ndarray, prior: np.ndarray, formatted: np.ndarray, fo
     """RLPR's debiased reward [N, G] (SPEC 3.1): R_k = (1 - w) max(r_k - r', 0) + w format_k,
     r_k the gold tokens' mean probability after completion k's reasoning (0 when it states no
     answer: format_k = 0), r' [N] the same with no reasoning under pi_0, w = format_weight."""
-    formatted = np.asarray(formatted, bool)
-    debiased = np.maximum(np.where(formatted, probs, 0.0) - np.asarray(prior, np.float64)[:, None], 0.0)
-    return np.where(formatted, (1 - format_weight) * debiased + format_weight, 0.0)
+    debiased = np.maximum(np.asarray(probs, np.float64) - np.asarray(prior, np.float64)[:, None], 0.0)
+    return np.where(np.asarray(formatted, bool), (1 - format_weight) * debiased + format_weight, 0.0)
 
 
 def ema_update(ema: float, value: float, decay: float) -> float:

@@ -50,8 +50,9 @@ class PolicyLoss:
     """The GRPO family's policy loss (SPEC 2.5, 3.2). objective: `clip` (the token-level clipped
     surrogate of GRPO and DAPO), `gspo` (the clipped sequence ratio, length-normalised), `rloo`
     (the clipped sequence ratio, the plain sum of the token log-ratios), `cispo` (-sg(clipped
-    rho) A log pi: cispo_clip `upper` min(rho, cispo_max), or `both`, the clip range); the clip range is (1 - clip_eps, 1 + clip_eps_high), clip_eps_high 0 = clip_eps
-    (DAPO's clip-higher: 0.2, 0.28); beta * k3 KL to the reference (0: no reference pass);
+    rho) A log pi: cispo_clip `upper` min(rho, cispo_max), or `both`, the clip range); the clip
+    range is (1 - clip_eps, 1 + clip_eps_high), clip_eps_high 0 = clip_eps (DAPO's clip-higher:
+    0.2, 0.28); beta * k3 KL to the reference (0: no reference pass);
     aggregation token | sequence | dr_grpo; log-probabilities of logits / T when
     logprobs_at_temperature (the paper's TRL did not divide); updates_per_rollout mu: the
     rollout's groups split into mu mini-batches, one optimizer step each, their ratios against

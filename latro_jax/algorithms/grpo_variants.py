@@ -30,8 +30,8 @@ import numpy as np
 from latro_jax import objectives
 from latro_jax.algorithms.core import Context, Policies
 from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
-from latro_jax.data import Example
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout, gather_groups
+from latro_jax.data import Example
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,7 @@ class StdEma:
             self.warm_sum, self.warm_count = _f32(self.warm_sum + mean), self.warm_count + 1
             if self.updates == c.warmup_end:
                 self.ema = _f32(self.warm_sum / self.warm_count)
-        elif self.updates > c.warmup_end and self.ema >= 0:
+        elif self.updates > c.warmup_end:
             self.ema = _f32(objectives.ema_update(self.ema, mean, c.decay))
         return kept
 
@@ -106,13 +106,19 @@ class RlprConfig(GrpoConfig):
             raise ValueError(f"format_weight={self.format_weight} must be in [0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class GoldAnswer:
+    """y* as token ids, and the span (start, end) of the gold answer's own tokens in them."""
+
+    ids: list[int]
+    span: tuple[int, int]
+
+
 @dataclasses.dataclass
 class RlprRollout(MrtRollout):
-    """GRPO's rollout and, per question, y* after a reasoning and after none (answer ids) and
-    the gold answer."""
+    """GRPO's rollout and, per question, y* after a reasoning and after none."""
 
-    answers: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
-    golds: list[str] = dataclasses.field(default_factory=list)
+    answers: list[tuple[GoldAnswer, GoldAnswer]] = dataclasses.field(default_factory=list)
 
 
 class Rlpr(Grpo):
@@ -137,29 +143,27 @@ class Rlpr(Grpo):
 
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> RlprRollout:
         fmt = self.ctx.fmt
-        ro = super().rollout(policies, examples, key)
-        return RlprRollout(**vars(ro), answers=[(fmt.answer_ids(e.answer), fmt.completion_ids(e.answer))
-                                                for e in examples], golds=[e.gold for e in examples])
+        gold = lambda ids, e: GoldAnswer(ids, fmt.gold_span(ids, e.gold))  # once per question
+        answers = [(gold(fmt.answer_ids(e.answer), e), gold(fmt.completion_ids(e.answer), e)) for e in examples]
+        return RlprRollout(**vars(super().rollout(policies, examples, key)), answers=answers)
 
     def gold_rows(self, prompts: Sequence[Sequence[int]], reasonings: Sequence[Sequence[int]],
                   questions: Sequence[int], ro: RlprRollout) -> tuple[rollout.Rows, np.ndarray]:
         """Rows [x | z | y*] (y* after a reasoning, its whole-completion spelling after none) and
         their gold mask, the tokens of the gold answer."""
-        fmt = self.ctx.fmt
         answers = [ro.answers[n][0 if z else 1] for z, n in zip(reasonings, questions)]
-        body = max(len(z) + len(y) for z, y in zip(reasonings, answers))
+        body = max(len(z) + len(y.ids) for z, y in zip(reasonings, answers))
         width, length = rollout.row_widths(prompts, body, body_multiple=rollout.ROLLOUT_BODY_MULTIPLE)
-        rows = rollout.assemble_rows(prompts, reasonings, answers, prompt_width=width, length=length,
-                                     pad_id=fmt.pad_id)
+        rows = rollout.assemble_rows(prompts, reasonings, [y.ids for y in answers], prompt_width=width,
+                                     length=length, pad_id=self.ctx.fmt.pad_id)
         gold = np.zeros_like(rows.answer_mask)
-        for r, (y, n) in enumerate(zip(answers, questions)):
-            start, end = fmt.gold_span(y, ro.golds[n])
-            gold[r, np.flatnonzero(rows.answer_mask[r])[start:end]] = 1.0
+        for r, y in enumerate(answers):
+            gold[r, np.flatnonzero(rows.answer_mask[r])[slice(*y.span)]] = 1.0
         return rows, gold
 
     def outcomes(self, policies: Policies, ro: RlprRollout) -> objectives.GroupOutcomes:
         """R [N, G]: the debiased gold probabilities (objectives.rlpr_rewards)."""
-        fmt, G, N, scorer = self.ctx.fmt, self.cfg.rollout.num_samples, len(ro.golds), policies.scorer
+        fmt, G, N, scorer = self.ctx.fmt, self.cfg.rollout.num_samples, len(ro.answers), policies.scorer
         cuts = [truncate(o, fmt.stops)[0] for o in ro.continuations]
         formatted = np.array([cut < truncate(o, fmt.stops.ends_only())[0] for o, cut in zip(ro.continuations, cuts)])
         rows, gold = self.gold_rows(ro.prompts, [o[:cut] for o, cut in zip(ro.continuations, cuts)],
