@@ -75,11 +75,11 @@ def build(raw_config, *, load_model: bool = True) -> Job:
 
     train = load(c.task.train_split)
     eval_source = c.task.eval_source or c.task.source
-    tokenizer = _tokenizer(c, train)
+    tokenizer = load_tokenizer(c, train)
     model_dir = models.hf_io.resolve_model_dir(c.model.path) if c.model.path else None
     model_config = models.read_config(model_dir) if model_dir else None
     fmt = PromptFormatter(tokenizer, eos_ids=model_config.eos_token_id if model_config else ())
-    model_config = model_config or _init_config(c, len(tokenizer), fmt)
+    model_config = model_config or init_model_config(c, len(tokenizer), fmt)
     problem = fmt.vocabulary_problem(model_config.vocab_size, model_dir or "config.model.init")
     if problem:
         raise ConfigError(f"{problem} (config.tokenizer.path)")
@@ -168,7 +168,7 @@ def _stage(s: StageConfig, c: JobConfig, train: list, ctx: Context) -> Stage:
     return Stage(s, algorithm, examples)
 
 
-def _tokenizer(c: JobConfig, train: list):
+def load_tokenizer(c: JobConfig, train: list):
     """The tokenizer folder at config.tokenizer.path (default model.path), or one built in code:
     build="char" (one token per character), "words" (words whole, digits single; learned from
     the training split's questions and rationales)."""
@@ -186,7 +186,7 @@ def _tokenizer(c: JobConfig, train: list):
         raise FileNotFoundError(f"config.tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
 
 
-def _init_config(c: JobConfig, vocab_size: int, fmt: PromptFormatter) -> models.ModelConfig:
+def init_model_config(c: JobConfig, vocab_size: int, fmt: PromptFormatter) -> models.ModelConfig:
     """The ModelConfig of config.model.init (a model built from scratch for this tokenizer)."""
     init = dict(c.model.init)
     init.setdefault("vocab_size", vocab_size)

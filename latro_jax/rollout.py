@@ -212,7 +212,7 @@ def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence
     (sampling.logprobs_are_the_policys); a scorer then needs no policy pass over the rows."""
     K = num_samples
     bare_answers = answers if bare_answers is None else bare_answers
-    reuse = policy_logprobs and sampling.logprobs_are_the_policys(model, sampling_params)
+    reuse = policy_logprobs and sampling.logprobs_are_the_policys(model.config, sampling_params)
     reserve = sampling.bucket(1 + max(map(len, [*answers, *bare_answers]))) if reuse else 0
     out = sampler.complete(model, prompts, max_new_tokens=max_new_tokens, sampling_params=sampling_params,
                            num_samples=K, stops=stops, key=key, cut="before", reserve_slots=reserve)

@@ -13,7 +13,9 @@ batch bucket, generation bucket, sampling settings).
 
 LongRoPE models (Phi-3) switch a row to the long factors once it reaches
 original_max_position_embeddings; the keys and values of every earlier token change then, so at
-that step the cache is rebuilt from the token history (as transformers does), inside the loop.
+that step the cache is rebuilt from the token history (as transformers does), inside the loop --
+in programs whose rows can reach that length (prompt bucket + generation bucket), the others
+hold no second cache for it.
 
 Sampling distribution of each step: logits / T, then top-k (keep logits >= the k-th largest),
 then top-p (keep the most likely tokens until their cumulative probability reaches p; the top
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from latro_jax import sharding
 from latro_jax.logprobs import target_logprobs
-from latro_jax.models import KVCache, Transformer
+from latro_jax.models import KVCache, ModelConfig, Transformer
 from latro_jax.models.rope import longrope_limit
 from latro_jax.stops import Stops
 
@@ -93,11 +95,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def cache_dtype(model):
-    """The KV cache's dtype: the compute dtype, except float32 on CPU, where XLA computes a
-    bf16 cache update in f32 and so copies the whole cache every step (measured: 0.3 s of a
-    2.4 s benchmark run); attention over the cache is a small share of the CPU step."""
-    return jnp.float32 if jax.default_backend() == "cpu" else model.dtype
+def cache_dtype(dtype, mesh: jax.sharding.Mesh | None = None) -> str:
+    """The KV cache's dtype on the devices the sampler runs on (the mesh's, else the default
+    backend's): the compute dtype `dtype`, except float32 on CPU, where XLA computes a bf16 cache
+    update in f32 and so copies the whole cache every step (measured: 0.3 s of a 2.4 s
+    benchmark run); attention over the cache is a small share of the CPU step."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    return jnp.dtype(jnp.float32 if platform == "cpu" else dtype).name
 
 
 def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
@@ -150,15 +154,14 @@ def _row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "gen_bucket", "params",
-                                             "pad_id", "progress", "reserve"))
+                                             "pad_id", "progress", "reserve", "cache_dt"))
 def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, stops, max_new,
-                   key_data, bar_id, *, num_samples, gen_bucket, params, pad_id, progress, reserve):
+                   key_data, bar_id, *, num_samples, gen_bucket, params, pad_id, progress, reserve, cache_dt):
     """prompts [N, P] left-padded -> (tokens, logprobs [N*K, G], lengths, finished [N*K], the
     final cache (with `reserve` free slots after the generated ones) or None when reserve = 0)."""
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers()  # sliced once, outside the decode loop
     N, P = prompts.shape
-    cache_dt = cache_dtype(model)
     cache = KVCache.zeros(model.config, N, P + gen_bucket + reserve, dtype=cache_dt)
     hidden, cache = model.hidden_states(prompts, valid=prompt_valid, cache=cache, layers=layers)
     logits = model.logits(hidden[:, -1])
@@ -209,7 +212,7 @@ def _generate_core(graphdef, state, prompts, prompt_valid, row_ids, row_live, st
 
     def body(carry):
         step, token, cache, tok_buf, logp_buf, done, lengths = carry
-        if model.config.rope_scaling.rope_type == "longrope":
+        if model.config.rope_scaling.rope_type == "longrope" and P + gen_bucket > longrope_limit(model.config):
             crossing = jnp.any(cache.lengths == longrope_limit(model.config))
             logits, cache = jax.lax.cond(crossing, rebuild, decode, step, token, cache, tok_buf)
         else:
@@ -298,7 +301,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         out = _generate_core(graphdef, state, *args, stop_matrix, np.int32(max_new_tokens),
                              np.asarray(jax.random.key_data(key)), np.int32(bar_id),
                              num_samples=num_samples, gen_bucket=gen_bucket, params=sampling,
-                             pad_id=pad_id, progress=progress, reserve=int(reserve_slots))
+                             pad_id=pad_id, progress=progress, reserve=int(reserve_slots),
+                             cache_dt=cache_dtype(model.dtype, mesh))
     finally:
         if progress:
             _PROGRESS.close(bar_id)
@@ -315,14 +319,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
                           reserved=int(reserve_slots))
 
 
-def logprobs_are_the_policys(model: Transformer, params: SamplingParams) -> bool:
+def logprobs_are_the_policys(config: ModelConfig, params: SamplingParams) -> bool:
     """Whether the sampler's log-probabilities and cache serve as the policy's own: sampling at
-    T = 1 with top-k and top-p off (the sampling distribution is pi itself), and a model whose
-    cached keys do not depend on where a token sits in the cache (no sliding window, which
-    masks by slot distance) or on the row's length (no LongRoPE, which switches tables)."""
-    c = model.config
-    return (params == SamplingParams(1.0) and c.sliding_window is None
-            and c.rope_scaling.rope_type != "longrope")
+    T = 1 with top-k and top-p off (the sampling distribution is pi itself), and a model (of
+    `config`) whose cached keys do not depend on where a token sits in the cache (no sliding
+    window, which masks by slot distance) or on the row's length (no LongRoPE, which switches
+    tables)."""
+    return (params == SamplingParams(1.0) and config.sliding_window is None
+            and config.rope_scaling.rope_type != "longrope")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -32,20 +32,29 @@ if TYPE_CHECKING:  # rows are built in rollout.py, above this module
 def prefix_sharing(config: ModelConfig, rows: Rows, samples: int, *, microbatches: int = 1,
                    mesh: jax.sharding.Mesh | None = None) -> tuple[int, int] | None:
     """token_logprobs' shared_prefix (W, g) for rows whose first W = rows.prompt_width columns
-    repeat in runs of `samples` consecutive rows, split into `microbatches` and each over the
-    mesh's data axes: g is the largest divisor of `samples` whose groups each device's rows hold
-    whole. None when nothing would be shared (g = 1) or the model uses LongRoPE (its rotary
-    factors depend on each whole row). Raises ValueError when the prompt columns do not repeat."""
+    repeat in runs of `samples` consecutive rows (sharing_group's rule). Raises ValueError when
+    the prompt columns do not repeat."""
     width, tokens = rows.prompt_width, rows.tokens
-    per_device = len(tokens) // microbatches // sharding.data_shards(mesh)
-    group = math.gcd(samples, per_device)
-    if group < 2 or width < 1 or config.rope_scaling.rope_type == "longrope":
+    shared = sharing_group(config, width, samples, len(tokens), microbatches=microbatches, mesh=mesh)
+    if shared is None:
         return None
     for name in ("tokens", "valid"):
         prompts = getattr(rows, name)[:, :width].reshape(-1, samples, width)
         if not (prompts == prompts[:, :1]).all():
             raise ValueError(f"prefix_sharing: the rows' first {width} {name} columns are not the same "
                              f"within each run of {samples} rows")
+    return shared
+
+
+def sharing_group(config: ModelConfig, width: int, samples: int, rows: int, *, microbatches: int = 1,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[int, int] | None:
+    """(W, g) for `rows` rows whose first `width` columns repeat in runs of `samples`, split into
+    `microbatches` and each over the mesh's data axes: g is the largest divisor of `samples`
+    whose groups each device's rows hold whole. None when nothing would be shared (g = 1) or the
+    model uses LongRoPE (its rotary factors depend on each whole row)."""
+    group = math.gcd(samples, rows // microbatches // sharding.data_shards(mesh))
+    if group < 2 or width < 1 or config.rope_scaling.rope_type == "longrope":
+        return None
     return width, group
 
 

@@ -108,14 +108,8 @@ class Trainer:
 
     def __init__(self, model: Transformer, optim: OptimConfig, loss_fn: LossFn, *,
                  microbatches: int = 1, mesh: jax.sharding.Mesh | None = None):
-        if microbatches < 1:
-            raise ValueError(f"microbatches={microbatches} must be >= 1")
-        self.graphdef, params = nnx.split(model)
-        self.optimizer = make_optimizer(optim)
-        self.schedule = make_schedule(optim)
-        self.microbatches = microbatches
-        self.mesh = mesh
-        self.loss_fn = loss_fn
+        graphdef, params = nnx.split(model)
+        self._setup(graphdef, optim, loss_fn, microbatches, mesh)
         opt_state = jax.jit(self.optimizer.init)(params)  # moments follow the params' shardings
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
         # Parameters and moments keep their mesh placement; scalars are replicated on the mesh.
@@ -124,10 +118,48 @@ class Trainer:
             lambda x: x.sharding if mesh is None or isinstance(x.sharding, NamedSharding)
             else NamedSharding(mesh, P()), state)
         self.state = jax.device_put(state, state_shardings)
+        self._compile(state_shardings)
+
+    @classmethod
+    def abstract(cls, graphdef, params, optim: OptimConfig, loss_fn: LossFn, *, microbatches: int = 1,
+                 mesh: jax.sharding.Mesh) -> "Trainer":
+        """A trainer whose state is shapes only: `params` are jax.ShapeDtypeStructs with their
+        NamedShardings on `mesh` (of any devices, a TPU topology's included), the moments get the
+        parameters' shardings, the scalars are replicated. Nothing is allocated; its programs
+        lower and compile for the mesh's devices (`step_program`)."""
+        self = cls.__new__(cls)
+        self._setup(graphdef, optim, loss_fn, microbatches, mesh)
+        replicated = NamedSharding(mesh, P())
+        shapes = jax.eval_shape(self.optimizer.init, params)
+        shardings = optax.tree_map_params(self.optimizer, lambda p, s: s, shapes,
+                                          jax.tree.map(lambda p: p.sharding, params),
+                                          transform_non_params=lambda _: replicated)
+        opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+        self.state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                                opt_state=opt_state)
+        self._compile(jax.tree.map(lambda x: x.sharding, self.state))
+        return self
+
+    def _setup(self, graphdef, optim: OptimConfig, loss_fn: LossFn, microbatches: int, mesh) -> None:
+        if microbatches < 1:
+            raise ValueError(f"microbatches={microbatches} must be >= 1")
+        self.graphdef = graphdef
+        self.optimizer = make_optimizer(optim)
+        self.schedule = make_schedule(optim)
+        self.microbatches = microbatches
+        self.mesh = mesh
+        self.loss_fn = loss_fn
+
+    def _compile(self, state_shardings) -> None:
         self._step = jax.jit(self._step_impl, donate_argnums=(0,), static_argnums=(3,),
                              out_shardings=(state_shardings, None))
         self._gradients = jax.jit(lambda params, batch, scalars, layout:
                                   self._accumulate(params, batch, scalars, layout)[0], static_argnums=(3,))
+
+    def step_program(self, batch: dict, scalars: dict, layout: RowLayout = RowLayout()) -> jax.stages.Lowered:
+        """The update step lowered for this trainer's state and `batch` / `scalars` as shapes
+        (arrays or jax.ShapeDtypeStructs [microbatches, rows, ...] placed as _place places them)."""
+        return self._step.lower(self.state, batch, scalars, layout)
 
     def load_state(self, params, opt_state, step: int) -> None:
         """Replace the state with restored values, placed on the current state's shardings."""

@@ -271,6 +271,10 @@ def _positions(valid: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(tokens)` -> float32 logits [B, T, V] (causal, no padding)."""
 
+    # lax.scan's unroll of the layer loop; compile_check unrolls small models, whose costs XLA's
+    # analysis would otherwise count for one layer (it counts a loop's body once)
+    scan_unroll: int | bool = 1
+
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: Remat = "none", rngs: nnx.Rngs):
         if remat not in ("none", *_REMAT_POLICIES):
@@ -400,4 +404,4 @@ class Transformer(nnx.Module):
 
         if self.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[self.remat])
-        return jax.lax.scan(layer_fn, h, layer_params)[0]
+        return jax.lax.scan(layer_fn, h, layer_params, unroll=self.scan_unroll)[0]
