@@ -24,17 +24,19 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import rollout
+from latro_jax import rollout, sampling
 from latro_jax.data.prompts import continuation_ids
 from latro_jax.rollout import Sampler
 from latro_jax.sampling import SamplingParams
 from latro_jax.scoring import Scorer
+from latro_jax.update_plan import Generation
 
 R1_SUFFIX = ("Time is up.\n\nGiven the time I've spent and the approaches I've tried, I should stop "
              "thinking and formulate a final answer based on what I already have.\n</think>\n\n"
              "**Step-by-Step Explanation and Answer:**\n\n1. **")
 ANSWER_SUFFIX = " The answer is"
 ESTIMATORS = ("mc", "likelihood")
+ROWS_PER_CALL = 4096  # the most rows (prefixes x m) one mc sampler call decodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,15 @@ class MetaProver:
         longest = max(len(tok(s.lstrip(), add_special_tokens=False).input_ids) for s in self._suffixes())
         return longest + 4 + self.cfg.answer_tokens
 
+    def plan(self, name: str, prefixes: int, tokens: int) -> Generation:
+        """The sampler calls of `mc` for `prefixes` prompts of at most `tokens` tokens (prompt
+        and prefix) before the suffix, as shapes (compile_check)."""
+        m = 1 if self.greedy else self.cfg.samples
+        per_call = min(prefixes, max(1, ROWS_PER_CALL // m))
+        width = sampling.bucket(tokens + self.forced_tokens() - self.cfg.answer_tokens, sampling.MIN_PROMPT_BUCKET)
+        return Generation(name, per_call, width, m, self.cfg.answer_tokens, self.cfg.sampling,
+                          calls=-(-prefixes // per_call))
+
     def _suffixes(self) -> tuple[str, ...]:
         return (self.cfg.suffix, self.cfg.final_suffix) if self.cfg.final_suffix else (self.cfg.suffix,)
 
@@ -117,7 +128,8 @@ class MetaProver:
         return [list(x) + list(c) + self.suffix_ids(c, f) for x, c, f in zip(prompts, prefixes, final)]
 
     def mc(self, sampler: Sampler, model, prompts, prefixes, golds: Sequence[str], key: jax.Array,
-           samples: int | None = None, rows_per_call: int = 4096, final: Sequence[bool] | None = None) -> Forced:
+           samples: int | None = None, rows_per_call: int = ROWS_PER_CALL,
+           final: Sequence[bool] | None = None) -> Forced:
         """m forced answers per (prompt, prefix) from `model`, graded by the task; J = their mean
         score. The prefixes are decoded in calls of at most rows_per_call rows (prefixes x m),
         each with its own key folded from `key`."""

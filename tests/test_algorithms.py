@@ -12,6 +12,7 @@ from configs.tiny import get_config
 from latro_jax import algorithms, job as jobs, models, run, sharding
 from latro_jax.algorithms import Learner
 from latro_jax.job_config import optimizer_steps_per_update
+from latro_jax.update_plan import Lengths
 
 TIMING = ("sample_s", "score_s", "step_s", "update_s", "sample_tokens_per_s")
 
@@ -34,14 +35,19 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     # eps = 1e-3 makes Adam's step Lipschitz in the gradient: with 1e-8 the first step is
     # sign(g), and a near-zero gradient's summation-order noise flips it by the learning rate.
     optim = dataclasses.replace(stage.config.stage.optim, eps=1e-3)
-    results = []
+    results, scored, built = [], [], []
     for m in (None, mesh):
         algorithm = stage.config.algorithm(stage.config.config, dataclasses.replace(stage.algorithm.ctx, mesh=m))
+        score = algorithm.score
+        algorithm.score = lambda *args, score=score: scored.append(score(*args)) or scored[-1]
+        built.append(algorithm)
         learner = Learner(algorithm, _host_copy(job.model, m), optim)
         before = models.param_arrays(learner.model())
         metrics = learner.update(examples, key)
         after = models.param_arrays(learner.model())
         results.append((metrics, before, after, learner))
+    for algorithm, batch in zip(built, scored):  # one device (prompts shared in groups of K), 8 (not)
+        _plan_bounds_the_update(algorithm, batch, examples, job.fmt, job.model.config)
     (m1, before, p1, one), (m8, _, p8, eight) = results
     assert set(m1) == set(m8) and set(TIMING[:3]) <= set(m1)
     assert all(np.isfinite(v) for v in m1.values())
@@ -96,6 +102,30 @@ def test_no_update_after_the_first_compiles_anything_new(name):
         jax.monitoring.unregister_event_duration_listener(listen)
     assert counts[0] > 0, "the listener saw no compile at all"
     assert counts[1:] == [0, 0, 0], counts
+
+
+def _plan_bounds_the_update(algorithm, scored, examples, fmt, model_config):
+    """The algorithm's plan (update_plan.py, what compile_check compiles) for these questions'
+    lengths describes the update that ran: the step's arrays by name and dtype, its rows, its
+    scalars and steps, its shared prompt columns' group; widths at least the real ones (the plan
+    is the worst case: every completion at its budget)."""
+    lengths = Lengths(max(len(fmt.prompt_ids(e.question)) for e in examples),
+                      max(max(len(fmt.answer_ids(e.answer)), len(fmt.completion_ids(e.answer))) for e in examples),
+                      max(len(fmt.completion_ids(e.rationale or "")) for e in examples))
+    plan = algorithm.plan(len(examples), lengths, model_config)
+    assert plan.steps == optimizer_steps_per_update(algorithm.cfg)
+    if scored.skip:
+        return
+    arrays, scalars = scored.minibatches()[0]
+    assert set(plan.batch) == set(arrays) and set(plan.scalars) == set(scalars)
+    for name, spec in plan.batch.items():
+        real = arrays[name]
+        assert spec.dtype == real.dtype and spec.ndim == real.ndim and spec.shape[0] == real.shape[0], name
+        assert spec.shape[1:] >= real.shape[1:], name
+    shared, real_shared = plan.layout.shared_prefix, scored.layout.shared_prefix
+    assert (shared is None) == (real_shared is None)
+    if shared:
+        assert shared[1] == real_shared[1] and shared[0] >= real_shared[0]
 
 
 def _docs_algorithm() -> dict:

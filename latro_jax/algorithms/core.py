@@ -15,10 +15,13 @@ update to the next (RLPR's std-filter EMA) also has state() -> {name: float32 Nu
 load_state(that dict), which checkpoints hold so that a resume is exact. One that samples more
 questions than a batch (DAPO's refill) sets draws_more and takes rollout(..., more=), a
 callable drawing the next batch from the stage's data iterator (whose position checkpoints
-hold). It samples with policies.sampler (rollout.Sampler.complete) and scores with
-policies.scorer, which record what they spend in the update's Usage; `Learner.update` runs the
-three parts for every algorithm and reports sample_s, score_s and step_s with one meaning for
-all. run.py finds algorithms by name in algorithms.ALGORITHMS.
+hold). plan(questions, lengths, model_config) describes one update as shapes (UpdatePlan: its
+sampler calls, scoring passes and optimizer steps' rows) for latro_jax.compile_check; an
+algorithm without it trains as any other but cannot be compile-checked. It samples with
+policies.sampler (rollout.Sampler.complete) and scores with policies.scorer, which record what
+they spend in the update's Usage; `Learner.update` runs the three parts for every algorithm and
+reports sample_s, score_s and step_s with one meaning for all. run.py finds algorithms by name
+in algorithms.ALGORITHMS.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ from latro_jax.algorithms.core import Context, Policies
 from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout, gather_groups
 from latro_jax.data import Example
+from latro_jax.models import ModelConfig
+from latro_jax.update_plan import Lengths, UpdatePlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,16 @@ class Dapo(Grpo):
         out.metrics.update(refill_rounds=float(len(rounds) - 1),
                            sampled_questions=float(sum(len(r.prefixes) for r in rounds)))
         return out
+
+    def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
+        """GRPO's, with every refill round taken (refill_factor batches of questions each)."""
+        plan = super().plan(questions, lengths, model_config)
+        if not self.dapo.refill_rounds:
+            return plan
+        first = next(g for g in plan.generations if g.name == "completions")
+        refill = dataclasses.replace(first, name="refill", prompts=first.prompts * self.dapo.refill_factor,
+                                     calls=self.dapo.refill_rounds)
+        return dataclasses.replace(plan, generations=(*plan.generations, refill))
 
     def outcomes(self, policies: Policies, ro: MrtRollout) -> objectives.GroupOutcomes:
         acc = ro.outcomes.rewards

@@ -10,13 +10,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout
+from latro_jax import objectives, rollout, sampling, scoring
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
 from latro_jax.data import Example
 from latro_jax.logprobs import span_logprob, token_logprobs
-from latro_jax.models import Transformer
+from latro_jax.models import ModelConfig, Transformer
 from latro_jax.sampling import SamplingParams
 from latro_jax.train import RowLayout
+from latro_jax.update_plan import Generation, Lengths, Scoring, UpdatePlan, row_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,31 @@ class Latro:
             policies.sampler, policies.model(), prompts, answers, bare_answers, num_samples=cfg.num_samples,
             max_new_tokens=cfg.max_rationale_tokens, sampling_params=cfg.sampling, stops=self.ctx.fmt.stops,
             key=key, policy_logprobs=cfg.reuse_sampler_logprobs)
+
+    answer_weights = False  # a per-row answer weight in the batch (the likelihood family's) instead of c_sft
+
+    def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
+        """K rationales of L per question (with the answer's cache slots where the sampler's
+        log-probs are the policy's), the policy pass where they are not, the reference pass,
+        one step on rows [x | z | y] of the prompt bucket + L + y rounded up."""
+        cfg, ctx, K = self.cfg, self.ctx, self.cfg.num_samples
+        prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
+        reuse = cfg.reuse_sampler_logprobs and sampling.logprobs_are_the_policys(model_config, cfg.sampling)
+        reserve = sampling.bucket(1 + lengths.answer) if reuse else 0
+        rows = self.rows(questions)
+        width = prompt + sampling.round_up(cfg.max_rationale_tokens + lengths.answer, rollout.ROLLOUT_BODY_MULTIPLE)
+        shared = (scoring.sharing_group(model_config, prompt, K, rows, microbatches=ctx.microbatches, mesh=ctx.mesh)
+                  if cfg.share_prompts else None)
+        passes = [("policy", not reuse, ("rationale_mask", "answer_mask")),
+                  ("reference", self.needs_reference, ("rationale_mask",))]
+        return UpdatePlan(
+            generations=(Generation("rationales", questions, prompt, K, cfg.max_rationale_tokens, cfg.sampling,
+                                    reserve),),
+            scoring=tuple(Scoring(name, rows, width, masks, shared_prefix=shared) for name, needed, masks in passes
+                          if needed),
+            batch=row_specs(rows, width, ("rationale_mask", "answer_mask"),
+                            ("advantages", "answer_weight") if self.answer_weights else ("advantages",)),
+            scalars=("rows",), layout=RowLayout(shared))
 
     def score(self, policies: Policies, ro: rollout.Rollout) -> ScoredBatch:
         """log pi(z|x), log pi(y|x+z) (and log pi_0(z|x) when the algorithm needs the reference)

@@ -49,6 +49,7 @@ class LikelihoodReward(Latro):
     """LaTRO's rollout, scoring and loss with a subclass's `estimate`; no KL, so no reference."""
 
     needs_reference = False
+    answer_weights = True
     shown = ("reward", "answer_logp", "finished", "sample_tokens_per_s")
     curves = ("reward", "answer_logp", "finished")
 

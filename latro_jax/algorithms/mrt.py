@@ -26,15 +26,17 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout
+from latro_jax import objectives, rollout, sampling, scoring
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
 from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss, completion_rows, policy_loss, scored_completions
+from latro_jax.algorithms.sft import completion_width
 from latro_jax.data import Example
 from latro_jax.episodes import SegmentConfig, make_segmenter
 from latro_jax.meta_prover import ForcingConfig, MetaProver
-from latro_jax.models import Transformer
+from latro_jax.models import ModelConfig, Transformer
 from latro_jax.stops import Stops, truncate
 from latro_jax.train import RowLayout
+from latro_jax.update_plan import Generation, Lengths, Scoring, UpdatePlan, row_specs
 
 PREFIXES = ("traces", "empty")
 BUDGETS = ("full", "remaining")
@@ -223,6 +225,34 @@ class Mrt:
         cfg, L = self.cfg, self.cfg.rollout.max_tokens
         forced = self.prover.forced_tokens() if self.prover else 0
         return max(cfg.prefix_limit + L, cfg.prefix_limit + L * ("j_after" in cfg.signals) + forced)
+
+    def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
+        """pi_old's traces (with prefixes), G continuations of L after each prompt + prefix, the
+        meta-prover's forced answers where the reading reads J, the reference / pi_old passes,
+        then updates_per_rollout steps on the rows [x + c | z]."""
+        cfg, ctx, G, L = self.cfg, self.ctx, self.cfg.rollout.num_samples, self.cfg.rollout.max_tokens
+        bucket = lambda n: sampling.bucket(n, sampling.MIN_PROMPT_BUCKET)
+        prompt = bucket(lengths.prompt + cfg.prefix_limit)
+        gens = [Generation("prefixes", questions, bucket(lengths.prompt), 1, L, cfg.rollout.sampling)
+                ] if cfg.prefixes == "traces" else []
+        gens.append(Generation("completions", questions, prompt, G, L, cfg.rollout.sampling))
+        if {"j_prefix", "forced"} & cfg.signals:
+            gens.append(self.prover.plan("forced", questions, lengths.prompt + cfg.prefix_limit))
+        if "j_after" in cfg.signals:
+            gens.append(self.prover.plan("forced_after", questions * G, lengths.prompt + cfg.prefix_limit + L))
+        rows, mu = self.rows(questions), cfg.loss.updates_per_rollout
+        width = completion_width(prompt, L)
+        shared = (scoring.sharing_group(model_config, prompt, G, rows, microbatches=ctx.microbatches, mesh=ctx.mesh)
+                  if cfg.share_prompts else None)
+        passes = {"ref_logp": cfg.loss.beta > 0 or cfg.reward_kl > 0, "old_logp": mu > 1 or cfg.reward_kl > 0}
+        in_batch = {"ref_logp": cfg.loss.beta > 0, "old_logp": mu > 1}
+        return UpdatePlan(
+            generations=tuple(gens),
+            scoring=tuple(Scoring(name, rows, width, temperature=self.temperature, shared_prefix=shared)
+                          for name, needed in passes.items() if needed),
+            batch=row_specs(rows // mu, width, ("completion_mask", *(k for k, v in in_batch.items() if v)),
+                            ("advantages",)),
+            scalars=("completion_tokens", "rows", "max_length"), layout=RowLayout(shared), steps=mu)
 
     # ------------------------------------------------------------ rollout
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> MrtRollout:

@@ -20,16 +20,17 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout
+from latro_jax import objectives, rollout, sampling
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
 from latro_jax.algorithms.group_rl import GroupSampling
-from latro_jax.algorithms.sft import completion_loss
+from latro_jax.algorithms.sft import completion_loss, completion_width
 from latro_jax.data import Example
 from latro_jax.episodes import SegmentConfig, make_segmenter
 from latro_jax.meta_prover import ForcingConfig, MetaProver
-from latro_jax.models import Transformer
+from latro_jax.models import ModelConfig, Transformer
 from latro_jax.sampling import SamplingParams
 from latro_jax.train import RowLayout
+from latro_jax.update_plan import Generation, Lengths, UpdatePlan, row_specs
 
 FILTERS = ("max_prefix", "nonneg", "outcome")
 
@@ -95,6 +96,19 @@ class MrtStar:
     def tokens_after_prompt(self, example: Example) -> int:
         """A trace (L) and a forced answer after it."""
         return self.cfg.rollout.max_tokens + self.prover.forced_tokens()
+
+    def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
+        """K traces of L per question, forced answers at their prefixes unless the filter is
+        `outcome` (one call per trace shown; the real number follows the traces' episodes),
+        then `epochs` steps on the kept rows [x | prefix + suffix + answer]."""
+        cfg, K, L = self.cfg, self.cfg.rollout.num_samples, self.cfg.rollout.max_tokens
+        prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
+        gens = [Generation("traces", questions, prompt, K, L, cfg.rollout.sampling)]
+        if cfg.filter != "outcome":
+            gens.append(self.prover.plan("forced", questions * K, lengths.prompt + L))
+        width = completion_width(lengths.prompt, L + self.prover.forced_tokens())
+        return UpdatePlan(tuple(gens), (), row_specs(self.rows(questions), width, ("completion_mask",)),
+                          ("completion_tokens",), RowLayout(), steps=cfg.epochs)
 
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> StarRollout:
         fmt, K = self.ctx.fmt, self.cfg.rollout.num_samples

@@ -23,13 +23,15 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout
+from latro_jax import objectives, rollout, sampling, scoring, sharding
 from latro_jax.algorithms.core import Context, Policies
 from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout
 from latro_jax.data import Example
+from latro_jax.models import ModelConfig
 from latro_jax.sampling import SamplingParams
 from latro_jax.stops import truncate
+from latro_jax.update_plan import Lengths, Scoring, UpdatePlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,23 @@ class Rlpr(Grpo):
         fmt = self.ctx.fmt
         return self.cfg.rollout.max_tokens + max(len(fmt.answer_ids(example.answer)),
                                                  len(fmt.completion_ids(example.answer)))
+
+    def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
+        """GRPO's, with the gold rows' policy pass [x | z | y*] and the prior rows' reference
+        pass [x | y*] (one per question, padded as the scorer pads)."""
+        plan = super().plan(questions, lengths, model_config)
+        G, ctx = self.cfg.rollout.num_samples, self.ctx
+        prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
+        body = lambda n: prompt + sampling.round_up(n, rollout.ROLLOUT_BODY_MULTIPLE)
+        rows = self.rows(questions)
+        multiple = int(np.lcm(ctx.microbatches * sharding.data_shards(ctx.mesh), sampling.BATCH_MULTIPLE))
+        shared = (scoring.sharing_group(model_config, prompt, G, rows, microbatches=ctx.microbatches, mesh=ctx.mesh)
+                  if self.cfg.share_prompts else None)
+        gold = (Scoring("gold", rows, body(self.cfg.rollout.max_tokens + lengths.answer), temperature=self.temperature,
+                        shared_prefix=shared),
+                Scoring("prior", sampling.round_up(questions, multiple), body(lengths.answer),
+                        temperature=self.temperature))
+        return dataclasses.replace(plan, scoring=(*plan.scoring, *gold))
 
     def rollout(self, policies: Policies, examples: Sequence[Example], key: jax.Array) -> RlprRollout:
         fmt = self.ctx.fmt

@@ -12,8 +12,9 @@ from latro_jax import objectives, rollout
 from latro_jax.algorithms.core import Context, Policies, ScoredBatch
 from latro_jax.data import Example
 from latro_jax.logprobs import token_logprobs
-from latro_jax.models import Transformer
+from latro_jax.models import ModelConfig, Transformer
 from latro_jax.train import RowLayout
+from latro_jax.update_plan import Lengths, UpdatePlan, row_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Sft:
                                        [fmt.completion_ids(e.rationale) for e in examples],
                                        pad_id=fmt.pad_id)
 
+    def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
+        """No sampling, no scoring pass: one step on rows [x | gold rationale]."""
+        return UpdatePlan((), (), row_specs(questions, completion_width(lengths.prompt, lengths.rationale),
+                                            ("completion_mask",)), ("completion_tokens",), RowLayout())
+
     def score(self, policies: Policies, rows: rollout.Rows) -> ScoredBatch:
         tokens = float(rows.answer_mask.sum())
         return ScoredBatch(arrays=dict(tokens=rows.tokens, valid=rows.valid, completion_mask=rows.answer_mask),
@@ -56,6 +62,12 @@ class Sft:
 
     def loss(self, model: Transformer, mb: dict, scalars: dict, layout: RowLayout):
         return completion_loss(model, mb, scalars, self.ctx.logprob_chunk)
+
+
+def completion_width(prompt: int, completion: int) -> int:
+    """The row length of completion rows (rollout.completion_rows) for a prompt and a completion
+    of these many tokens."""
+    return rollout.row_widths([[0] * prompt], completion)[1]
 
 
 def completion_loss(model: Transformer, mb: dict, scalars: dict, chunk_size: int):
