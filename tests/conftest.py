@@ -43,5 +43,14 @@ def smollm2_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: runs the training job or a command line as a subprocess "
-                                       "(pytest -m 'not e2e' is the fast in-process loop)")
+    config.addinivalue_line("markers", "e2e: runs the training job or a command line as a subprocess")
+    config.addinivalue_line("markers", "slow: in process, but 2 s or more on the 2-core machine (or needs the real "
+                                       "SmolLM2 model); pytest -m 'not e2e and not slow' is the fast loop")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the real SmolLM2 model is slow: its session fixture converts the GGUF
+    file (~25 s) the first time."""
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

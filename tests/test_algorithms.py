@@ -23,6 +23,7 @@ def _host_copy(model, mesh=None):
     return models.model_from_arrays(model.config, arrays.__getitem__, mesh=mesh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
 def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     config = get_config()
@@ -73,6 +74,7 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     assert qkv.sharding.mesh.size == 8 and isinstance(qkv, jax.Array)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
 def test_no_update_after_the_first_compiles_anything_new(name):
     """Updates 2-4 on the same questions (rows of the widths the first update met, given the
@@ -138,6 +140,7 @@ def _docs_algorithm() -> dict:
     return namespace
 
 
+@pytest.mark.slow
 def test_the_docs_algorithm_runs_on_the_pipeline_and_its_gradient_is_reinforce():
     """The docs' REINFORCE on the tiny config: its advantages are RLOO of its 0/1 rewards (NumPy),
     its step's gradient is that of -sum(A * log pi(completion token)) / completion tokens (the

@@ -236,7 +236,7 @@ POSITIONS = {  # text before the phrase
 }
 
 
-@pytest.fixture(scope="module", params=["phi-3-mini", "gpt2", "smollm2"])
+@pytest.fixture(scope="module", params=["phi-3-mini", "gpt2", pytest.param("smollm2", marks=pytest.mark.slow)])
 def real_tokenizer(request):
     if request.param == "smollm2":
         return transformers.AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2_dir"))

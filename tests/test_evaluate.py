@@ -29,6 +29,7 @@ def test_majority_vote_counts_equal_answers_and_breaks_ties_by_first_seen():
     assert majority_vote(arc, answers) == "gravity"
 
 
+@pytest.mark.slow
 def test_greedy_and_maj_k_evaluation_end_to_end(tmp_path):
     model = models.load_hf(STORIES_HF)
     fmt = PromptFormatter(transformers.AutoTokenizer.from_pretrained(STORIES_HF))

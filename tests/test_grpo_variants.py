@@ -76,6 +76,7 @@ def moved_policy(policies, seed):
 
 
 # ---------------------------------------------------------------- SPEC 3.3 hand values
+@pytest.mark.slow
 def test_dapo_hand_values(x64):
     logp, mask = _pad([[-0.4, -1.1], [-0.9, -0.2, -1.5], [-0.3, -0.7, -0.1, -2], [-1.2, -0.5, -0.8, -0.6]], 4)
     old, _ = _pad([[-0.62, -1], [-0.7, -0.45, -1.5], [-0.3, -0.95, -0.05, -2.1], [-1, -0.5, -1.1, -0.4]], 4)
@@ -92,6 +93,7 @@ def test_dapo_hand_values(x64):
         np.testing.assert_allclose(grad, np_grad, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gspo_hand_values_and_gradient(x64):
     logp, mask = _pad([[-0.5, -1.2], [-0.8, -0.3, -1.1], [-2, -0.1]], 3)
     old, _ = _pad([[-0.5003, -1.2001], [-0.799, -0.3, -1.1], [-2.0002, -0.1004]], 3)
@@ -127,6 +129,7 @@ def test_cispo_hand_values(clip, want, x64):
     np.testing.assert_allclose(grad, np_grad, atol=1e-12)  # the weight is held: d/d log pi = -w A
 
 
+@pytest.mark.slow
 def test_rloo_hand_values(x64):
     """SPEC 3.3 on the 2.5 arrays: rewards (1, 0), the sequences' KL (0.1, -0.1) in the reward
     (beta 0.05), leave-one-out advantages, the clipped plain-sum ratio, the mean over rows."""
@@ -149,6 +152,7 @@ def test_rloo_hand_values(x64):
 @pytest.mark.parametrize("objective,aggregation,eps", [
     ("clip", "token", (0.2, 0.28)), ("clip", "sequence", (0.2, 0.2)), ("gspo", "sequence", (0.01, 0.02)),
     ("gspo", "token", (0.01, 0.02)), ("cispo", "token", (0.2, 0.28)), ("rloo", "sequence", (0.2, 0.2))])
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_losses_and_gradients_match_numpy_on_random_batches(objective, aggregation, eps, seed, x64):
     rng = np.random.RandomState(seed)
@@ -214,6 +218,7 @@ def test_dapo_drops_groups_whose_outcomes_are_all_equal_and_keeps_the_shapes():
     assert stage.algorithm.score(policies, uniform).skip
 
 
+@pytest.mark.slow
 def test_dapo_refills_the_batch_from_more_questions_until_enough_groups_are_kept(monkeypatch):
     """Dynamic sampling's refill on real rollouts of the tiny model, the grades set per round:
     round 0 keeps 1 of 2 groups, so refill_factor = 2 more batches are drawn and sampled; the
@@ -268,6 +273,7 @@ def test_dapo_refills_the_batch_from_more_questions_until_enough_groups_are_kept
     assert metrics["refill_rounds"] == 1.0 and len(draws) == 2 and metrics["kept_groups"] == 1.0
 
 
+@pytest.mark.slow
 def test_rloo_puts_each_sampled_sequences_kl_to_the_reference_in_its_reward():
     """RLOO on a real rollout of the tiny model whose policy has moved from the reference: the
     advantages are the leave-one-out ones of r - 0.05 sum_t (log pi - log pi_ref), each sum
@@ -303,6 +309,7 @@ def test_rloo_puts_each_sampled_sequences_kl_to_the_reference_in_its_reward():
     assert not {"ref_logp", "old_logp"} & set(scored.arrays)
 
 
+@pytest.mark.slow
 def test_mini_batches_start_on_policy_then_the_ratio_moves_and_clips():
     """updates_per_rollout = 2 on GRPO: the batch's groups split in two mini-batches, each one
     optimizer step. The first step's ratio is 1 (pi_old is the policy that sampled, scored by a

@@ -96,6 +96,7 @@ def tiny_stage():
 
 @pytest.mark.parametrize("name,fields", [("verifree", dict(answer_weight="reward")), ("jepo", dict(mode="multi")),
                                          ("jepo", dict(mode="single"))])
+@pytest.mark.slow
 def test_the_batch_and_the_loss_on_a_real_rollout(tiny_stage, name, fields):
     """VeriFree and JEPO on a LaTRO rollout of the tiny model (some rationales marked finished
     so that VeriFree's rewards are not all 0): the scored advantages and answer weights are the

@@ -14,6 +14,7 @@ from latro_jax import logprobs, models, objectives, rollout, scoring, sharding
 from hf_models import tiny_llama as _tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 5, 6, 128])  # 16 positions: 16 x 1, 4 x 4, 3 x 6 (2 padded), 1 x 16
 def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
     model = _tiny_model()
@@ -45,6 +46,7 @@ def _shared_prompt_rows(K):
 @pytest.mark.parametrize("variant", [{"sliding_window": 3, "attention_bias": True},
                                      {"num_kv_heads": 4, "tie_word_embeddings": True}],
                          ids=["gqa_window_bias", "mha_tied"])
+@pytest.mark.slow
 def test_shared_prompt_columns_give_the_per_row_logprobs_and_gradients(variant):
     """token_logprobs(shared_prefix=(W, g)) runs each group's prompt columns once: in float64 the
     log-probability of every real token after the prompt, and the gradient of a LaTRO loss, equal

@@ -23,6 +23,7 @@ def test_family_logits_match_transformers(name, tmp_path):
     assert diff <= TOL, f"{name}: max |dlogits| = {diff}"
 
 
+@pytest.mark.slow
 def test_phi3_longrope_short_and_long_sequences(tmp_path):
     """Below original_max_position_embeddings (32) the short factors apply, above it the long
     ones and the attention factor; both must match transformers."""
@@ -49,6 +50,7 @@ def test_left_padding_matches_transformers_attention_mask(tmp_path):
     assert diff <= TOL
 
 
+@pytest.mark.slow
 def test_stories260k_logits_match_transformers():
     ref = transformers.AutoModelForCausalLM.from_pretrained(STORIES_HF).eval()
     model = models.load_hf(STORIES_HF)
@@ -72,6 +74,7 @@ def test_bf16_compute_close_to_fp32():
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_gradients_of_no_remat(tmp_path, remat):
     """Rematerialisation recomputes the forward pass inside the backward one: the gradients of
@@ -128,6 +131,7 @@ def test_bf16_parameters_are_stored_in_bf16_and_compute_as_transformers_on_round
     assert np.abs(rounded - unrounded).max() > 100 * TOL  # the rounding is visible
 
 
+@pytest.mark.slow
 def test_sharded_load_on_8_device_mesh_matches_single_device():
     from latro_jax import sharding
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)

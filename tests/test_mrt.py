@@ -108,6 +108,7 @@ def _policies(model, microbatches=1):
     return learner.policies()
 
 
+@pytest.mark.slow
 def test_likelihood_j_equals_transformers_on_x_c_suffix_target(stories):
     """J = exp(sum of log pi over the target " {gold}." + EOS), with x + c + suffix as context."""
     tok, fmt, model, ref = stories
@@ -130,6 +131,7 @@ def test_likelihood_j_equals_transformers_on_x_c_suffix_target(stories):
         assert 0 < j < 1
 
 
+@pytest.mark.slow
 def test_mc_j_with_greedy_forcing_is_the_score_of_the_greedy_decode(stories):
     tok, fmt, model, ref = stories
     task = get_task("gsm8k")
@@ -150,6 +152,7 @@ def test_mc_j_with_greedy_forcing_is_the_score_of_the_greedy_decode(stories):
     assert [t.replace(" ", "") for t in sum(result.texts, [])] == [t.replace(" ", "") for t in texts]
 
 
+@pytest.mark.slow
 def test_mc_j_lies_in_a_binomial_band_around_the_exact_success_probability(stories):
     """One-token forced answers at T = 1 on a story, graded by the ARC rule (the gold text in
     the answer): the exact P(correct) is the total probability of the vocabulary entries whose
@@ -233,6 +236,7 @@ def np_grpo(logp, old, ref, mask, A, eps=0.2, beta=0.04, aggregation="token", ma
     return float((loss_t * w).sum()), grad_t * w
 
 
+@pytest.mark.slow
 def test_grpo_hand_values_and_numpy_transcription_with_clipping_on_both_sides():
     A = objectives.group_advantages(np.array([[1.0, 0.0]]))[0]
     assert A == pytest.approx([0.7070068, -0.7070068], abs=1e-7)
@@ -303,6 +307,7 @@ def _learner(algorithm, job, seed=0):
                    OptimConfig(learning_rate=1e-2, eps=1e-3, schedule="constant", total_steps=10))
 
 
+@pytest.mark.slow
 def test_mrt_with_empty_prefixes_group_and_alpha_0_is_grpo_bit_for_bit(synthetic):
     grpo_cfg = GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=10))
     grpo = _learner(Grpo(grpo_cfg, synthetic.ctx), synthetic)
@@ -318,6 +323,7 @@ def test_mrt_with_empty_prefixes_group_and_alpha_0_is_grpo_bit_for_bit(synthetic
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_grpo_step_with_4_microbatches_equals_one(synthetic):
     one = _learner(Grpo(GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=10)), synthetic.ctx), synthetic)
     four = _learner(Grpo(GrpoConfig(rollout=GroupSampling(num_samples=4, max_tokens=10)),
@@ -335,6 +341,7 @@ def test_grpo_step_with_4_microbatches_equals_one(synthetic):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=5e-6)
 
 
+@pytest.mark.slow
 def test_mrt_with_shared_prompts_equals_per_row_passes(synthetic):
     """share_prompts (each question's prompt, with its pi_old prefix, run once for its G rows in
     the reference pass and the step) against one pass per row: the same reference log-probs of every
@@ -356,6 +363,7 @@ def test_mrt_with_shared_prompts_equals_per_row_passes(synthetic):
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 0
 
 
+@pytest.mark.slow
 def test_prefix_cuts_are_deterministic_within_the_episode_count_and_hold_no_answer(synthetic):
     mrt = Mrt(MrtConfig(rollout=GroupSampling(num_samples=2, max_tokens=16, sampling=SamplingParams(1.0))),
               synthetic.ctx)
@@ -374,6 +382,7 @@ def test_prefix_cuts_are_deterministic_within_the_episode_count_and_hold_no_answ
 
 @pytest.mark.parametrize("advantage,estimator", [("termination", "mc"), ("termination", "likelihood"),
                                                  ("mixed", "mc"), ("group", "likelihood")])
+@pytest.mark.slow
 def test_every_mrt_reading_updates_with_both_estimators(synthetic, advantage, estimator):
     forcing = ForcingConfig(estimator=estimator, samples=3, answer_tokens=4)
     bonus = advantage == "group"
@@ -465,6 +474,7 @@ def test_star_filters_on_hand_built_j_lists(synthetic):
                                           None, None)) == 1
 
 
+@pytest.mark.slow
 def test_a_star_round_that_keeps_nothing_takes_no_step(synthetic):
     cfg = MrtStarConfig(rollout=GroupSampling(num_samples=2, max_tokens=6, sampling=SamplingParams(1.0)),
                         filter="outcome")
@@ -510,6 +520,7 @@ def test_forced_budget_curve_and_regret_on_scripted_generations(word, monkeypatc
         assert summary[f"regret@{2 * steps[1]}"] == pytest.approx(1 - (area + steps[1]) / (2 * steps[1]))
 
 
+@pytest.mark.slow
 def test_a_star_step_on_kept_traces_is_the_same_on_8_devices(synthetic):
     """The kept traces (here: gold rationales, as a filter would keep right ones) become
     completion rows padded to questions x keep_per_question; one step on a 2x4 mesh equals one
@@ -597,6 +608,7 @@ def test_training_rewards_need_a_finished_continuation_that_states_the_answer(sy
     assert [task.score(t, "9") for t, _ in texts] == [True, True, True, False]  # evaluation keeps its fallback
 
 
+@pytest.mark.slow
 def test_prefixes_come_from_pi_old_and_j_is_forced_after_them(synthetic, monkeypatch):
     """MRT-RL's rollout wiring, with the sampler wrapped to record its calls: the traces that
     give the prefixes are sampled from pi_old (here a model other than the policy; its traces are
@@ -630,6 +642,7 @@ def test_prefixes_come_from_pi_old_and_j_is_forced_after_them(synthetic, monkeyp
     assert forced == algorithm.prover.forced_prompts(prompts, ro.prefixes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "mrt"])
 def test_the_reference_is_scored_at_the_policys_temperature(synthetic, algorithm):
     """The first update at T = 0.7 with beta > 0: the policy is the reference, so the k3 KL is
@@ -698,6 +711,7 @@ def test_budget_cuts_never_reach_past_the_thinking(word, monkeypatch):
     assert forced_prompts == prover.forced_prompts([fmt.prompt_ids(TWO_STEP.question)], [thinking])  # one prefix
 
 
+@pytest.mark.slow
 def test_a_star_round_trains_epochs_passes_over_its_kept_traces(synthetic):
     """epochs = 3: one round (update) takes three optimizer steps on the kept set, the same
     parameters as three single-step applications of that batch; the schedule counts them."""

@@ -81,6 +81,7 @@ def _loss_of(graphdef, rows, advantages, sft_coef):
     return loss
 
 
+@pytest.mark.slow
 def test_loss_gradient_matches_finite_differences():
     """In float64 (model, log-probs and loss), so the central difference's own rounding noise
     (~1e-13) is far below the 1e-6 relative tolerance."""
@@ -101,6 +102,7 @@ def test_loss_gradient_matches_finite_differences():
             assert abs(fd - ad) <= 1e-6 * max(1.0, abs(ad)), (trial, fd, ad)
 
 
+@pytest.mark.slow
 def test_surrogate_gradient_equals_score_function_estimator():
     """grad loss = 1/(NK) * sum_k [ -A_k grad log pi(z_k|x) - c grad log pi(y|x+z_k) ], the
     right side from each row alone, its log-probabilities from the model's full logits

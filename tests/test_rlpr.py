@@ -22,6 +22,7 @@ PRIOR_LOGP = np.array([[-0.9, -0.7, -1.1]])
 FORMATTED = np.array([[True, True, True, False]])
 
 
+@pytest.mark.slow
 def test_rlpr_hand_values():
     """SPEC 3.3: r, r', R, the group's std against the EMA (kept), A, the loss at rho = 1 on
     completions of 7, 9, 6 and 12 tokens, and the EMA after the update."""
@@ -94,6 +95,7 @@ def _stage(**fields):
     return config, job, stage
 
 
+@pytest.mark.slow
 def test_rewards_on_a_real_rollout_are_the_debiased_gold_probabilities():
     """A real RLPR rollout of the tiny model whose policy has moved from the reference, its
     completions set to: reasoning + answer, reasoning alone (no answer: format 0), the answer
@@ -155,6 +157,7 @@ def test_rewards_on_a_real_rollout_are_the_debiased_gold_probabilities():
         np.mean(want.std(axis=1, ddof=1)), rel=1e-5)  # warm-up 1..1 in the tiny config
 
 
+@pytest.mark.slow
 def test_the_filter_state_goes_through_a_checkpoint(tmp_path):
     _, job, stage = _stage()
     learner = Learner(stage.algorithm, job.model, stage.config.stage.optim)

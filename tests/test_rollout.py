@@ -74,6 +74,7 @@ def _scored_both_ways(model, sampling_params, key):
     return fast, plain, scored
 
 
+@pytest.mark.slow
 def test_sampler_logprobs_and_cache_give_the_scorers_policy_logprobs():
     """At T = 1 (no top-k/top-p) the rollout's log pi(z|x) (the sampler's own token log-probs up
     to the cut) and log pi(y|x+z) (y fed after the cut from the sampler's KV cache) equal a
@@ -90,6 +91,7 @@ def test_sampler_logprobs_and_cache_give_the_scorers_policy_logprobs():
     assert np.abs(y_logp).min() > 1.0  # real log-probs, not zeros
 
 
+@pytest.mark.slow
 def test_other_sampling_distributions_leave_the_policy_pass_to_the_scorer():
     """At T != 1, or with top-k / top-p, the sampler's log-probs are not the policy's."""
     model = models.init_model(TINY, seed=3)
@@ -98,6 +100,7 @@ def test_other_sampling_distributions_leave_the_policy_pass_to_the_scorer():
         assert fast.z_logp is None and fast.y_logp is None, params
 
 
+@pytest.mark.slow
 def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
     """A rollout row is its prompt bucket plus L + the longest y rounded up to 8 columns: every
     row pays for the columns after a shared prompt, and bucketing the whole row padded them by
@@ -136,12 +139,14 @@ def _latro_two_ways(configs, microbatches=1):
     return runs
 
 
+@pytest.mark.slow
 def test_latro_update_from_the_sampler_equals_the_scoring_pass():
     """LaTRO's rewards, advantages and gradient with reuse_sampler_logprobs on and off."""
     (fast, *_), (plain, *_) = _latro_two_ways([dict(reuse_sampler_logprobs=True), dict(reuse_sampler_logprobs=False)])
     assert fast.z_logp is not None and plain.z_logp is None
 
 
+@pytest.mark.slow
 def test_latro_with_shared_prompts_equals_per_row_passes():
     """share_prompts (each question's prompt run once for its K rows in the scoring passes and
     the step, here 2 micro-batches of one question each) against one pass per row: the same
@@ -152,6 +157,7 @@ def test_latro_with_shared_prompts_equals_per_row_passes():
     assert plain.layout.shared_prefix is None
 
 
+@pytest.mark.slow
 def test_continuation_needs_the_reserved_slots():
     model = models.init_model(TINY, seed=3)
     out = sampling.generate(model, [[5, 6]], 4, sampling=SamplingParams(1.0), reserve_slots=4)

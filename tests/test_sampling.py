@@ -28,6 +28,7 @@ def _hf_greedy(model, prompts, max_new, pad_id=0, eos=None):
     return out[:, width:].tolist()
 
 
+@pytest.mark.slow
 def test_greedy_200_tokens_from_bos_match_transformers(stories):
     ref = transformers.AutoModelForCausalLM.from_pretrained(STORIES_HF).eval()
     expected = _hf_greedy(ref, [[1]], 200, eos=None)[0]
@@ -37,6 +38,7 @@ def test_greedy_200_tokens_from_bos_match_transformers(stories):
     assert tok.decode(out.tokens[0][0]).startswith("Once upon a time, there was a little girl named Lily.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
 def test_greedy_ragged_batch_matches_transformers(name, tmp_path):
     """Ragged prompts in one batch give, row by row, what transformers generates for each
@@ -71,6 +73,7 @@ def _reference_keep(logits, top_k, top_p):
     return keep
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (7, 0.8), (1, 1.0), (0, 0.01)])
 def test_top_k_top_p_keep_exactly_their_definition(top_k, top_p):
     logits = np.random.RandomState(top_k).randn(6, 50).astype(np.float32) * 3
@@ -89,6 +92,7 @@ def _tiny_vocab_model():
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.3, 4, 1.0),
                                                      (1.0, 0, 0.7)])
+@pytest.mark.slow
 def test_sampled_frequencies_match_the_sampling_distribution(temperature, top_k, top_p):
     """Chi-square goodness of fit of 8000 first tokens against the NumPy definition: softmax of
     logits / T over the tokens top-k and top-p keep (_reference_keep)."""
@@ -110,6 +114,7 @@ def test_sampled_frequencies_match_the_sampling_distribution(temperature, top_k,
     np.testing.assert_allclose(out.logprob_array[:, 0], np.log(probs[draws]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_logprobs_equal_teacher_forced_forward_pass(stories):
     prompts = [[1, 403, 407, 261, 300], [1, 67]]
     out = sampling.generate(stories, prompts, 30, sampling=SamplingParams(0.8), num_samples=2, seed=5)
@@ -124,6 +129,7 @@ def test_logprobs_equal_teacher_forced_forward_pass(stories):
             np.testing.assert_allclose(out.logprobs[i][k], expected, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_shared_prefill_equals_k_copies_of_the_prompt(stories):
     prompts = [[1, 403, 407], [1, 67, 89, 12, 40]]
     shared = sampling.generate(stories, prompts, 24, sampling=SamplingParams(1.0), num_samples=3, seed=9)
@@ -135,6 +141,7 @@ def test_shared_prefill_equals_k_copies_of_the_prompt(stories):
     assert len({tuple(s) for s in shared.tokens[0]}) > 1
 
 
+@pytest.mark.slow
 def test_stop_ids_and_stop_sequences_cut_rows_at_the_right_place(stories):
     prompt = [1, 403, 407, 261]
     free = sampling.generate(stories, [prompt], 60).tokens[0][0]
@@ -156,6 +163,7 @@ def test_stop_ids_and_stop_sequences_cut_rows_at_the_right_place(stories):
     assert out.tokens[0][0] == free and not out.finished[0]
 
 
+@pytest.mark.slow
 def test_rows_stop_independently_and_finished_rows_do_not_change(stories):
     prompts = [[1, 403, 407, 261], [1, 67, 89]]
     free = sampling.generate(stories, prompts, 50)
@@ -167,6 +175,7 @@ def test_rows_stop_independently_and_finished_rows_do_not_change(stories):
         assert out.tokens[i][0] == f[:cut]
 
 
+@pytest.mark.slow
 def test_no_recompilation_within_a_prompt_bucket(stories):
     rng = np.random.RandomState(0)
     make = lambda n: [rng.randint(3, 500, n).tolist() for _ in range(3)]
@@ -179,6 +188,7 @@ def test_no_recompilation_within_a_prompt_bucket(stories):
     assert sampling._generate_core._cache_size() == before
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = models.load_hf(STORIES_HF, mesh=mesh)
@@ -190,6 +200,7 @@ def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
         np.testing.assert_allclose(one.logprob_array, many.logprob_array, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_progress_bar_does_not_change_results(stories, capsys):
     a = sampling.generate(stories, [[1, 403]], 20, sampling=SamplingParams(1.0), seed=1)
     b = sampling.generate(stories, [[1, 403]], 20, sampling=SamplingParams(1.0), seed=1, progress=True)

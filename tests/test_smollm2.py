@@ -41,6 +41,7 @@ def smol(smollm2_dir):
                            examples=load_examples(task, GSM8K, "test", limit=20))
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_on_chat_template_gsm8k_prompts(smol):
     """Measured: max |d logits| 1.1e-4 (logits up to ~38) on a ragged, left-padded batch."""
     prompts = [smol.fmt.prompt_ids(e.question) for e in smol.examples[:4]]
@@ -55,6 +56,7 @@ def test_logits_match_transformers_on_chat_template_gsm8k_prompts(smol):
         np.testing.assert_allclose(ours[i, width - len(p):], ref, atol=5e-4, err_msg=f"prompt {i}")
 
 
+@pytest.mark.slow
 def test_bf16_compute_is_as_close_to_fp32_as_transformers_bf16(smol):
     """bf16 compute (fp32 parameters) against transformers' bf16 model, both measured against
     fp32 logits on 3 chat prompts. Measured: mean |d logits| 0.11-0.13 (transformers bf16:
@@ -88,6 +90,7 @@ def _hf_generate(smol, prompts, max_new):
     return [cut(g) for g in generated]
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers_for_64_tokens_on_a_ragged_batch(smol):
     prompts = [smol.fmt.prompt_ids(e.question) for e in smol.examples[4:7]]
     ours = sampling.generate(smol.model, prompts, 64, stops=smol.fmt.stops.ends_only(),
@@ -107,6 +110,7 @@ def _expected_cut(text: str, end_text: str) -> int:
     return min(starts)
 
 
+@pytest.mark.slow
 def test_sampled_rationales_are_cut_where_the_earliest_start_rule_says(smol):
     """LaTRO's rollout on 8 GSM8K questions x 4 samples (T = 1, 64 tokens): each rationale is
     the sampled text up to the earliest start of a stop phrase or the end token, by an
@@ -134,6 +138,7 @@ def test_sampled_rationales_are_cut_where_the_earliest_start_rule_says(smol):
     np.testing.assert_allclose(out.y_logp, y_logp, rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_greedy_equals_transformers_generate_and_the_same_scorer(smol, tmp_path):
     """latro_jax.evaluate on 20 GSM8K test questions (64 tokens): the same output text and the
     same score per question as transformers generate + the task's scorer."""
@@ -185,6 +190,7 @@ def test_sft_step_and_latro_update_checkpoint_export_and_reload_in_transformers(
     np.testing.assert_allclose(np.asarray(ours(np.array([ids], np.int32)))[0], theirs, atol=5e-4)
 
 
+@pytest.mark.slow
 def test_every_end_id_of_the_model_stops_training_and_evaluation(smollm2_dir, tmp_path):
     """As Llama-3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|> in generation_config.json,
     a model folder may end generations with several ids: the job's formatter (used by training

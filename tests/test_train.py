@@ -20,6 +20,7 @@ TINY = models.ModelConfig(family="llama", vocab_size=40, hidden_size=16, interme
                           initializer_range=0.3, eos_token_id=(2,))
 
 
+@pytest.mark.slow
 def test_init_model_is_the_seeded_construction_however_its_dtype_is_spelled():
     """init_model's cached, compiled initialiser gives the model built eagerly from the seed
     (nnx.Rngs(seed); equal to float32 rounding: the compiled normal sampler rounds differently),
@@ -86,6 +87,7 @@ def _latro_update(learner, prompts, answers, key, bare=None):
     return {**learner.apply(scored), **scored.metrics}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
     optim = OptimConfig(learning_rate=1e-2, eps=1e-3, total_steps=10, schedule="constant")
     loss = _latro(LatroConfig(num_samples=4)).loss
@@ -102,6 +104,7 @@ def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
         np.testing.assert_allclose(p1[k], p4[k], atol=5e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_gradients_sum_microbatches_and_match_the_step_without_updating():
     """Trainer.gradients over 4 micro-batches equals jax.grad of the whole batch's loss, its norm
     is the step's grad_norm, and the parameters stay as they were."""
@@ -122,6 +125,7 @@ def test_gradients_sum_microbatches_and_match_the_step_without_updating():
     assert four.step(batch, {"rows": 8})["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_latro_update_on_8_device_mesh_equals_one_device():
     """Sampling, scoring and the step of one update, on a data x fsdp x tensor = 2x2x2 mesh.
     Measured: max |d params| = 7.5e-9 after an update of size 1e-3 (1.6e-7 after three)."""
@@ -145,6 +149,7 @@ def test_latro_update_on_8_device_mesh_equals_one_device():
     assert meshed.trainer.state.params["layers"]["attn"]["qkv_kernel"][...].sharding.mesh.size == 8
 
 
+@pytest.mark.slow
 def test_rollout_scores_the_bare_answer_after_an_empty_rationale():
     """A rationale that stops at once (the model answered directly) is followed by y as a whole
     completion ("The answer is" with no leading space); any other rationale by y as it follows
@@ -173,6 +178,7 @@ def _stories_task():
     return tok, prompts, [answer] * 4, Stops(ids=(tok.eos_token_id, period))
 
 
+@pytest.mark.slow
 def test_latro_self_reward_alone_raises_answer_likelihood():
     """c_sft = 0 and beta = 0: only the self-reward's RLOO advantages move the policy. With
     rationales that finish (at "."), 10 updates of 4 questions x 8 rationales raise the mean
@@ -196,6 +202,7 @@ def _torch_logps(model, sequence):
     return np.concatenate([[0.0], logp.numpy()])
 
 
+@pytest.mark.slow
 def test_latro_update_wiring_against_transformers_scores_and_numpy(tmp_path):
     """One LaTRO update after a first one (so policy != reference), 2 micro-batches, finished
     and unfinished rationales: every row holds [x | z | y] with z the sample before its stop;
@@ -235,6 +242,7 @@ def test_latro_update_wiring_against_transformers_scores_and_numpy(tmp_path):
     assert learner.apply(scored)["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_sft_steps_lower_completion_nll_and_accumulate_exactly():
     tok = transformers.AutoTokenizer.from_pretrained(STORIES_HF)
     prompts = [tok(q).input_ids for q in ("Tom has 3 apples.", "A cat sat.", "Lily ran.", "Max is big.")]
