@@ -377,8 +377,11 @@ class TrainState:
 
     def besides(self, program: "Program") -> int:
         """What stays resident while `program` runs and is not among its arguments: a step takes
-        the parameters and the optimizer state, a sampler or scorer one parameter copy."""
-        return self.copies * self.params + (0 if program.name == "step" else self.optimizer)
+        the parameters and the optimizer state, a sampler or scorer one parameter copy. XLA gives
+        a refused program's temporaries only: its arguments count as that state (a lower bound)."""
+        step = program.name == "step"
+        resident = self.copies * self.params + (0 if step else self.optimizer)
+        return resident + (self.params + (self.optimizer if step else 0) if program.refused else 0)
 
 
 @dataclasses.dataclass
@@ -433,14 +436,17 @@ def report_lines(topology: str, results) -> list[str]:
             lines.append(f"{p.stage + '/' + p.name:<28} {p.shapes:<44} {_gb(p.total_bytes):>8} "
                          f"{_gb(p.argument_bytes):>6} {_gb(p.output_bytes):>6} {_gb(p.temp_bytes):>6} "
                          f"{p.flops / 1e9:>9.1f} {_gb(p.bytes_accessed):>8} {p.calls * p.repeat:>8} "
-                         f"{p.compile_s:>7.1f}s  {coll or 'none'}")
+                         f"{p.compile_s:>7.1f}s  {'REFUSED: out of HBM' if p.refused else coll or 'none'}")
         r, st = report, report.state
+        at_least = ">= " if any(p.refused and p.name == r.peak_program for p in programs) else ""
+        roofline = (f"{r.update_s:.1f} s ({r.flops / 1e12:.1f} TFLOP per chip)" if math.isfinite(r.update_s)
+                    else "unknown (a refused program has no cost figures)")
         lines.append(
-            f"== {r.stage}: {'FITS' if r.fits else 'DOES NOT FIT'}: peak {_gb(r.peak_bytes)} GB per chip of "
+            f"== {r.stage}: {'FITS' if r.fits else 'DOES NOT FIT'}: peak {at_least}{_gb(r.peak_bytes)} GB per chip of "
             f"{r.hbm / 1e9:.0f} ({r.peak_program}; parameters {_gb(st.params)} GB per copy x {1 + st.copies}, "
             f"optimizer {_gb(st.optimizer)} GB); parameters per chip {_gb(st.params)} GB against "
-            f"{_gb(st.even)} GB split evenly; roofline update {r.update_s:.1f} s ({r.flops / 1e12:.1f} TFLOP per "
-            f"chip); dominant collective {r.dominant_collective}")
+            f"{_gb(st.even)} GB split evenly; roofline update {roofline}; dominant collective "
+            f"{r.dominant_collective}")
     return lines
 
 
@@ -451,7 +457,8 @@ def json_records(config_name: str, topology: str, results) -> list[dict]:
                      "shapes": p.shapes, "total_bytes": p.total_bytes, "argument_bytes": p.argument_bytes,
                      "output_bytes": p.output_bytes, "temp_bytes": p.temp_bytes, "alias_bytes": p.alias_bytes,
                      "flops": p.flops, "bytes_accessed": p.bytes_accessed, "calls": p.calls, "repeat": p.repeat,
-                     "collectives": p.collectives, "compile_s": p.compile_s} for p in programs]
+                     "collectives": p.collectives, "compile_s": p.compile_s, "refused": p.refused}
+                    for p in programs]
         records.append({"config": config_name, "topology": topology, "stage": r.stage, "summary": True,
                         "fits": r.fits, "peak_bytes": r.peak_bytes, "peak_program": r.peak_program, "hbm": r.hbm,
                         **{f"state_{k}": v for k, v in dataclasses.asdict(r.state).items()},
@@ -494,7 +501,8 @@ def main(argv):
         with open(FLAGS.json, "a") as f:
             for record in json_records(config_flags.get_config_filename(FLAGS["config"]), FLAGS.topology,
                                         results):
-                f.write(json.dumps(record) + "\n")
+                record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
+                f.write(json.dumps(record, allow_nan=False) + "\n")  # a refused program's costs: null
 
 
 if __name__ == "__main__":
