@@ -35,8 +35,9 @@ import re
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are abstract; nothing runs on them
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: checks may run side by side
+if __name__ == "__main__":  # before jax starts a backend
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are abstract; nothing runs on them
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: checks may run side by side
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -469,18 +470,22 @@ def json_records(config_name: str, topology: str, results) -> list[dict]:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
-flags.DEFINE_string("topology", "v5e:2x4", "TPU topology, <chip>:<shape> (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2).")
-flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multi-slice).")
-flags.DEFINE_string("model_config", "", "Folder holding the model's config.json (default: config.model.path "
-                    "when it holds one, else configs/models/<its last part>).")
-flags.DEFINE_string("tokenizer", "", "Tokenizer folder for the stop ids and forcing suffixes (default: the "
-                    "config's); any tokenizer serves: shapes follow the length flags.")
-flags.DEFINE_integer("prompt_tokens", 256, "The longest prompt (tokens) the check assumes.")
-flags.DEFINE_integer("answer_tokens", 16, "The longest gold answer y (tokens).")
-flags.DEFINE_integer("rationale_tokens", 256, "The longest gold rationale (tokens; SFT rows).")
-flags.DEFINE_string("json", "", "Append one JSON line per program and per stage to this file.")
-flags.mark_flags_as_required(["config"])
+
+
+def _define_flags():
+    """The command line's flags, defined only when it runs (other modules define --tokenizer too)."""
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
+    flags.DEFINE_string("topology", "v5e:2x4", "TPU topology, <chip>:<shape> (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2).")
+    flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multi-slice).")
+    flags.DEFINE_string("model_config", "", "Folder holding the model's config.json (default: config.model.path "
+                        "when it holds one, else configs/models/<its last part>).")
+    flags.DEFINE_string("tokenizer", "", "Tokenizer folder for the stop ids and forcing suffixes (default: the "
+                        "config's); any tokenizer serves: shapes follow the length flags.")
+    flags.DEFINE_integer("prompt_tokens", 256, "The longest prompt (tokens) the check assumes.")
+    flags.DEFINE_integer("answer_tokens", 16, "The longest gold answer y (tokens).")
+    flags.DEFINE_integer("rationale_tokens", 256, "The longest gold rationale (tokens; SFT rows).")
+    flags.DEFINE_string("json", "", "Append one JSON line per program and per stage to this file.")
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -508,4 +513,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
