@@ -26,8 +26,10 @@ def get_base() -> ml_collections.ConfigDict:
                   too_long="refuse")  # too_long: examples past max_position_embeddings: refuse | drop
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Stage sections: the stage keys (algorithm = the section name unless given, steps,
-    # batch_size = questions per update, microbatches, logprob_chunk, optim) and the algorithm's
-    # own keys (latro_jax/algorithms/<name>.py: its Config dataclass documents each one).
+    # batch_size = questions per update, microbatches, logprob_chunk, sample_rows_per_call = the
+    # rows one sampler program holds, 0 = all: fewer bound the KV cache's memory, in more calls,
+    # with the same samples; optim) and the algorithm's own keys (latro_jax/algorithms/<name>.py:
+    # its Config dataclass documents each one).
     c.sft = dict(steps=1, batch_size=64, microbatches=1, optim=optim(1e-5))
     c.latro = dict(steps=117, batch_size=24, num_samples=16, beta=0.05, nonstop_penalty=2.0,
                    sft_coef=1.0, max_rationale_tokens=500,

@@ -178,12 +178,14 @@ def check(raw_config, topology: str, *, num_slices: int = 1, model_config_path: 
         fmt = PromptFormatter(tok, eos_ids=config.eos_token_id)
     chip, results = chip_of(topology), []
     for s in c.stages:
-        ctx = Context(get_task(c.task.name), fmt, mesh, s.stage.microbatches, s.stage.logprob_chunk)
+        ctx = Context.of_stage(get_task(c.task.name), fmt, mesh, s.stage)
         algorithm = s.algorithm(s.config, ctx)
         if not hasattr(algorithm, "plan"):
             raise CheckError(f"stage {s.name}: algorithm {algorithm.name!r} describes no update as shapes "
                              "(its class has no plan(); see latro_jax/update_plan.py)")
         plan = algorithm.plan(s.stage.batch_size, lengths, config)
+        plan = dataclasses.replace(plan, generations=tuple(g.in_calls_of(ctx.sample_rows_per_call)
+                                                           for g in plan.generations))
         build = lambda cfg, chunk, say, unroll=1: _stage_programs(
             s, plan, _abstract(cfg, c.model, mesh, unroll), cfg, c.model.dtype, fmt,
             dataclasses.replace(ctx, logprob_chunk=chunk), say)

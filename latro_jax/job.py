@@ -90,7 +90,7 @@ def build(raw_config, *, load_model: bool = True) -> Job:
             raise ConfigError("config.eval.every > 0 needs config.task.val_split, a validation split "
                               "other than the evaluation split (the best checkpoint is never chosen on test).")
         val_examples = load(c.task.val_split, c.eval.limit or None, eval_source)
-    stages = [_stage(s, c, train, Context(task, fmt, mesh, s.stage.microbatches, s.stage.logprob_chunk))
+    stages = [_stage(s, c, train, Context.of_stage(task, fmt, mesh, s.stage))
               for s in c.stages]
     fits = _LengthCheck(fmt, model_config.max_position_embeddings, c.task.too_long)
     for stage in stages:

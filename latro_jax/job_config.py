@@ -4,7 +4,7 @@ the key, so a misspelled field never silently falls back to its default.
 
 Sections: seed, stages, model, tokenizer, task, mesh, eval, checkpoint, export, and one section
 per stage. A stage section holds the stage's own keys (StageSection: algorithm, steps,
-batch_size, microbatches, logprob_chunk, optim) and its algorithm's config keys; `algorithm`
+batch_size, microbatches, logprob_chunk, sample_rows_per_call, optim) and its algorithm's config keys; `algorithm`
 defaults to the section's name, so `stages = "sft,latro,latro2"` with
 `latro2 = dict(algorithm="latro", ...)` runs two rounds of LaTRO.
 """
@@ -148,20 +148,26 @@ class ExportSection:
 @dataclasses.dataclass(frozen=True)
 class StageSection:
     """The keys every stage has: its algorithm (registry name; default the section's name),
-    updates, questions per update, micro-batches per update, positions per log-prob chunk,
-    and the optimizer (OptimConfig; total_steps is `steps`)."""
+    updates, questions per update, micro-batches per update, positions per log-prob chunk, the
+    rows one sampler program holds at most (0: every row of a call at once; fewer bound the KV
+    cache's memory, in more calls, with the same samples), and the optimizer (OptimConfig;
+    total_steps is `steps`)."""
 
     algorithm: str = ""
     steps: int = 1
     batch_size: int = 1
     microbatches: int = 1
     logprob_chunk: int = 128
+    sample_rows_per_call: int = 0
     optim: OptimConfig = OptimConfig()
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.microbatches < 1 or self.logprob_chunk < 1:
             raise ValueError(f"steps={self.steps}, batch_size={self.batch_size}, microbatches="
                              f"{self.microbatches} and logprob_chunk={self.logprob_chunk} must be >= 1")
+        if self.sample_rows_per_call < 0:
+            raise ValueError(f"sample_rows_per_call={self.sample_rows_per_call} must be >= 0 "
+                             "(0: every row of a sampler call at once)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -162,7 +162,7 @@ class MetaProver:
         suffix_texts = [fmt.tokenizer.decode(c) for c in contexts]
         targets = [continuation_ids(fmt.tokenizer, text, f" {gold}.") + [fmt.end_id]
                    for text, gold in zip(suffix_texts, golds)]
-        width, length = rollout.row_widths(prompts, max(map(len, contexts)) + max(map(len, targets)))
+        width, length = rollout.row_widths(max(map(len, prompts)), max(map(len, contexts)) + max(map(len, targets)))
         rows = rollout.assemble_rows(prompts, contexts, targets, prompt_width=width, length=length,
                                      pad_id=fmt.pad_id)
         (logp,) = scorer.span_logprobs(params, scorer.padded(rows.arrays()), ("answer_mask",))

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from latro_jax import sampling
-from latro_jax.models import Transformer
+from latro_jax.models import ModelConfig, Transformer
 from latro_jax.sampling import SamplingParams
 from latro_jax.stops import Stops, truncate
 from latro_jax.usage import Usage
@@ -83,11 +83,13 @@ def grade(task, texts: Sequence[Sequence[str]], golds: Sequence[str],
 
 
 class Sampler:
-    """Completions from a model: the rows' pad id and mesh, and the Usage each call's seconds and
-    generated tokens are recorded in."""
+    """Completions from a model: the rows' pad id and mesh, the Usage each call's seconds and
+    generated tokens are recorded in, and the rows one sampler program holds at most
+    (sampling.generate's rows_per_call; 0: all of a call's rows)."""
 
-    def __init__(self, *, pad_id: int = 0, mesh: jax.sharding.Mesh | None = None, usage: Usage | None = None):
-        self.pad_id, self.mesh, self.usage = pad_id, mesh, usage or Usage()
+    def __init__(self, *, pad_id: int = 0, mesh: jax.sharding.Mesh | None = None, usage: Usage | None = None,
+                 rows_per_call: int = 0):
+        self.pad_id, self.mesh, self.usage, self.rows_per_call = pad_id, mesh, usage or Usage(), rows_per_call
 
     def complete(self, model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling_params: SamplingParams, stops: Stops, key: jax.Array, num_samples: int = 1,
@@ -102,7 +104,8 @@ class Sampler:
         started = time.perf_counter()
         out = sampling.generate(model, prompts, max(budgets) if budgets else max_new_tokens,
                                 sampling=sampling_params, num_samples=G, stops=stops, key=key,
-                                pad_id=self.pad_id, mesh=self.mesh, reserve_slots=reserve_slots, progress=progress)
+                                pad_id=self.pad_id, mesh=self.mesh, reserve_slots=reserve_slots, progress=progress,
+                                rows_per_call=self.rows_per_call)
         self.usage.sampled(started, out.lengths.sum())
         samples = [out.token_array[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
         if cut == "before":
@@ -136,14 +139,15 @@ class Rows:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt_width"}
 
 
-def row_widths(prompts: Sequence[Sequence[int]], body: int, *, body_multiple: int = 0) -> tuple[int, int]:
-    """(prompt width, row length) of rows holding `prompts` and at most `body` tokens after
-    them, so that a run compiles few programs: the width is bucketed (sampling.bucket), and the
-    length too, or, with body_multiple, it is the width plus `body` rounded up to that multiple.
+def row_widths(longest_prompt: int, body: int, *, body_multiple: int = 0) -> tuple[int, int]:
+    """(prompt width, row length) of rows holding prompts of at most `longest_prompt` tokens and
+    at most `body` tokens after them, so that a run compiles few programs: the width is bucketed
+    (sampling.bucket), and the length too, or, with body_multiple, it is the width plus `body`
+    rounded up to that multiple.
     The second is for rows whose body is a fixed budget plus a few varying tokens (a rollout's
     L + y) and whose prompt columns run once per question (prefix sharing): every row pays for
     the padding after its prompt, and bucketing the whole length could pad that part by 40%."""
-    width = sampling.bucket(max(map(len, prompts)), sampling.MIN_PROMPT_BUCKET)
+    width = sampling.bucket(longest_prompt, sampling.MIN_PROMPT_BUCKET)
     if body_multiple:
         return width, width + sampling.round_up(body, body_multiple)
     return width, sampling.bucket(width + body)
@@ -176,7 +180,7 @@ def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
                     pad_id: int = 0) -> Rows:
     """Rows [x | completion] for supervised targets: the completion is the `answer` span (its
     mask is answer_mask), the rationale span is empty."""
-    width, length = row_widths(prompts, max(map(len, completions)))
+    width, length = row_widths(max(map(len, prompts)), max(map(len, completions)))
     return assemble_rows(prompts, [[]] * len(prompts), completions, prompt_width=width,
                          length=length, pad_id=pad_id)
 
@@ -198,6 +202,15 @@ class Rollout:
     y_logp: np.ndarray | None = None
 
 
+def sampler_gives_policy_logprobs(config: ModelConfig, sampling_params: SamplingParams, prompts: int, samples: int,
+                                  rows_per_call: int) -> bool:
+    """Whether sample_rows(policy_logprobs=True) gives the policy's log-probs for `prompts`
+    prompts x `samples`: the sampler's are the policy's (sampling.logprobs_are_the_policys) and
+    one sampler call holds every row (its cache serves y)."""
+    return (sampling.logprobs_are_the_policys(config, sampling_params)
+            and sampling.prompts_per_call(prompts, samples, rows_per_call) == prompts)
+
+
 def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence[int]],
                 answers: Sequence[Sequence[int]], bare_answers: Sequence[Sequence[int]] | None = None,
                 *, num_samples: int, max_new_tokens: int, sampling_params: SamplingParams,
@@ -208,11 +221,12 @@ def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence
 
     policy_logprobs: also give the policy's log pi(z|x) (the sum of the sampler's own token
     log-probabilities up to the cut) and log pi(y|x+z) (y fed after the cut from the sampler's
-    KV cache, a scoring pass in the sampler's usage), when they are the policy's
-    (sampling.logprobs_are_the_policys); a scorer then needs no policy pass over the rows."""
+    KV cache, a scoring pass in the sampler's usage), when sampler_gives_policy_logprobs; a
+    scorer then needs no policy pass over the rows."""
     K = num_samples
     bare_answers = answers if bare_answers is None else bare_answers
-    reuse = policy_logprobs and sampling.logprobs_are_the_policys(model.config, sampling_params)
+    reuse = policy_logprobs and sampler_gives_policy_logprobs(model.config, sampling_params, len(prompts), K,
+                                                              sampler.rows_per_call)
     reserve = sampling.bucket(1 + max(map(len, [*answers, *bare_answers]))) if reuse else 0
     out = sampler.complete(model, prompts, max_new_tokens=max_new_tokens, sampling_params=sampling_params,
                            num_samples=K, stops=stops, key=key, cut="before", reserve_slots=reserve)
@@ -225,7 +239,7 @@ def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence
         y_logp = sampling.continuation_logprobs(model, out.generated, prompts, lengths, row_answers,
                                                 pad_id=sampler.pad_id, mesh=sampler.mesh)
         sampler.usage.scored(started, sum(map(len, row_answers)))
-    width, length = row_widths(prompts, max_new_tokens + max(map(len, row_answers)),
+    width, length = row_widths(max(map(len, prompts)), max_new_tokens + max(map(len, row_answers)),
                                body_multiple=ROLLOUT_BODY_MULTIPLE)
     rows = assemble_rows([p for p in prompts for _ in range(K)], out.ids, row_answers,
                          prompt_width=width, length=length, pad_id=sampler.pad_id)

@@ -259,20 +259,30 @@ class _ProgressBars:
 _PROGRESS = _ProgressBars()
 
 
+def prompts_per_call(prompts: int, samples: int, rows_per_call: int) -> int:
+    """The prompts one sampler call of `generate` takes when it may hold rows_per_call rows
+    (0: every prompt in one call), `samples` rows per prompt: whole prompts, at least one."""
+    return min(prompts, max(1, rows_per_call // samples)) if rows_per_call > 0 else prompts
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: SamplingParams = SamplingParams(), num_samples: int = 1, stops: Stops = Stops(),
              seed: int = 0, key: jax.Array | None = None, pad_id: int = 0,
              mesh: jax.sharding.Mesh | None = None, progress: bool = False,
-             reserve_slots: int = 0) -> GenerateOutput:
+             reserve_slots: int = 0, rows_per_call: int = 0) -> GenerateOutput:
     """Sample `num_samples` continuations of each prompt (ragged token-id lists).
 
     Rows are drawn from `sampling` (default greedy) and stop after a token in stops.ids or after
     the last token of a stop phrase (a token-id subsequence); the stop is included in the returned
     tokens. The draws depend on `key` (a jax.random key; default jax.random.key(seed)) and each
-    row's index. With `mesh`, rows are split over its data axes and parameters stay as the model's partition rules place them;
-    in multi-process runs every process passes the same prompts and gets the full result.
-    With reserve_slots > 0 the output keeps the final KV cache, with that many free slots, for
-    `continuation_logprobs`.
+    row's index. With `mesh`, rows are split over its data axes and parameters stay as the model's
+    partition rules place them; in multi-process runs every process passes the same prompts and
+    gets the full result. With reserve_slots > 0 the output keeps the final KV cache, with that
+    many free slots, for `continuation_logprobs`.
+    rows_per_call > 0 bounds the rows one sampler program holds (its KV cache): the prompts run
+    in consecutive calls of rows_per_call // num_samples prompts (at least one) of one compiled
+    shape, and since draws are keyed by row index, the samples are those of one call. Not with
+    reserve_slots, whose cache must hold every row.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -280,39 +290,42 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
-    n = len(prompts)
-    n_pad = round_up(n, np.lcm(BATCH_MULTIPLE, sharding.data_shards(mesh)))
-    p_len = bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET)
-    gen_bucket = bucket(max_new_tokens)
-    tokens = np.full((n_pad, p_len), pad_id, np.int32)
-    valid = np.zeros((n_pad, p_len), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, p_len - len(p):] = p
-        valid[i, p_len - len(p):] = True
-    rows = np.arange(n_pad * num_samples, dtype=np.int32)
-    live = rows < n * num_samples
+    n, G = len(prompts), num_samples
+    per_call = prompts_per_call(n, G, rows_per_call)
+    if per_call < n and reserve_slots:
+        raise ValueError(f"reserve_slots keeps the KV cache of all {n * G} rows for continuation_logprobs, "
+                         f"but rows_per_call={rows_per_call} splits them over calls: pass one or the other")
+    n_pad = round_up(per_call, np.lcm(BATCH_MULTIPLE, sharding.data_shards(mesh)))
+    p_len = bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET)  # over all prompts: every call one program
     stop_matrix = _stop_matrix(stops)
-
-    key = jax.random.key(seed) if key is None else key
+    key_data = np.asarray(jax.random.key_data(jax.random.key(seed) if key is None else key))
     graphdef, state = nnx.split(model)
-    args = _rows_on_mesh([tokens, valid, rows, live], mesh)
-    bar_id = _PROGRESS.open(max_new_tokens) if progress else 0
-    try:
-        out = _generate_core(graphdef, state, *args, stop_matrix, np.int32(max_new_tokens),
-                             np.asarray(jax.random.key_data(key)), np.int32(bar_id),
-                             num_samples=num_samples, gen_bucket=gen_bucket, params=sampling,
-                             pad_id=pad_id, progress=progress, reserve=int(reserve_slots),
-                             cache_dt=cache_dtype(model.dtype, mesh))
-    finally:
-        if progress:
-            _PROGRESS.close(bar_id)
-    tok, logp, lengths, finished = (sharding.to_host(x) for x in out[:4])
-    rows_out = n * num_samples
-    tok, logp = tok[:rows_out, :max_new_tokens], logp[:rows_out, :max_new_tokens]
-    lengths, finished = lengths[:rows_out], finished[:rows_out]
-    per_row_tokens = [tok[r, :lengths[r]].tolist() for r in range(rows_out)]
-    per_row_logp = [logp[r, :lengths[r]].tolist() for r in range(rows_out)]
-    group = lambda xs: [xs[i * num_samples:(i + 1) * num_samples] for i in range(n)]
+    parts = []
+    for first in range(0, n, per_call):
+        call = prompts[first:first + per_call]
+        tokens = np.full((n_pad, p_len), pad_id, np.int32)
+        valid = np.zeros((n_pad, p_len), bool)
+        for i, p in enumerate(call):
+            tokens[i, p_len - len(p):] = p
+            valid[i, p_len - len(p):] = True
+        local = np.arange(n_pad * G, dtype=np.int32)
+        args = _rows_on_mesh([tokens, valid, first * G + local, local < len(call) * G], mesh)
+        bar_id = _PROGRESS.open(max_new_tokens) if progress else 0
+        try:
+            out = _generate_core(graphdef, state, *args, stop_matrix, np.int32(max_new_tokens), key_data,
+                                 np.int32(bar_id), num_samples=G, gen_bucket=bucket(max_new_tokens),
+                                 params=sampling, pad_id=pad_id, progress=progress, reserve=int(reserve_slots),
+                                 cache_dt=cache_dtype(model.dtype, mesh))
+        finally:
+            if progress:
+                _PROGRESS.close(bar_id)
+        live = len(call) * G
+        tok, logp, lengths, finished = (sharding.to_host(x)[:live] for x in out[:4])
+        parts.append((tok[:, :max_new_tokens], logp[:, :max_new_tokens], lengths, finished))
+    tok, logp, lengths, finished = (np.concatenate(arrays) for arrays in zip(*parts))
+    per_row_tokens = [tok[r, :lengths[r]].tolist() for r in range(n * G)]
+    per_row_logp = [logp[r, :lengths[r]].tolist() for r in range(n * G)]
+    group = lambda xs: [xs[i * G:(i + 1) * G] for i in range(n)]
     return GenerateOutput(tokens=group(per_row_tokens), logprobs=group(per_row_logp),
                           token_array=tok, logprob_array=logp, lengths=lengths,
                           finished=finished, cache=out[4], prompt_width=p_len,

@@ -58,6 +58,13 @@ def sharing_group(config: ModelConfig, width: int, samples: int, rows: int, *, m
     return width, group
 
 
+def padded_rows(rows: int, microbatches: int = 1, mesh: jax.sharding.Mesh | None = None) -> int:
+    """`rows` rounded up to a multiple of micro-batches x data shards and of 8: the count a
+    scorer pads any number of rows to, so few shapes compile."""
+    multiple = math.lcm(microbatches * sharding.data_shards(mesh), sampling.BATCH_MULTIPLE)
+    return sampling.round_up(rows, multiple)
+
+
 class Scorer:
     """Scores host rows (dicts of [B, S] arrays holding at least `tokens` and `valid`) under
     given parameters of one model graph (of `config`), without gradients. Each call's seconds
@@ -94,12 +101,10 @@ class Scorer:
         return [{k: v[m] for k, v in placed.items()} for m in range(self.microbatches)]
 
     def padded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows padded (with empty rows) to a multiple of this scorer's micro-batches x data
-        shards x 8, so any number of rows scores in few compiled shapes (the first rows of the
-        result are the given ones)."""
-        multiple = int(np.lcm(self.microbatches * sharding.data_shards(self.mesh), sampling.BATCH_MULTIPLE))
+        """Rows padded (with empty rows) to padded_rows's count, so any number of rows scores in
+        few compiled shapes (the first rows of the result are the given ones)."""
         n = len(arrays["tokens"])
-        target = sampling.round_up(n, multiple)
+        target = padded_rows(n, self.microbatches, self.mesh)
         return {k: np.concatenate([v, np.zeros((target - n, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}
 
     def prefix_sharing(self, rows: Rows, samples: int) -> tuple[int, int] | None:

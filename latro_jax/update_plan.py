@@ -10,7 +10,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax.sampling import SamplingParams
+from latro_jax.sampling import SamplingParams, prompts_per_call
 from latro_jax.train import RowLayout
 
 
@@ -38,6 +38,12 @@ class Generation:
     sampling: SamplingParams
     reserve: int = 0
     calls: int = 1
+
+    def in_calls_of(self, rows_per_call: int) -> Generation:
+        """This generation as a sampler holding at most rows_per_call rows runs it (0: as is):
+        calls of sampling.prompts_per_call prompts each."""
+        per_call = prompts_per_call(self.prompts, self.samples, rows_per_call)
+        return dataclasses.replace(self, prompts=per_call, calls=self.calls * -(-self.prompts // per_call))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from latro_jax.sampling import SamplingParams
 from latro_jax.scoring import Scorer
 from latro_jax.stops import truncate
 from latro_jax.train import OptimConfig
+from latro_jax.update_plan import Lengths
 
 
 STOPS = Stops(ids=(2, 0), phrases=((50, 51, 52), (60, 61)))
@@ -106,10 +107,9 @@ def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
     row pays for the columns after a shared prompt, and bucketing the whole row padded them by
     up to 40% (the bench shape's 64 + 128 + 8 tokens: 224 columns, now 200). Rows of varying
     bodies (SFT completions, MRT contexts) keep whole-row buckets."""
-    prompts = [[1] * 64, [2] * 50]
-    assert rollout.row_widths(prompts, 128 + 8, body_multiple=8) == (64, 200)
-    assert rollout.row_widths(prompts, 128 + 9, body_multiple=8) == (64, 208)
-    assert rollout.row_widths(prompts, 128 + 8) == (64, 224)
+    assert rollout.row_widths(64, 128 + 8, body_multiple=8) == (64, 200)
+    assert rollout.row_widths(64, 128 + 9, body_multiple=8) == (64, 208)
+    assert rollout.row_widths(64, 128 + 8) == (64, 224)
     model = models.init_model(TINY, seed=3)
     ro = rollout.sample_rows(rollout.Sampler(), model, [[5] * 20, [6] * 17], [[30, 31, 2], [32, 2]], num_samples=2,
                              max_new_tokens=10, sampling_params=SamplingParams(1.0), stops=Stops(ids=()),
@@ -118,12 +118,13 @@ def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
     np.testing.assert_array_equal(ro.rows.answer_mask.sum(1), [3, 3, 2, 2])
 
 
-def _latro_two_ways(configs, microbatches=1):
-    """LaTRO's scored batch and gradient on the same rollout under two LatroConfig variants."""
+def _latro_two_ways(configs, microbatches=1, contexts=({}, {})):
+    """LaTRO's scored batch and gradient on the same rollout under two LatroConfig variants (and
+    Context keywords)."""
     model = models.init_model(TINY, seed=5)
-    ctx = token_context(Stops(ids=(2,), phrases=((7, 8),)), microbatches=microbatches)
     runs = []
-    for cfg in configs:
+    for cfg, kw in zip(configs, contexts):
+        ctx = token_context(Stops(ids=(2,), phrases=((7, 8),)), microbatches=microbatches, **kw)
         latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=10, **cfg), ctx)
         learner = Learner(latro, model, OptimConfig(total_steps=1))
         policies = learner.policies()
@@ -144,6 +145,24 @@ def test_latro_update_from_the_sampler_equals_the_scoring_pass():
     """LaTRO's rewards, advantages and gradient with reuse_sampler_logprobs on and off."""
     (fast, *_), (plain, *_) = _latro_two_ways([dict(reuse_sampler_logprobs=True), dict(reuse_sampler_logprobs=False)])
     assert fast.z_logp is not None and plain.z_logp is None
+
+
+@pytest.mark.slow
+def test_latro_with_the_sampler_in_calls_of_fewer_rows_equals_one_call():
+    """A stage's sample_rows_per_call = 6 (a question's K = 4 rows fit once: 2 calls of one
+    question) draws the same rationales as one call (draws keyed by row), so the same scored
+    batch and gradient; the policy's log-probs then come from a scoring pass, since no one call's
+    cache holds every row, and the plan (what compile_check compiles) says so."""
+    (chunked, *_), (whole, *_) = _latro_two_ways([dict(reuse_sampler_logprobs=True)] * 2,
+                                                 contexts=(dict(sample_rows_per_call=6), {}))
+    np.testing.assert_array_equal(chunked.rows.tokens, whole.rows.tokens)
+    assert chunked.z_logp is None and whole.z_logp is not None
+    for rows, policy_pass in ((6, True), (0, False)):
+        latro = Latro(LatroConfig(num_samples=4, max_rationale_tokens=10), token_context(sample_rows_per_call=rows))
+        plan = latro.plan(2, Lengths(3, 3), TINY)
+        assert ("policy" in [p.name for p in plan.scoring]) == policy_pass
+        (gen,) = [g.in_calls_of(rows) for g in plan.generations]
+        assert (gen.prompts, gen.calls) == ((1, 2) if rows else (2, 1))
 
 
 @pytest.mark.slow

@@ -201,6 +201,32 @@ def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
 
 
 @pytest.mark.slow
+def test_rows_per_call_draws_one_calls_samples_in_calls_of_one_shape(stories, monkeypatch):
+    """generate(rows_per_call=R) runs R // K prompts per call (at least one), each call padded to
+    the same shape (the last too), and draws what one call draws (row-keyed); it refuses to keep
+    a cache (reserve_slots) that no call holds whole."""
+    prompts = [[1, 403 + i, 7 * i + 3][:2 + i % 2] for i in range(10)]
+    shapes, core = [], sampling._generate_core
+
+    def spy(graphdef, state, prompts, *args, **kw):
+        shapes.append(prompts.shape[0])
+        return core(graphdef, state, prompts, *args, **kw)
+
+    monkeypatch.setattr(sampling, "_generate_core", spy)
+    for samples, rows, calls in ((1, 0, [16]), (1, 9, [16, 16]), (3, 2, [8] * 10), (3, 12, [8] * 3)):
+        kw = dict(sampling=SamplingParams(1.0), num_samples=samples, seed=4)
+        one = sampling.generate(stories, prompts, 12, **kw)
+        shapes.clear()
+        split = sampling.generate(stories, prompts, 12, rows_per_call=rows, **kw)
+        assert shapes == calls, (samples, rows)
+        np.testing.assert_array_equal(one.token_array, split.token_array)
+        np.testing.assert_array_equal(one.finished, split.finished)
+        np.testing.assert_allclose(one.logprob_array, split.logprob_array, atol=1e-5)
+    with pytest.raises(ValueError, match="reserve_slots.*rows_per_call"):
+        sampling.generate(stories, prompts, 4, rows_per_call=5, reserve_slots=4)
+
+
+@pytest.mark.slow
 def test_progress_bar_does_not_change_results(stories, capsys):
     a = sampling.generate(stories, [[1, 403]], 20, sampling=SamplingParams(1.0), seed=1)
     b = sampling.generate(stories, [[1, 403]], 20, sampling=SamplingParams(1.0), seed=1, progress=True)

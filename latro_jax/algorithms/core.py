@@ -47,15 +47,22 @@ from latro_jax.usage import Usage
 class Context:
     """What an algorithm works with besides parameters: the task (its grading, answer extraction,
     gold answers), the prompt formatter (prompt and answer ids, the pad id, the stops each
-    algorithm takes its own from), the mesh, and the stage's micro-batching (micro-batches per
-    step, positions per log-prob chunk). Algorithms used on token ids alone (tests, benchmarks)
-    may leave the task None and give as fmt any object with `stops` and `pad_id`."""
+    algorithm takes its own from), the mesh, and the stage's batching (micro-batches per step,
+    positions per log-prob chunk, rows per sampler call). Algorithms used on token ids alone
+    (tests, benchmarks) may leave the task None and give as fmt any object with `stops` and
+    `pad_id`."""
 
     task: Task | None
     fmt: PromptFormatter
     mesh: jax.sharding.Mesh | None = None
     microbatches: int = 1
     logprob_chunk: int = 128
+    sample_rows_per_call: int = 0
+
+    @classmethod
+    def of_stage(cls, task: Task | None, fmt: PromptFormatter, mesh: jax.sharding.Mesh | None, stage) -> Context:
+        """The context of a stage section (job_config.StageSection)."""
+        return cls(task, fmt, mesh, stage.microbatches, stage.logprob_chunk, stage.sample_rows_per_call)
 
 
 @dataclasses.dataclass
@@ -184,9 +191,8 @@ class Learner:
         """The current parameters, with a sampler and a scorer that record into `usage`."""
         usage = usage or Usage()
         ctx = self.algorithm.ctx
-        return Policies(self.trainer.state.params, self.reference,
-                        Sampler(pad_id=ctx.fmt.pad_id, mesh=ctx.mesh, usage=usage), self.scorer.with_usage(usage),
-                        self.old)
+        sampler = Sampler(pad_id=ctx.fmt.pad_id, mesh=ctx.mesh, usage=usage, rows_per_call=ctx.sample_rows_per_call)
+        return Policies(self.trainer.state.params, self.reference, sampler, self.scorer.with_usage(usage), self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
         """The optimizer steps of a scored batch (none when it says skip): scored.epochs passes,

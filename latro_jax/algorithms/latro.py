@@ -70,6 +70,7 @@ class Latro:
     needs_reference = True
     old_policy_refresh = None
     trains_on = "questions"
+    answer_weights = False  # a per-row answer weight in the batch (the likelihood family's) instead of c_sft
     shown = ("reward", "answer_logp", "kl", "finished", "sample_tokens_per_s")
     curves = ("reward", "answer_logp", "kl", "finished")
 
@@ -104,18 +105,18 @@ class Latro:
             max_new_tokens=cfg.max_rationale_tokens, sampling_params=cfg.sampling, stops=self.ctx.fmt.stops,
             key=key, policy_logprobs=cfg.reuse_sampler_logprobs)
 
-    answer_weights = False  # a per-row answer weight in the batch (the likelihood family's) instead of c_sft
-
     def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
         """K rationales of L per question (with the answer's cache slots where the sampler's
         log-probs are the policy's), the policy pass where they are not, the reference pass,
         one step on rows [x | z | y] of the prompt bucket + L + y rounded up."""
         cfg, ctx, K = self.cfg, self.ctx, self.cfg.num_samples
         prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
-        reuse = cfg.reuse_sampler_logprobs and sampling.logprobs_are_the_policys(model_config, cfg.sampling)
+        reuse = cfg.reuse_sampler_logprobs and rollout.sampler_gives_policy_logprobs(
+            model_config, cfg.sampling, questions, K, ctx.sample_rows_per_call)
         reserve = sampling.bucket(1 + lengths.answer) if reuse else 0
         rows = self.rows(questions)
-        width = prompt + sampling.round_up(cfg.max_rationale_tokens + lengths.answer, rollout.ROLLOUT_BODY_MULTIPLE)
+        width = rollout.row_widths(lengths.prompt, cfg.max_rationale_tokens + lengths.answer,
+                                   body_multiple=rollout.ROLLOUT_BODY_MULTIPLE)[1]
         shared = (scoring.sharing_group(model_config, prompt, K, rows, microbatches=ctx.microbatches, mesh=ctx.mesh)
                   if cfg.share_prompts else None)
         passes = [("policy", not reuse, ("rationale_mask", "answer_mask")),

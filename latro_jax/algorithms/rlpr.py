@@ -23,7 +23,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latro_jax import objectives, rollout, sampling, scoring, sharding
+from latro_jax import objectives, rollout, sampling, scoring
 from latro_jax.algorithms.core import Context, Policies
 from latro_jax.algorithms.group_rl import GroupSampling, PolicyLoss
 from latro_jax.algorithms.mrt import Grpo, GrpoConfig, MrtRollout
@@ -149,14 +149,13 @@ class Rlpr(Grpo):
         plan = super().plan(questions, lengths, model_config)
         G, ctx = self.cfg.rollout.num_samples, self.ctx
         prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
-        body = lambda n: prompt + sampling.round_up(n, rollout.ROLLOUT_BODY_MULTIPLE)
+        body = lambda n: rollout.row_widths(lengths.prompt, n, body_multiple=rollout.ROLLOUT_BODY_MULTIPLE)[1]
         rows = self.rows(questions)
-        multiple = int(np.lcm(ctx.microbatches * sharding.data_shards(ctx.mesh), sampling.BATCH_MULTIPLE))
         shared = (scoring.sharing_group(model_config, prompt, G, rows, microbatches=ctx.microbatches, mesh=ctx.mesh)
                   if self.cfg.share_prompts else None)
         gold = (Scoring("gold", rows, body(self.cfg.rollout.max_tokens + lengths.answer), temperature=self.temperature,
                         shared_prefix=shared),
-                Scoring("prior", sampling.round_up(questions, multiple), body(lengths.answer),
+                Scoring("prior", scoring.padded_rows(questions, ctx.microbatches, ctx.mesh), body(lengths.answer),
                         temperature=self.temperature))
         return dataclasses.replace(plan, scoring=(*plan.scoring, *gold))
 
@@ -172,7 +171,8 @@ class Rlpr(Grpo):
         their gold mask, the tokens of the gold answer."""
         answers = [ro.answers[n][0 if z else 1] for z, n in zip(reasonings, questions)]
         body = max(len(z) + len(y.ids) for z, y in zip(reasonings, answers))
-        width, length = rollout.row_widths(prompts, body, body_multiple=rollout.ROLLOUT_BODY_MULTIPLE)
+        longest = max(map(len, prompts))
+        width, length = rollout.row_widths(longest, body, body_multiple=rollout.ROLLOUT_BODY_MULTIPLE)
         rows = rollout.assemble_rows(prompts, reasonings, [y.ids for y in answers], prompt_width=width,
                                      length=length, pad_id=self.ctx.fmt.pad_id)
         gold = np.zeros_like(rows.answer_mask)

@@ -67,7 +67,7 @@ class Sft:
 def completion_width(prompt: int, completion: int) -> int:
     """The row length of completion rows (rollout.completion_rows) for a prompt and a completion
     of these many tokens."""
-    return rollout.row_widths([[0] * prompt], completion)[1]
+    return rollout.row_widths(prompt, completion)[1]
 
 
 def completion_loss(model: Transformer, mb: dict, scalars: dict, chunk_size: int):
