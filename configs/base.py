@@ -36,13 +36,13 @@ def get_base() -> ml_collections.ConfigDict:
                    sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
                    reuse_sampler_logprobs=True,  # the policy's log-probs from the sampler (T = 1 only)
                    share_prompts=True,  # the reference pass and the step run each prompt once per question
-                   microbatches=1, logprob_chunk=128, optim=optim(5e-7))
+                   microbatches=1, logprob_chunk=128, sample_rows_per_call=0, optim=optim(5e-7))
     # The likelihood-reward family (SPEC 3.1; algorithms/likelihood.py): LaTRO's rollout keys
     # (num_samples, max_rationale_tokens, sampling, reuse_sampler_logprobs, share_prompts), no KL
     # and no reference pass. VeriFree: reward prob | logprob (pi(y|x+z), 0 unfinished),
     # answer_weight reward | advantage | one. JEPO: mode single | multi (the Jensen bound).
     rationale = dict(sampling=dict(temperature=1.0, top_k=0, top_p=1.0), reuse_sampler_logprobs=True,
-                     share_prompts=True, microbatches=1, logprob_chunk=128)
+                     share_prompts=True, microbatches=1, logprob_chunk=128, sample_rows_per_call=0)
     c.verifree = dict(rationale, steps=100, batch_size=16, num_samples=8, max_rationale_tokens=3000, reward="prob",
                       answer_weight="reward", optim=optim(1e-6, "constant"))
     c.jepo = dict(rationale, steps=100, batch_size=16, num_samples=8, max_rationale_tokens=500, mode="multi",
@@ -61,7 +61,7 @@ def get_base() -> ml_collections.ConfigDict:
     rl_optim = optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01)
     grpo = dict(steps=100, batch_size=16, rollout=group, loss=policy_loss, advantage="group", scaling="group",
                 advantage_eps=1e-4, reward_kl=0.0, share_prompts=True, microbatches=1, logprob_chunk=128,
-                optim=rl_optim)
+                sample_rows_per_call=0, optim=rl_optim)
     c.grpo = dict(grpo)  # (a ConfigDict copies the dicts it is given)
     # The GRPO variants (SPEC 3.2; algorithms/grpo_variants.py): GRPO's keys with their papers'
     # loss settings. `loss.objective` clip | gspo | cispo | rloo; clip range (1 - clip_eps,
@@ -108,7 +108,7 @@ def get_base() -> ml_collections.ConfigDict:
                  advantage_eps=1e-4, reward_kl=0.0, share_prompts=True, prefixes="traces", prefix_refresh=0,
                  budget="full", advantage="termination",
                  alpha=0.0, continuation="full", segment=dict(segment), forcing=dict(forcing), microbatches=1,
-                 logprob_chunk=128, optim=dict(rl_optim))
+                 logprob_chunk=128, sample_rows_per_call=0, optim=dict(rl_optim))
     # MRT-STaR (SPEC 2.7; algorithms/mrt_star.py): rounds of K traces per question (the `rollout`
     # block, drawn at T 1), J at every prefix, filter max_prefix | nonneg | outcome (vanilla
     # STaR), keep_per_question, then
@@ -117,7 +117,7 @@ def get_base() -> ml_collections.ConfigDict:
     c.mrt_star = dict(steps=20, batch_size=16,
                       rollout=dict(group, sampling=dict(temperature=1.0, top_k=0, top_p=1.0)), filter="max_prefix",
                       keep_per_question=1, epochs=3, segment=dict(segment), forcing=dict(forcing), microbatches=1,
-                      logprob_chunk=128, optim=optim(1e-6, "constant"))
+                      logprob_chunk=128, sample_rows_per_call=0, optim=optim(1e-6, "constant"))
     # every: validate on task.val_split every N updates (0 = off); the checkpoint with the best
     # validation greedy accuracy is kept besides the last `checkpoint.keep`.
     # forced_budgets / regret_cutoffs (SPEC 2.4): the forced-answer accuracy curve of the greedy

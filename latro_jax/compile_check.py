@@ -152,8 +152,9 @@ def check(raw_config, topology: str, *, num_slices: int = 1, model_config_path: 
     stage its programs and its report."""
     from latro_jax import job as jobs
     from latro_jax.algorithms import Context
+    from latro_jax.algorithms.core import frozen_dtype
     from latro_jax.data import PromptFormatter, get_task
-    from latro_jax.job_config import parse
+    from latro_jax.job_config import ConfigError, parse
     c = parse(raw_config)
     devices = topology_devices(topology, num_slices)
     try:
@@ -173,8 +174,12 @@ def check(raw_config, topology: str, *, num_slices: int = 1, model_config_path: 
         config = jobs.init_model_config(c, len(tok), fmt)
     else:
         config = model_config(raw_config, model_config_path)
-        tok = jobs.load_tokenizer(dataclasses.replace(c, tokenizer=dataclasses.replace(
-            c.tokenizer, path=tokenizer or c.tokenizer.path)), [])
+        try:
+            tok = jobs.load_tokenizer(dataclasses.replace(c, tokenizer=dataclasses.replace(
+                c.tokenizer, path=tokenizer or c.tokenizer.path)), [])
+        except (ConfigError, FileNotFoundError) as e:
+            raise CheckError(f"{e}\nAny tokenizer serves the check (its stop ids and suffixes): "
+                             "--tokenizer=<a local tokenizer folder>, e.g. ../shared/tokenizers/phi-3-mini") from e
         fmt = PromptFormatter(tok, eos_ids=config.eos_token_id)
     chip, results = chip_of(topology), []
     for s in c.stages:
@@ -203,7 +208,10 @@ def check(raw_config, topology: str, *, num_slices: int = 1, model_config_path: 
                                                        and (refresh > 0 or not algorithm.needs_reference))
         total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
         even = total / (c.mesh.fsdp * c.mesh.tensor)
-        state = TrainState(per_chip_bytes(params), per_chip_bytes(trainer.state.opt_state), copies, even)
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype(x.dtype, c.model.dtype),
+                                                             sharding=x.sharding), params)
+        state = TrainState(per_chip_bytes(params), per_chip_bytes(trainer.state.opt_state), copies,
+                           per_chip_bytes(frozen), even)
         results.append((programs, stage_report(s.name, programs, chip, state)))
     return results
 
@@ -372,12 +380,14 @@ def per_chip_bytes(tree) -> int:
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """Bytes per chip of what stays in HBM across a stage's programs: one parameter copy, the
-    optimizer state, and `copies` more parameter copies (the reference, pi_old); `even`, the
-    parameters' total bytes / (fsdp x tensor), what one copy takes when every array is split."""
+    optimizer state, and `copies` frozen copies (the reference, pi_old; `copy` bytes each, in
+    the compute dtype: core.frozen_copy); `even`, the parameters' total bytes / (fsdp x
+    tensor), what one copy takes when every array is split."""
 
     params: int
     optimizer: int
     copies: int
+    copy: int
     even: float
 
     def besides(self, program: "Program") -> int:
@@ -385,7 +395,7 @@ class TrainState:
         the parameters and the optimizer state, a sampler or scorer one parameter copy. XLA gives
         a refused program's temporaries only: its arguments count as that state (a lower bound)."""
         step = program.name == "step"
-        resident = self.copies * self.params + (0 if step else self.optimizer)
+        resident = self.copies * self.copy + (0 if step else self.optimizer)
         return resident + (self.params + (self.optimizer if step else 0) if program.refused else 0)
 
 
@@ -448,7 +458,7 @@ def report_lines(topology: str, results) -> list[str]:
                     else "unknown (a refused program has no cost figures)")
         lines.append(
             f"== {r.stage}: {'FITS' if r.fits else 'DOES NOT FIT'}: peak {at_least}{_gb(r.peak_bytes)} GB per chip of "
-            f"{r.hbm / 1e9:.0f} ({r.peak_program}; parameters {_gb(st.params)} GB per copy x {1 + st.copies}, "
+            f"{r.hbm / 1e9:.0f} ({r.peak_program}; parameters {_gb(st.params)} GB and {st.copies} frozen copies of {_gb(st.copy)}, "
             f"optimizer {_gb(st.optimizer)} GB); parameters per chip {_gb(st.params)} GB against "
             f"{_gb(st.even)} GB split evenly; roofline update {roofline}; dominant collective "
             f"{r.dominant_collective}")

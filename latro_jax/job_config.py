@@ -150,7 +150,8 @@ class StageSection:
     """The keys every stage has: its algorithm (registry name; default the section's name),
     updates, questions per update, micro-batches per update, positions per log-prob chunk, the
     rows one sampler program holds at most (0: every row of a call at once; fewer bound the KV
-    cache's memory, in more calls, with the same samples), and the optimizer (OptimConfig;
+    cache's memory, in more calls, with the same samples; whole prompts, padded to 8 per call:
+    a multiple of 8 x the samples per prompt wastes no row), and the optimizer (OptimConfig;
     total_steps is `steps`)."""
 
     algorithm: str = ""

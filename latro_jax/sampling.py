@@ -280,9 +280,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     gets the full result. With reserve_slots > 0 the output keeps the final KV cache, with that
     many free slots, for `continuation_logprobs`.
     rows_per_call > 0 bounds the rows one sampler program holds (its KV cache): the prompts run
-    in consecutive calls of rows_per_call // num_samples prompts (at least one) of one compiled
-    shape, and since draws are keyed by row index, the samples are those of one call. Not with
-    reserve_slots, whose cache must hold every row.
+    in consecutive calls of rows_per_call // num_samples prompts (at least one; padded, as one
+    call's are, to a multiple of 8 and of the data shards, so a multiple of 8 x num_samples
+    wastes no row) of one compiled shape, and since draws are keyed by row index, the samples
+    are those of one call. Not with reserve_slots, whose cache must hold every row.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")

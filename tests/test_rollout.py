@@ -2,6 +2,7 @@
 the policy's log-probs from the sampler against a scoring pass."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +15,7 @@ from latro_jax.stops import Stops
 from latro_jax.sampling import SamplingParams
 from latro_jax.scoring import Scorer
 from latro_jax.stops import truncate
-from latro_jax.train import OptimConfig
+from latro_jax.train import OptimConfig, RowLayout
 from latro_jax.update_plan import Lengths
 
 
@@ -163,6 +164,31 @@ def test_latro_with_the_sampler_in_calls_of_fewer_rows_equals_one_call():
         assert ("policy" in [p.name for p in plan.scoring]) == policy_pass
         (gen,) = [g.in_calls_of(rows) for g in plan.generations]
         assert (gen.prompts, gen.calls) == ((1, 2) if rows else (2, 1))
+
+
+@pytest.mark.slow
+def test_the_frozen_reference_is_kept_in_the_compute_dtype_and_scores_exactly_as_the_weights():
+    """bfloat16 compute over float32 parameters: the reference (and pi_old) is a bfloat16 copy,
+    half the bytes, whose log-probs equal the float32 weights' bit for bit (the model casts
+    every weight to bfloat16 before use); a float32 model keeps a float32 copy; a step on the
+    policy leaves the copy unchanged (no shared buffer)."""
+    ctx = token_context()
+    for dtype, frozen in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
+        model = models.init_model(TINY, seed=5, dtype=dtype)
+        learner = Learner(Latro(LatroConfig(num_samples=2, max_rationale_tokens=4), ctx), model,
+                          OptimConfig(learning_rate=1e-2, total_steps=2))
+        params, reference = learner.state.params, learner.reference
+        assert {x.dtype for x in jax.tree.leaves(reference)} == {jnp.dtype(frozen)}, dtype
+        ratio = sum(x.nbytes for x in jax.tree.leaves(reference)) / sum(x.nbytes for x in jax.tree.leaves(params))
+        assert ratio == (0.5 if dtype == "bfloat16" else 1.0)
+        rows = {"tokens": np.array([[1, 5, 9, 12, 30, 2, 0, 0]] * 8, np.int32), "valid": np.ones((8, 8), bool)}
+        before = learner.scorer.token_logprobs(reference, rows)
+        np.testing.assert_array_equal(before, learner.scorer.token_logprobs(params, rows))
+    batch = dict(rows, rationale_mask=np.ones((8, 8), np.float32), answer_mask=np.ones((8, 8), np.float32),
+                 advantages=np.ones(8, np.float32))
+    learner.trainer.step(batch, {"rows": 8.0}, RowLayout())  # donates the policy's buffers
+    assert not np.array_equal(before, learner.scorer.token_logprobs(learner.state.params, rows))
+    np.testing.assert_array_equal(before, learner.scorer.token_logprobs(learner.reference, rows))
 
 
 @pytest.mark.slow

@@ -139,9 +139,28 @@ class Algorithm(Protocol):
              ) -> tuple[jax.Array, dict]: ...
 
 
+def frozen_dtype(dtype, compute_dtype) -> np.dtype:
+    """The dtype a frozen parameter copy (the reference, pi_old) keeps a parameter of `dtype`
+    in: the model's compute dtype where that is a narrower float. The model casts every weight
+    to its compute dtype before using it, so the copy computes exactly what a full-precision
+    copy would, in half the bytes for bfloat16 compute."""
+    dtype, compute = np.dtype(dtype), np.dtype(compute_dtype)
+    floats = jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(compute, jnp.floating)
+    return compute if floats and compute.itemsize < dtype.itemsize else dtype
+
+
+def frozen_copy(params, compute_dtype):
+    """A copy of `params` (sharded as they are) in frozen_dtype, sharing no buffer with them."""
+    def copy(x):
+        dtype = frozen_dtype(x.dtype, compute_dtype)
+        return x.astype(dtype) if dtype != x.dtype else jnp.copy(x)
+    return jax.tree.map(copy, params)
+
+
 class Learner:
     """One algorithm's training state: the policy's train state (a jitted, sharded Trainer
-    step), the frozen reference when the algorithm needs one, and the scorer."""
+    step), the frozen reference when the algorithm needs one (frozen_copy: in the compute
+    dtype), pi_old likewise, and the scorer."""
 
     def __init__(self, algorithm: Algorithm, model: Transformer, optim: OptimConfig):
         ctx = algorithm.ctx
@@ -149,7 +168,8 @@ class Learner:
         self.trainer = Trainer(model, optim, algorithm.loss, microbatches=ctx.microbatches, mesh=ctx.mesh)
         self.scorer = Scorer(self.trainer.graphdef, model.config, microbatches=ctx.microbatches, mesh=ctx.mesh,
                              chunk_size=ctx.logprob_chunk)
-        copy = lambda: jax.tree.map(jnp.copy, self.trainer.state.params)
+        self.compute_dtype = model.dtype
+        copy = lambda: frozen_copy(self.trainer.state.params, self.compute_dtype)
         self.reference = copy() if algorithm.needs_reference else None
         self.refresh = algorithm.old_policy_refresh
         # pi_old starts as the stage's starting weights: the reference's arrays when there is one
@@ -214,7 +234,7 @@ class Learner:
         an algorithm that `draws_more` (DAPO's refill)."""
         started = time.perf_counter()
         if self.refresh and self.step and self.step % self.refresh == 0:
-            self.old = jax.tree.map(jnp.copy, self.trainer.state.params)
+            self.old = frozen_copy(self.trainer.state.params, self.compute_dtype)
         usage = Usage()
         policies = self.policies(usage)
         extra = {"more": more} if more is not None and getattr(self.algorithm, "draws_more", False) else {}
