@@ -19,7 +19,8 @@ def get_base() -> ml_collections.ConfigDict:
         init=dict(family="llama", hidden_size=0, intermediate_size=0, num_layers=0, num_heads=1,
                   num_kv_heads=1, head_dim=0, max_position_embeddings=1024,
                   tie_word_embeddings=True, initializer_range=0.02),
-        dtype="bfloat16", param_dtype="float32", remat="full")
+        dtype="bfloat16", param_dtype="float32", remat="full",
+        query_chunk=0)  # attention over that many query positions at a time (0: all): long rows
     c.tokenizer = dict(path="", build="")  # path defaults to model.path; build: "", "char", "words"
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", eval_source="", config_name="",
                   train_split="train", eval_split="test", val_split="", sft_examples=7473,

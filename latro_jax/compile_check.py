@@ -217,14 +217,14 @@ def check(raw_config, topology: str, *, num_slices: int = 1, model_config_path: 
 
 
 def _abstract(config: models.ModelConfig, model_section, mesh, unroll: int = 1):
-    """(graphdef, abstract parameters with their shardings on the mesh) of the model, its layer
-    scan unrolled as `unroll` says."""
+    """(graphdef, abstract parameters with their shardings on the mesh) of the model, with the
+    section's query chunk, its layer scan unrolled as `unroll` says."""
     graphdef, abstract = models.abstract_model(config, dtype=model_section.dtype,
                                                param_dtype=model_section.param_dtype, remat=model_section.remat)
-    if unroll != 1:
-        model = nnx.merge(graphdef, abstract)
-        model.scan_unroll = unroll
-        graphdef, abstract = nnx.split(model)
+    model = nnx.merge(graphdef, abstract)
+    model.scan_unroll = unroll
+    model.set_query_chunk(model_section.query_chunk)
+    graphdef, abstract = nnx.split(model)
     shardings = sharding.param_shardings(abstract, mesh)
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
@@ -458,7 +458,8 @@ def report_lines(topology: str, results) -> list[str]:
                     else "unknown (a refused program has no cost figures)")
         lines.append(
             f"== {r.stage}: {'FITS' if r.fits else 'DOES NOT FIT'}: peak {at_least}{_gb(r.peak_bytes)} GB per chip of "
-            f"{r.hbm / 1e9:.0f} ({r.peak_program}; parameters {_gb(st.params)} GB and {st.copies} frozen copies of {_gb(st.copy)}, "
+            f"{r.hbm / 1e9:.0f} ({r.peak_program}; parameters {_gb(st.params)} GB and {st.copies} frozen "
+            f"copies of {_gb(st.copy)}, "
             f"optimizer {_gb(st.optimizer)} GB); parameters per chip {_gb(st.params)} GB against "
             f"{_gb(st.even)} GB split evenly; roofline update {roofline}; dominant collective "
             f"{r.dominant_collective}")

@@ -202,9 +202,9 @@ def init_model_config(c: JobConfig, vocab_size: int, fmt: PromptFormatter) -> mo
 
 def _model(c: JobConfig, mesh, model_dir: str | None, config: models.ModelConfig) -> models.Transformer:
     kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat, mesh=mesh)
-    if model_dir:
-        return models.load_hf(model_dir, **kw)
-    return models.init_model(config, seed=c.seed, **kw)
+    model = models.load_hf(model_dir, **kw) if model_dir else models.init_model(config, seed=c.seed, **kw)
+    model.set_query_chunk(c.model.query_chunk)
+    return model
 
 
 def restore_final(job: Job, workdir: str) -> models.Transformer:
@@ -215,6 +215,7 @@ def restore_final(job: Job, workdir: str) -> models.Transformer:
                             "drop the --config.tokenizer overrides so that the run's own is used.")
     m, directory = job.config.model, os.path.join(workdir, "checkpoints", job.stages[-1].name)
     model = checkpoint.restore_model(directory, dtype=m.dtype, remat=m.remat, mesh=job.mesh)
+    model.set_query_chunk(m.query_chunk)
     problem = job.fmt.vocabulary_problem(model.config.vocab_size, directory)
     if problem:
         raise ConfigError(problem)

@@ -63,13 +63,20 @@ def _dataclass_type(hint) -> type | None:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """path: HF folder or hub id (empty: build `init`, a dict of ModelConfig fields, from
-    scratch); dtype: compute dtype; param_dtype: storage dtype; remat: none | full | dots."""
+    scratch); dtype: compute dtype; param_dtype: storage dtype; remat: none | full | dots;
+    query_chunk: attention over that many query positions at a time (0: all at once), so the
+    scores of a long row take chunk x length memory instead of length^2, for the same result."""
 
     path: str = ""
     init: dict = dataclasses.field(default_factory=dict)
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "full"
+    query_chunk: int = 0
+
+    def __post_init__(self):
+        if self.query_chunk < 0:
+            raise ValueError(f"query_chunk={self.query_chunk} must be >= 0 (0: every query position at once)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,12 +118,13 @@ def test_a_program_too_large_for_hbm_is_reported_not_raised():
     cache = 1024 * (20 + 4096) * LAYERS * 2 * 16 * 64 * 4 / 8
     assert refused["generate:rationales"].temp_bytes > cache
     # the fix the check names: the sampler in calls of 128 rows (8 questions x K) compiles one such
-    # call (its bfloat16 cache 1/16 of the one above), run 8 times; with bfloat16 compute the
-    # frozen reference is a bfloat16 copy (half the parameters' bytes)
+    # call (its bfloat16 cache 1/16 of the one above, held about twice while the prompts' cache
+    # is repeated K times), run 8 times; with bfloat16 compute the frozen reference is a
+    # bfloat16 copy (half the parameters' bytes)
     config.latro.sample_rows_per_call = 128
     config.model.dtype = "bfloat16"
     [(programs, report)] = cc.check(config, TOPOLOGY, lengths=LENGTHS, say=lambda _: None)
     generate = {p.name: p for p in programs}["generate:rationales"]
     assert not generate.refused and generate.calls == 8 and generate.shapes.startswith("8 prompts")
-    assert cache / 16 < generate.temp_bytes < cache / 8
+    assert cache / 16 < generate.temp_bytes < cache / 4
     assert report.state.copy * 2 == report.state.params

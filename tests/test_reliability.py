@@ -244,6 +244,7 @@ def _sft_learner():
     (lambda c: c.eval.update(max_new_tokens=0), "config.eval: max_new_tokens=0"),
     (lambda c: c.latro.sampling.update(temperature=-1.0), "config.latro.sampling: temperature=-1.0 must be >= 0"),
     (lambda c: c.latro.update(sample_rows_per_call=-8), "config.latro: sample_rows_per_call=-8 must be >= 0"),
+    (lambda c: c.model.update(query_chunk=-1), "config.model: query_chunk=-1 must be >= 0"),
 ])
 def test_bad_values_fail_at_build_before_anything_runs(change, message):
     config = get_config()

@@ -126,11 +126,38 @@ def _param(rngs: nnx.Rngs, shape: tuple, sharding: tuple, std: float, param_dtyp
     return nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=sharding)
 
 
+def by_query_chunks(attend, q, masks, T: int, chunk: int):
+    """attend(q, masks, T) -> [B, KVH, G*T, D] computed `chunk` query positions at a time, each
+    chunk rematerialised (lax.map of a checkpointed body): the scores of one chunk, [..., chunk,
+    S], are all that lives at once, forward and backward, instead of [..., T, S]. q [B, KVH,
+    G*T, D] (rows g-major); masks: arrays whose axis -2 is the query axis. Equal to attend(q,
+    masks, T): padded query positions (T up to a multiple of chunk) attend to nothing and are
+    dropped. chunk 0, or T <= chunk: attend(q, masks, T)."""
+    if not chunk or T <= chunk:
+        return attend(q, masks, T)
+    B, KVH, GT, D = q.shape
+    G, n = GT // T, -(-T // chunk)
+    pad = n * chunk - T
+    q = jnp.pad(q.reshape(B, KVH, G, T, D), ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    qs = q.reshape(B, KVH, G, n, chunk, D).transpose(3, 0, 1, 2, 4, 5).reshape(n, B, KVH, G * chunk, D)
+
+    def split(m):  # [..., T, S] -> [n, ..., chunk, S]
+        m = jnp.pad(m, [(0, 0)] * (m.ndim - 2) + [(0, pad), (0, 0)])
+        return jnp.moveaxis(m.reshape(*m.shape[:-2], n, chunk, m.shape[-1]), -3, 0)
+
+    out = jax.lax.map(jax.checkpoint(lambda args: attend(args[0], args[1], chunk)), (qs, [split(m) for m in masks]))
+    out = out.reshape(n, B, KVH, G, chunk, D).transpose(1, 2, 3, 0, 4, 5).reshape(B, KVH, G, n * chunk, D)
+    return out[:, :, :, :T].reshape(B, KVH, G * T, D)
+
+
 class Attention(nnx.Module):
     """GQA attention with one fused, head-grouped projection: qkv kernel [hidden, KVH, G+2, D]
     holds, for each kv head, its G query heads, its key and its value (query head h = kvh*G + g
     uses kv head kvh). One matmul instead of three, and sharding the KVH axis over `tensor`
-    keeps every head's q, k and v on one device."""
+    keeps every head's q, k and v on one device. query_chunk > 0: attention runs that many
+    query positions at a time (by_query_chunks; Transformer.set_query_chunk)."""
+
+    query_chunk: int = 0
 
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
@@ -157,7 +184,9 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
             cache = (k_cache, v_cache)
             k, v, q = k_cache, v_cache, q.astype(k_cache.dtype)
-        return self._out(self._attend(q, k, v, T, mask[:, None, None]), B, T), cache
+        out = by_query_chunks(lambda q, masks, t: self._attend(q, k, v, t, masks[0][:, None, None]), q, [mask], T,
+                              self.query_chunk)
+        return self._out(out, B, T), cache
 
     def shared_prefix(self, x_p, x_s, rope_p, rope_s, mask_p, mask_sp, mask_ss):
         """Attention of rows that share their first W tokens in groups of g consecutive rows,
@@ -171,18 +200,24 @@ class Attention(nnx.Module):
         g, acc = B // N, accumulation_dtype(self.dtype)
         q_p, k_p, v_p = self._project(x_p, rope_p)
         q_s, k_s, v_s = self._project(x_s, rope_s)
-        out_p = self._attend(q_p, k_p, v_p, W, mask_p[:, None, None])
-        # a row's queries against its group's prefix keys (no copy of them per row) and its own
-        q_grouped = q_s.reshape(N, g, *q_s.shape[1:])
-        to_prefix = jnp.einsum("ngkqd,nkds->ngkqs", q_grouped, k_p, preferred_element_type=acc)
-        to_own = jnp.einsum("bkqd,bkds->bkqs", q_s, k_s, preferred_element_type=acc)
-        scores = jnp.concatenate([to_prefix.reshape(B, *to_prefix.shape[2:]), to_own], axis=-1)
+        out_p = by_query_chunks(lambda q, masks, t: self._attend(q, k_p, v_p, t, masks[0][:, None, None]), q_p,
+                                [mask_p], W, self.query_chunk)
+
+        def own(q_s, masks, t):
+            """a row's queries against its group's prefix keys (no copy of them per row) and its own"""
+            q_grouped = q_s.reshape(N, g, *q_s.shape[1:])
+            to_prefix = jnp.einsum("ngkqd,nkds->ngkqs", q_grouped, k_p, preferred_element_type=acc)
+            to_own = jnp.einsum("bkqd,bkds->bkqs", q_s, k_s, preferred_element_type=acc)
+            scores = jnp.concatenate([to_prefix.reshape(B, *to_prefix.shape[2:]), to_own], axis=-1)
+            probs = self._probs(scores, t, masks[0][:, None, None]).astype(v_s.dtype)
+            out = (jnp.einsum("ngkqs,nksd->ngkqd", probs[..., :W].reshape(N, g, *probs.shape[1:-1], W), v_p,
+                              preferred_element_type=acc).reshape(B, *probs.shape[1:-1], -1)
+                   + jnp.einsum("bkqs,bksd->bkqd", probs[..., W:], v_s, preferred_element_type=acc))
+            return out.astype(v_s.dtype)
+
         mask = jnp.concatenate([jnp.repeat(mask_sp, g, axis=0), mask_ss], axis=-1)
-        probs = self._probs(scores, C, mask[:, None, None]).astype(v_s.dtype)
-        out_s = (jnp.einsum("ngkqs,nksd->ngkqd", probs[..., :W].reshape(N, g, *probs.shape[1:-1], W), v_p,
-                            preferred_element_type=acc).reshape(B, *probs.shape[1:-1], -1)
-                 + jnp.einsum("bkqs,bksd->bkqd", probs[..., W:], v_s, preferred_element_type=acc))
-        return self._out(out_p, N, W), self._out(out_s.astype(v_s.dtype), B, C)
+        out_s = by_query_chunks(own, q_s, [mask], C, self.query_chunk)
+        return self._out(out_p, N, W), self._out(out_s, B, C)
 
     def _project(self, x, rope):
         """q [B, KVH, G*T, D] (rows g-major), k [B, KVH, D, T], v [B, KVH, T, D] of x [B, T, hidden]."""
@@ -310,6 +345,14 @@ class Transformer(nnx.Module):
             return _matmul("...h,vh->...v", hidden, self.embed.embedding, self.dtype,
                            accumulation_dtype(self.dtype))
         return self.lm_head(hidden)
+
+    def set_query_chunk(self, chunk: int) -> None:
+        """Attention over `chunk` query positions at a time in every layer (0: all at once): the
+        memory of attention scores grows with chunk x row length instead of its square, for the
+        same result (by_query_chunks). A static setting: part of the model's graph."""
+        if chunk < 0:
+            raise ValueError(f"query chunk {chunk} must be >= 0 (0: every query position at once)")
+        self.layers.attn.query_chunk = int(chunk)
 
     def unstack_layers(self) -> tuple[Block, ...]:
         """The stacked layers as one Block per layer (slices of the parameters). Sampling calls
