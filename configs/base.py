@@ -140,6 +140,11 @@ PAPER_TASKS = {  # SPEC 1.5: beta and number of updates per task
 }
 
 
+# Phi-3.5-mini has no GQA (32 key/value heads): its KV cache for 384 rows at L = 500 is ~15 GB
+# per v5e chip, so its sampler runs 8 questions x K = 16 at a time (docs/tpu.md)
+PAPER_SAMPLE_ROWS = {"microsoft/Phi-3.5-mini-instruct": 128}
+
+
 def paper_recipe(model_path: str, task: str, stages: str, sft_coef: float = 0.0) -> ml_collections.ConfigDict:
     """The paper's set-up for one model and task: full fine-tuning with bf16 compute and remat,
     parameters sharded over 8 devices (fsdp), 500-token greedy / maj@8 evaluation. stages
@@ -154,7 +159,7 @@ def paper_recipe(model_path: str, task: str, stages: str, sft_coef: float = 0.0)
     c.task.update(name=t["name"], source=t["source"], train_split="train", eval_split="test")
     c.mesh.update(data=-1, fsdp=8, tensor=1)
     c.latro.update(steps=t["steps"], batch_size=24, num_samples=16, beta=t["beta"], sft_coef=sft_coef,
-                   microbatches=8)
+                   microbatches=8, sample_rows_per_call=PAPER_SAMPLE_ROWS.get(model_path, 0))
     c.sft.update(steps=300, batch_size=64, microbatches=4, optim=optim(1e-6, "cosine", warmup_steps=30))
     c.eval.update(max_new_tokens=500, maj_k=8)
     return c
@@ -201,6 +206,7 @@ def family_recipe(stage: str, model_path: str) -> ml_collections.ConfigDict:
                                 updates_per_rollout=4),
                       advantage_eps=1e-6, format_weight=0.1,
                       std_filter=dict(ratio=0.5, decay=0.99, warmup_start=6, warmup_end=10), microbatches=192,
+                      sample_rows_per_call=512,  # 12 sampler calls of 64 questions (docs/tpu.md)
                       optim=optim(1e-6, "constant"))
         length = 3072
     else:
@@ -228,8 +234,10 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
     included), the unpublished values above, and the RL trainer itself (never released)."""
     c = get_base()
     c.stages = algorithm
+    # 16k-token traces: attention 1,024 query positions at a time (dense scores of a 20k-token
+    # row: 24 GB per v5e chip), the sampler 64 rows per call (docs/tpu.md)
     c.model.update(path="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dtype="bfloat16",
-                   param_dtype="float32", remat="full")
+                   param_dtype="float32", remat="full", query_chunk=1024)
     c.task.update(name="math_boxed", source="agentica-org/DeepScaleR-Preview-Dataset", train_split="train",
                   eval_source="HuggingFaceH4/MATH-500", eval_split="test", sft_examples=0)
     c.mesh.update(data=-1, fsdp=8, tensor=1)
@@ -242,7 +250,8 @@ def r1_mrt_recipe(algorithm: str) -> ml_collections.ConfigDict:
     rl = dict(steps=300, batch_size=64, rollout=dict(num_samples=4, max_tokens=16384,
                                                      sampling=dict(temperature=0.9, top_k=0, top_p=1.0)),
               loss=dict(clip_eps=0.2, beta=0.04, aggregation="token", logprobs_at_temperature=False),
-              microbatches=32, optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
+              microbatches=32, sample_rows_per_call=64,
+              optim=optim(1e-6, "cosine", warmup_steps=30, weight_decay=0.01))
     c.grpo.update(**rl, scaling="group")
     c.mrt.update(**rl, prefixes="traces", prefix_refresh=0, max_prefix_tokens=4096, budget="full",
                  advantage="termination", alpha=0.0, continuation="full", segment=r1_segment, forcing=r1_forcing)

@@ -91,7 +91,9 @@ def restore_model(directory: str, step: int | None = None, *, dtype="float32",
         params = mngr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target)))["params"]
     nnx.replace_by_pure_dict(abstract, params)
-    return nnx.merge(graphdef, abstract)
+    model = nnx.merge(graphdef, abstract)
+    model.shard_batch(mesh)
+    return model
 
 
 def _abstract(tree: Any) -> Any:

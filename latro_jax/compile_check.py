@@ -224,6 +224,7 @@ def _abstract(config: models.ModelConfig, model_section, mesh, unroll: int = 1):
     model = nnx.merge(graphdef, abstract)
     model.scan_unroll = unroll
     model.set_query_chunk(model_section.query_chunk)
+    model.shard_batch(mesh)
     graphdef, abstract = nnx.split(model)
     shardings = sharding.param_shardings(abstract, mesh)
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -145,6 +145,31 @@ def test_sharded_load_on_8_device_mesh_matches_single_device():
 
 
 @pytest.mark.slow
+def test_fsdp_keeps_rows_split_and_gathers_weights():
+    """Under an fsdp mesh the compiled log-likelihood (forward + backward) runs each chip's own
+    rows through every matmul, the weights all-gathered: no matmul over all rows (which is what
+    XLA chose when it sharded activations by the hidden axis the fsdp-sharded weights contract
+    over: every chip then held every row and all-reduced it after each matmul)."""
+    import re
+    import jax
+    from flax import nnx
+    from latro_jax import logprobs, sharding
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    model = models.init_model(models.ModelConfig(
+        family="llama", vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=64, bos_token_id=1, eos_token_id=(2,)), mesh=mesh, dtype="bfloat16", remat="full")
+    graphdef, params = nnx.split(model)
+    rows, width = 8, 96
+    tokens, valid = (sharding.put_global(np.ones((rows, width), dtype), sharding.batch_sharding(mesh))
+                     for dtype in (np.int32, bool))
+    loss = lambda p: logprobs.token_logprobs(nnx.merge(graphdef, p), tokens, valid, chunk_size=32).sum()
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    dots = [list(map(int, m.split(","))) for m in re.findall(r"= \w+\[([\d,]+)\]\S* dot\(", hlo)]
+    assert "all-gather(" in hlo and any(rows * width // 8 in d for d in dots), dots  # a chip's own tokens
+    assert not any(rows * width in d for d in dots), dots  # no matmul over every row's tokens
+
+
+@pytest.mark.slow
 def test_attention_by_query_chunks_matches_transformers_and_whole_row_attention(tmp_path):
     """set_query_chunk(5) (attention 5 query positions at a time, the last chunk padded) on a
     sliding-window model (each chunk's mask must keep the window) with left padding: logits

@@ -34,7 +34,9 @@ def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", param_dty
     """A randomly initialised model (normal(initializer_range) weights, unit norms), its
     parameters sharded over `mesh` when given."""
     graphdef, initialise = _initializer(config, jnp.dtype(dtype).name, jnp.dtype(param_dtype).name, remat, mesh)
-    return nnx.merge(graphdef, initialise(jax.random.key(seed)))
+    model = nnx.merge(graphdef, initialise(jax.random.key(seed)))
+    model.shard_batch(mesh)
+    return model
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,7 +81,9 @@ def model_from_arrays(config: ModelConfig, get_array: Callable[[str], np.ndarray
             sh = flat_shardings[path].get_value()
             leaves[path] = var.replace(
                 jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx]))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model.shard_batch(mesh)
+    return model
 
 
 def param_arrays(model: Transformer) -> dict[str, np.ndarray]:

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from latro_jax.models.config import ModelConfig
+from latro_jax.sharding import BATCH_AXES
 from latro_jax.models.rope import apply_rope, rope_angles
 
 Remat = Literal["none", "full", "dots"]
@@ -309,6 +311,8 @@ class Transformer(nnx.Module):
     # lax.scan's unroll of the layer loop; compile_check unrolls small models, whose costs XLA's
     # analysis would otherwise count for one layer (it counts a loop's body once)
     scan_unroll: int | bool = 1
+    # where hidden states live (shard_batch): rows over the mesh's batch axes, or None
+    batch_sharding: jax.sharding.NamedSharding | None = None
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: Remat = "none", rngs: nnx.Rngs):
@@ -345,6 +349,20 @@ class Transformer(nnx.Module):
             return _matmul("...h,vh->...v", hidden, self.embed.embedding, self.dtype,
                            accumulation_dtype(self.dtype))
         return self.lm_head(hidden)
+
+    def shard_batch(self, mesh: jax.sharding.Mesh | None) -> None:
+        """Keep hidden states split by rows over the mesh's batch axes (data, fsdp) at every
+        layer. Without this XLA's propagation may shard them by the hidden axis the fsdp-sharded
+        weights contract over, so every chip holds every row's activations and all-reduces them
+        after each matmul, instead of gathering one layer's weights at a time (FSDP). The
+        builders call it for a model placed on a mesh."""
+        self.batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+    def _on_batch(self, h):
+        """h (an array or a tuple of them) constrained to batch_sharding, when there is one."""
+        if self.batch_sharding is None:
+            return h
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), h)
 
     def set_query_chunk(self, chunk: int) -> None:
         """Attention over `chunk` query positions at a time in every layer (0: all at once): the
@@ -388,13 +406,14 @@ class Transformer(nnx.Module):
             k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
         mask = self._allowed(q_slots, k_slots)[None] & k_valid[:, None, :]
         rope = rope_angles(self.config, positions)
-        h = self.embed(tokens)
+        h = self._on_batch(self.embed(tokens))
         if cache is None:
             h = self._scan_layers(h, lambda block, h: block(h, rope, mask)[0])
         else:
             ks, vs = [], []
             for block, k, v in zip(layers or self.unstack_layers(), cache.k, cache.v):
                 h, (k, v) = block(h, rope, mask, (k, v, cache.index))
+                h = self._on_batch(h)
                 ks.append(k)
                 vs.append(v)
             cache = KVCache(k=tuple(ks), v=tuple(vs), valid=k_valid,
@@ -425,7 +444,7 @@ class Transformer(nnx.Module):
         mask_ss = self._allowed(slot_s, slot_s)[None] & valid_s[:, None, :]
         rope_p, rope_s = rope_angles(self.config, pos_p), rope_angles(self.config, pos_s)
         h_p, h_s = self._scan_layers(
-            (self.embed(tok_p), self.embed(tok_s)),
+            self._on_batch((self.embed(tok_p), self.embed(tok_s))),
             lambda block, h: block.shared_prefix(*h, rope_p, rope_s, mask_p, mask_sp, mask_ss))
         return self.norm(h_p), self.norm(h_s)
 
@@ -443,7 +462,7 @@ class Transformer(nnx.Module):
         graphdef, layer_params = nnx.split(self.layers)
 
         def layer_fn(h, params):
-            return apply_layer(nnx.merge(graphdef, params), h), None
+            return self._on_batch(apply_layer(nnx.merge(graphdef, params), h)), None
 
         if self.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[self.remat])
