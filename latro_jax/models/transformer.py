@@ -351,16 +351,19 @@ class Transformer(nnx.Module):
         return self.lm_head(hidden)
 
     def shard_batch(self, mesh: jax.sharding.Mesh | None) -> None:
-        """Keep hidden states split by rows over the mesh's batch axes (data, fsdp) at every
-        layer. Without this XLA's propagation may shard them by the hidden axis the fsdp-sharded
-        weights contract over, so every chip holds every row's activations and all-reduces them
-        after each matmul, instead of gathering one layer's weights at a time (FSDP). The
+        """Keep hidden states of more than one position per row split by rows over the mesh's
+        batch axes (data, fsdp) at every layer. Without this XLA's propagation may shard them by
+        the hidden axis the fsdp-sharded weights contract over, so every chip holds every row's
+        activations and all-reduces them after each matmul, instead of gathering one layer's
+        weights at a time (FSDP). A decode step (one position per row) is left to XLA, which
+        then reduces its small activations rather than gathering every weight per token. The
         builders call it for a model placed on a mesh."""
         self.batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
     def _on_batch(self, h):
-        """h (an array or a tuple of them) constrained to batch_sharding, when there is one."""
-        if self.batch_sharding is None:
+        """h (an array or a tuple of them, [rows, positions, ...]) constrained to batch_sharding,
+        when there is one and h holds more than one position per row."""
+        if self.batch_sharding is None or all(x.shape[1] == 1 for x in jax.tree.leaves(h)):
             return h
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), h)
 
