@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from latro_jax.models.config import ModelConfig
-from latro_jax.sharding import BATCH_AXES
+from latro_jax.sharding import BATCH_AXES, data_shards
 from latro_jax.models.rope import apply_rope, rope_angles
 
 Remat = Literal["none", "full", "dots"]
@@ -362,10 +362,14 @@ class Transformer(nnx.Module):
 
     def _on_batch(self, h):
         """h (an array or a tuple of them, [rows, positions, ...]) constrained to batch_sharding,
-        when there is one and h holds more than one position per row."""
-        if self.batch_sharding is None or all(x.shape[1] == 1 for x in jax.tree.leaves(h)):
+        each array that holds more than one position per row and rows the batch axes divide
+        (shared prefixes can be fewer than the devices: those are left to XLA)."""
+        if self.batch_sharding is None:
             return h
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), h)
+        shards = data_shards(self.batch_sharding.mesh)
+        pin = lambda x: (jax.lax.with_sharding_constraint(x, self.batch_sharding)
+                         if x.shape[1] > 1 and x.shape[0] % shards == 0 else x)
+        return jax.tree.map(pin, h)
 
     def set_query_chunk(self, chunk: int) -> None:
         """Attention over `chunk` query positions at a time in every layer (0: all at once): the
