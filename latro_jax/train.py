@@ -205,19 +205,20 @@ class Trainer:
         return jax.lax.scan(accumulate, zeros, batch)[0]
 
     def _step_impl(self, state: TrainState, batch: dict, scalars: dict, layout: RowLayout):
-        """One update, unless the loss or a gradient is not finite: then the state stays as it
-        was (step included) and metrics["nonfinite"] = 1. New parameters are not checked: AdamW
-        moves a weight by at most ~3 lr (+ lr x decay x weight), so a finite update cannot
-        overflow one below lr ~ 1e38, and checking would keep the old and new state (two more
-        parameter-sized buffers, benchmarks/step_memory.py) until the check is done."""
+        """One update, unless the loss, a gradient or a new parameter is not finite: then the
+        state stays as it was (step included) and metrics["nonfinite"] = 1."""
         grads, loss, aux = self._accumulate(state.params, batch, scalars, layout)
         # a non-finite loss poisons the gradient, so that apply_if_finite rejects the update
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        finite = opt_state.last_finite
+        params = optax.apply_updates(state.params, updates)
+        # a finite update that overflows a parameter is undone too
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(params_finite, a, b), new, old)
+        finite = opt_state.last_finite & params_finite
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32),
                    **aux}
-        new = TrainState(step=state.step + finite.astype(jnp.int32),
-                         params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+        new = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state))
         return new, metrics
