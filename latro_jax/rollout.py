@@ -142,15 +142,16 @@ class Rows:
 def row_widths(longest_prompt: int, body: int, *, body_multiple: int = 0) -> tuple[int, int]:
     """(prompt width, row length) of rows holding prompts of at most `longest_prompt` tokens and
     at most `body` tokens after them, so that a run compiles few programs: the width is bucketed
-    (sampling.bucket), and the length too, or, with body_multiple, it is the width plus `body`
-    rounded up to that multiple.
-    The second is for rows whose body is a fixed budget plus a few varying tokens (a rollout's
+    (sampling.bucket), and the body too, or, with body_multiple, rounded up to that multiple.
+    Bucketing the body rather than the whole row keeps a power-of-two budget exact (a 16,384-
+    token completion after a 512-token prompt: rows of 16,896 tokens, not 20,480).
+    The multiple is for rows whose body is a fixed budget plus a few varying tokens (a rollout's
     L + y) and whose prompt columns run once per question (prefix sharing): every row pays for
-    the padding after its prompt, and bucketing the whole length could pad that part by 40%."""
+    the padding after its prompt, and bucketing could pad that part by 40%."""
     width = sampling.bucket(longest_prompt, sampling.MIN_PROMPT_BUCKET)
     if body_multiple:
         return width, width + sampling.round_up(body, body_multiple)
-    return width, sampling.bucket(width + body)
+    return width, width + sampling.bucket(body)
 
 
 def assemble_rows(prompts: Sequence[Sequence[int]], rationales: Sequence[Sequence[int]],

@@ -107,10 +107,11 @@ def test_rollout_rows_pad_only_to_a_multiple_of_8_after_the_prompt():
     """A rollout row is its prompt bucket plus L + the longest y rounded up to 8 columns: every
     row pays for the columns after a shared prompt, and bucketing the whole row padded them by
     up to 40% (the bench shape's 64 + 128 + 8 tokens: 224 columns, now 200). Rows of varying
-    bodies (SFT completions, MRT contexts) keep whole-row buckets."""
+    bodies (SFT completions, MRT contexts) have their body bucketed."""
     assert rollout.row_widths(64, 128 + 8, body_multiple=8) == (64, 200)
     assert rollout.row_widths(64, 128 + 9, body_multiple=8) == (64, 208)
-    assert rollout.row_widths(64, 128 + 8) == (64, 224)
+    assert rollout.row_widths(64, 128 + 8) == (64, 64 + 160)  # the body bucketed
+    assert rollout.row_widths(512, 16384) == (512, 16896)  # a power-of-two budget exact
     model = models.init_model(TINY, seed=3)
     ro = rollout.sample_rows(rollout.Sampler(), model, [[5] * 20, [6] * 17], [[30, 31, 2], [32, 2]], num_samples=2,
                              max_new_tokens=10, sampling_params=SamplingParams(1.0), stops=Stops(ids=()),
