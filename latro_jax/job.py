@@ -102,6 +102,10 @@ def build(raw_config, *, load_model: bool = True) -> Job:
         if len(stage.examples) < stage.config.stage.batch_size:
             raise ConfigError(f"config.{stage.name}.batch_size={stage.config.stage.batch_size} exceeds the "
                               f"{len(stage.examples)} training examples that fit the model.")
+        if c.task.fixed_widths:
+            stage.algorithm = stage.config.algorithm(stage.config.config, dataclasses.replace(
+                stage.algorithm.ctx, prompt_width=max(map(fits.prompt_tokens, stage.examples)),
+                body_width=max(map(stage.algorithm.tokens_after_prompt, stage.examples))))
     model = _model(c, mesh, model_dir, model_config) if load_model else None
     return Job(c, raw_config, mesh, tokenizer, fmt, task, stages, eval_examples, val_examples, model)
 
@@ -114,7 +118,7 @@ class _LengthCheck:
         self.fmt, self.limit, self.policy, self.prompts = fmt, limit, policy, {}
 
     def __call__(self, examples: list, after, where: str) -> list:
-        needs = [(self._prompt(e) + after(e), e) for e in examples]
+        needs = [(self.prompt_tokens(e) + after(e), e) for e in examples]
         over = [(n, e) for n, e in needs if n > self.limit]
         if not over:
             return examples
@@ -122,13 +126,13 @@ class _LengthCheck:
         if self.policy == "refuse":
             raise ConfigError(f"{len(over)} examples of the {where} need more positions than the model's "
                               f"max_position_embeddings = {self.limit}; the longest, {worst.id!r}, needs {n} "
-                              f"(prompt {self._prompt(worst)} + {n - self._prompt(worst)}). Lower the "
+                              f"(prompt {self.prompt_tokens(worst)} + {n - self.prompt_tokens(worst)}). Lower the "
                               "generation budget, or set config.task.too_long='drop' to leave them out.")
         say(f"warning: left out {len(over)} of {len(examples)} examples of the {where}: longer than "
              f"max_position_embeddings = {self.limit} (the longest needs {n})")
         return [e for m, e in needs if m <= self.limit]
 
-    def _prompt(self, example) -> int:
+    def prompt_tokens(self, example) -> int:
         if example.id not in self.prompts:
             self.prompts[example.id] = len(self.fmt.prompt_ids(example.question))
         return self.prompts[example.id]

@@ -98,7 +98,11 @@ class TaskSection:
     or "synthetic" (generated from `synthetic`); eval_source: the evaluation data when it is
     another dataset (MATH-500 for a DeepScaleR-trained run); sft_examples: the first N training
     examples go to stages that train on gold rationales, the rest to stages that train on
-    questions."""
+    questions; fixed_widths: every sampler call of a stage pads its prompts to the stage's
+    longest prompt, and LaTRO's and the likelihood family's rows also their text after it to
+    the longest the stage can append, so that a stage compiles its programs at its first
+    update and never again (False: each batch's longest, bucketed: less padding, a program
+    for each new bucket a batch meets)."""
 
     name: str = "gsm8k"
     source: str = "../shared/data/gsm8k"
@@ -110,6 +114,7 @@ class TaskSection:
     sft_examples: int = 7473
     synthetic: SyntheticConfig | None = None
     too_long: str = "refuse"  # examples longer than max_position_embeddings: refuse | drop
+    fixed_widths: bool = True
 
     def __post_init__(self):
         if self.name not in TASKS:

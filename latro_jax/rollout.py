@@ -84,12 +84,14 @@ def grade(task, texts: Sequence[Sequence[str]], golds: Sequence[str],
 
 class Sampler:
     """Completions from a model: the rows' pad id and mesh, the Usage each call's seconds and
-    generated tokens are recorded in, and the rows one sampler program holds at most
-    (sampling.generate's rows_per_call; 0: all of a call's rows)."""
+    generated tokens are recorded in, the rows one sampler program holds at most
+    (sampling.generate's rows_per_call; 0: all of a call's rows) and the least prompt columns of
+    its calls and of the rows built from them (prompt_width; 0: each call's longest prompt)."""
 
     def __init__(self, *, pad_id: int = 0, mesh: jax.sharding.Mesh | None = None, usage: Usage | None = None,
-                 rows_per_call: int = 0):
+                 rows_per_call: int = 0, prompt_width: int = 0):
         self.pad_id, self.mesh, self.usage, self.rows_per_call = pad_id, mesh, usage or Usage(), rows_per_call
+        self.prompt_width = prompt_width
 
     def complete(self, model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling_params: SamplingParams, stops: Stops, key: jax.Array, num_samples: int = 1,
@@ -105,7 +107,7 @@ class Sampler:
         out = sampling.generate(model, prompts, max(budgets) if budgets else max_new_tokens,
                                 sampling=sampling_params, num_samples=G, stops=stops, key=key,
                                 pad_id=self.pad_id, mesh=self.mesh, reserve_slots=reserve_slots, progress=progress,
-                                rows_per_call=self.rows_per_call)
+                                rows_per_call=self.rows_per_call, prompt_width=self.prompt_width)
         self.usage.sampled(started, out.lengths.sum())
         samples = [out.token_array[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
         if cut == "before":
@@ -139,16 +141,17 @@ class Rows:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt_width"}
 
 
-def row_widths(longest_prompt: int, body: int, *, body_multiple: int = 0) -> tuple[int, int]:
+def row_widths(longest_prompt: int, body: int, *, body_multiple: int = 0, prompt_width: int = 0) -> tuple[int, int]:
     """(prompt width, row length) of rows holding prompts of at most `longest_prompt` tokens and
-    at most `body` tokens after them, so that a run compiles few programs: the width is bucketed
-    (sampling.bucket), and the body too, or, with body_multiple, rounded up to that multiple.
+    at most `body` tokens after them, so that a run compiles few programs: the width is
+    sampling.prompt_columns (a stage's fixed prompt_width, else bucketed), and the body is
+    bucketed, or, with body_multiple, rounded up to that multiple.
     Bucketing the body rather than the whole row keeps a power-of-two budget exact (a 16,384-
     token completion after a 512-token prompt: rows of 16,896 tokens, not 20,480).
     The multiple is for rows whose body is a fixed budget plus a few varying tokens (a rollout's
     L + y) and whose prompt columns run once per question (prefix sharing): every row pays for
     the padding after its prompt, and bucketing could pad that part by 40%."""
-    width = sampling.bucket(longest_prompt, sampling.MIN_PROMPT_BUCKET)
+    width = sampling.prompt_columns(longest_prompt, prompt_width)
     if body_multiple:
         return width, width + sampling.round_up(body, body_multiple)
     return width, width + sampling.bucket(body)
@@ -215,7 +218,7 @@ def sampler_gives_policy_logprobs(config: ModelConfig, sampling_params: Sampling
 def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence[int]],
                 answers: Sequence[Sequence[int]], bare_answers: Sequence[Sequence[int]] | None = None,
                 *, num_samples: int, max_new_tokens: int, sampling_params: SamplingParams,
-                stops: Stops, key: jax.Array, policy_logprobs: bool = False) -> Rollout:
+                stops: Stops, key: jax.Array, policy_logprobs: bool = False, body_width: int = 0) -> Rollout:
     """Sample `num_samples` rationales per prompt (at most max_new_tokens each), cut each before
     its first stop, and append the prompt's answer y. A row whose rationale is empty (the model
     answered at once) gets `bare_answers` (y as a whole completion, default `answers`).
@@ -223,12 +226,15 @@ def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence
     policy_logprobs: also give the policy's log pi(z|x) (the sum of the sampler's own token
     log-probabilities up to the cut) and log pi(y|x+z) (y fed after the cut from the sampler's
     KV cache, a scoring pass in the sampler's usage), when sampler_gives_policy_logprobs; a
-    scorer then needs no policy pass over the rows."""
+    scorer then needs no policy pass over the rows. Rows have at least the sampler's
+    prompt_width prompt columns and body_width columns after them (the answer slots the
+    sampler reserves for y too), whatever this batch's longest prompt and answer."""
     K = num_samples
     bare_answers = answers if bare_answers is None else bare_answers
     reuse = policy_logprobs and sampler_gives_policy_logprobs(model.config, sampling_params, len(prompts), K,
                                                               sampler.rows_per_call)
-    reserve = sampling.bucket(1 + max(map(len, [*answers, *bare_answers]))) if reuse else 0
+    longest_answer = max(max(map(len, [*answers, *bare_answers])), body_width - max_new_tokens)
+    reserve = sampling.bucket(1 + longest_answer) if reuse else 0
     out = sampler.complete(model, prompts, max_new_tokens=max_new_tokens, sampling_params=sampling_params,
                            num_samples=K, stops=stops, key=key, cut="before", reserve_slots=reserve)
     row_answers = [bare_answers[r // K] if not z else answers[r // K] for r, z in enumerate(out.ids)]
@@ -240,8 +246,8 @@ def sample_rows(sampler: Sampler, model: Transformer, prompts: Sequence[Sequence
         y_logp = sampling.continuation_logprobs(model, out.generated, prompts, lengths, row_answers,
                                                 pad_id=sampler.pad_id, mesh=sampler.mesh)
         sampler.usage.scored(started, sum(map(len, row_answers)))
-    width, length = row_widths(max(map(len, prompts)), max_new_tokens + max(map(len, row_answers)),
-                               body_multiple=ROLLOUT_BODY_MULTIPLE)
+    width, length = row_widths(max(map(len, prompts)), max(body_width, max_new_tokens + max(map(len, row_answers))),
+                               body_multiple=ROLLOUT_BODY_MULTIPLE, prompt_width=sampler.prompt_width)
     rows = assemble_rows([p for p in prompts for _ in range(K)], out.ids, row_answers,
                          prompt_width=width, length=length, pad_id=sampler.pad_id)
     return Rollout(rows=rows, finished=out.finished, lengths=lengths, samples=out.samples, z_logp=z_logp,

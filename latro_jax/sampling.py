@@ -95,6 +95,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def prompt_columns(longest: int, width: int = 0) -> int:
+    """The prompt columns of a sampler call (or rows) whose longest prompt has `longest` tokens:
+    a fixed `width` (a stage's longest prompt) rounded up to a multiple of MIN_PROMPT_BUCKET when
+    it holds them, so that one program serves every batch with the least padding; else the
+    bucket of `longest`."""
+    if width >= longest:
+        return round_up(width, MIN_PROMPT_BUCKET)
+    return bucket(longest, MIN_PROMPT_BUCKET)
+
+
 def cache_dtype(dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     """The KV cache's dtype on the devices the sampler runs on (the mesh's, else the default
     backend's): the compute dtype `dtype`, except float32 on CPU, where XLA computes a bf16 cache
@@ -269,7 +279,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              sampling: SamplingParams = SamplingParams(), num_samples: int = 1, stops: Stops = Stops(),
              seed: int = 0, key: jax.Array | None = None, pad_id: int = 0,
              mesh: jax.sharding.Mesh | None = None, progress: bool = False,
-             reserve_slots: int = 0, rows_per_call: int = 0) -> GenerateOutput:
+             reserve_slots: int = 0, rows_per_call: int = 0, prompt_width: int = 0) -> GenerateOutput:
     """Sample `num_samples` continuations of each prompt (ragged token-id lists).
 
     Rows are drawn from `sampling` (default greedy) and stop after a token in stops.ids or after
@@ -284,6 +294,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     call's are, to a multiple of 8 and of the data shards, so a multiple of 8 x num_samples
     wastes no row) of one compiled shape, and since draws are keyed by row index, the samples
     are those of one call. Not with reserve_slots, whose cache must hold every row.
+    Prompts are left-padded to prompt_columns: the bucket of the longest, or prompt_width
+    when that holds them (a stage's fixed width: one program whatever a batch's prompts).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -297,7 +309,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         raise ValueError(f"reserve_slots keeps the KV cache of all {n * G} rows for continuation_logprobs, "
                          f"but rows_per_call={rows_per_call} splits them over calls: pass one or the other")
     n_pad = round_up(per_call, np.lcm(BATCH_MULTIPLE, sharding.data_shards(mesh)))
-    p_len = bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET)  # over all prompts: every call one program
+    p_len = prompt_columns(max(map(len, prompts)), prompt_width)  # over all prompts: every call one program
     stop_matrix = _stop_matrix(stops)
     key_data = np.asarray(jax.random.key_data(jax.random.key(seed) if key is None else key))
     graphdef, state = nnx.split(model)

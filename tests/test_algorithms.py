@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.tiny import get_config
-from latro_jax import algorithms, job as jobs, models, run, sharding
+from latro_jax import algorithms, job as jobs, models, run, sampling, sharding
 from latro_jax.algorithms import Learner
 from latro_jax.job_config import optimizer_steps_per_update
 from latro_jax.update_plan import Lengths
@@ -48,7 +48,7 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
         after = models.param_arrays(learner.model())
         results.append((metrics, before, after, learner))
     for algorithm, batch in zip(built, scored):  # one device (prompts shared in groups of K), 8 (not)
-        _plan_bounds_the_update(algorithm, batch, examples, job.fmt, job.model.config)
+        _plan_bounds_the_update(algorithm, batch, len(examples), stage.examples, job.fmt, job.model.config)
     (m1, before, p1, one), (m8, _, p8, eight) = results
     assert set(m1) == set(m8) and set(TIMING[:3]) <= set(m1)
     assert all(np.isfinite(v) for v in m1.values())
@@ -106,15 +106,69 @@ def test_no_update_after_the_first_compiles_anything_new(name):
     assert counts[1:] == [0, 0, 0], counts
 
 
-def _plan_bounds_the_update(algorithm, scored, examples, fmt, model_config):
-    """The algorithm's plan (update_plan.py, what compile_check compiles) for these questions'
-    lengths describes the update that ran: the step's arrays by name and dtype, its rows, its
-    scalars and steps, its shared prompt columns' group; widths at least the real ones (the plan
-    is the worst case: every completion at its budget)."""
+GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
+PHI3_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tokenizers", "phi-3-mini")
+
+
+@pytest.mark.slow
+def test_a_stage_pads_every_batch_to_its_longest_prompt_and_answer_and_compiles_once():
+    """LaTRO on GSM8K under Phi-3's tokenizer (prompts of 40-250 tokens, answers of several
+    lengths): after an update on the questions with the shortest prompt and answer, one on the
+    longest prompt and the longest answer compiles nothing (task.fixed_widths, the default: the
+    sampler's prompt columns, its answer slots and the rows are the stage's longest); with the
+    context's widths at 0 (what fixed_widths=False builds) the same two batches do compile
+    anew, so they differ in shape."""
+    config = get_config()
+    config.stages = "latro"
+    config.task.update(name="gsm8k", source=GSM8K, val_split="")
+    config.tokenizer.update(path=PHI3_TOKENIZER, build="")
+    config.eval.update(every=0, limit=8)
+    config.model.init.max_position_embeddings = 512
+    config.latro.update(batch_size=2, num_samples=4, max_rationale_tokens=4)
+    job = jobs.build(config)
+    (stage,) = job.stages
+    ctx, fmt = stage.algorithm.ctx, job.fmt
+    prompt = lambda e: len(fmt.prompt_ids(e.question))
+    answer = lambda e: max(len(fmt.answer_ids(e.answer)), len(fmt.completion_ids(e.answer)))
+    assert ctx.prompt_width == max(map(prompt, stage.examples)) and ctx.body_width == 4 + max(map(answer, stage.examples))
+    short = sorted(stage.examples, key=lambda e: (prompt(e), answer(e)))[:2]
+    longest = [max(stage.examples, key=prompt), max(stage.examples, key=answer)]
+    assert answer(longest[1]) > max(map(answer, short)) and prompt(longest[0]) > 2 * max(map(prompt, short))
+    compiles = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for fixed in (True, False):
+            algorithm = stage.config.algorithm(stage.config.config, ctx if fixed else
+                                               dataclasses.replace(ctx, prompt_width=0, body_width=0))
+            score, widths = algorithm.score, []
+            algorithm.score = lambda p, ro: widths.append((ro.rows.prompt_width, ro.rows.tokens.shape[1])) or score(p, ro)
+            learner = Learner(algorithm, _host_copy(job.model), stage.config.stage.optim)
+            learner.update(short, run.rollout_key(0, "latro", 0))
+            before = len(compiles)
+            learner.update(longest, run.rollout_key(0, "latro", 1))
+            if fixed:
+                assert len(compiles) == before, "a batch of longer prompts and answers compiled new programs"
+                assert widths[0] == widths[1] and widths[0][0] == sampling.round_up(ctx.prompt_width, 16)
+            else:
+                assert len(compiles) > before and widths[0] != widths[1]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+def _plan_bounds_the_update(algorithm, scored, questions, examples, fmt, model_config):
+    """The algorithm's plan (update_plan.py, what compile_check compiles) for `questions` of the
+    stage's longest lengths (its `examples`: rows are padded to them) describes the update that
+    ran: the step's arrays by name and dtype, its rows, its scalars and steps, its shared prompt
+    columns' group; widths at least the real ones (the plan is the worst case: every completion
+    at its budget)."""
     lengths = Lengths(max(len(fmt.prompt_ids(e.question)) for e in examples),
                       max(max(len(fmt.answer_ids(e.answer)), len(fmt.completion_ids(e.answer))) for e in examples),
                       max(len(fmt.completion_ids(e.rationale or "")) for e in examples))
-    plan = algorithm.plan(len(examples), lengths, model_config)
+    plan = algorithm.plan(questions, lengths, model_config)
     assert plan.steps == optimizer_steps_per_update(algorithm.cfg)
     if scored.skip:
         return

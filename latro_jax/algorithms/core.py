@@ -48,7 +48,10 @@ class Context:
     """What an algorithm works with besides parameters: the task (its grading, answer extraction,
     gold answers), the prompt formatter (prompt and answer ids, the pad id, the stops each
     algorithm takes its own from), the mesh, and the stage's batching (micro-batches per step,
-    positions per log-prob chunk, rows per sampler call). Algorithms used on token ids alone
+    positions per log-prob chunk, rows per sampler call) and widths: the least prompt columns
+    of its sampler calls and rows, and the least columns after the prompt of rows [x | z | y]
+    (the stage's longest prompt and the most its algorithm appends to one, so that every
+    update has the same shapes; 0: each batch's own longest). Algorithms used on token ids alone
     (tests, benchmarks) may leave the task None and give as fmt any object with `stops` and
     `pad_id`."""
 
@@ -58,6 +61,8 @@ class Context:
     microbatches: int = 1
     logprob_chunk: int = 128
     sample_rows_per_call: int = 0
+    prompt_width: int = 0
+    body_width: int = 0
 
     @classmethod
     def of_stage(cls, task: Task | None, fmt: PromptFormatter, mesh: jax.sharding.Mesh | None, stage) -> Context:
@@ -211,7 +216,8 @@ class Learner:
         """The current parameters, with a sampler and a scorer that record into `usage`."""
         usage = usage or Usage()
         ctx = self.algorithm.ctx
-        sampler = Sampler(pad_id=ctx.fmt.pad_id, mesh=ctx.mesh, usage=usage, rows_per_call=ctx.sample_rows_per_call)
+        sampler = Sampler(pad_id=ctx.fmt.pad_id, mesh=ctx.mesh, usage=usage, rows_per_call=ctx.sample_rows_per_call,
+                          prompt_width=ctx.prompt_width)
         return Policies(self.trainer.state.params, self.reference, sampler, self.scorer.with_usage(usage), self.old)
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:

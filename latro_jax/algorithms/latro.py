@@ -103,20 +103,22 @@ class Latro:
         return rollout.sample_rows(
             policies.sampler, policies.model(), prompts, answers, bare_answers, num_samples=cfg.num_samples,
             max_new_tokens=cfg.max_rationale_tokens, sampling_params=cfg.sampling, stops=self.ctx.fmt.stops,
-            key=key, policy_logprobs=cfg.reuse_sampler_logprobs)
+            key=key, policy_logprobs=cfg.reuse_sampler_logprobs, body_width=self.ctx.body_width)
 
     def plan(self, questions: int, lengths: Lengths, model_config: ModelConfig) -> UpdatePlan:
         """K rationales of L per question (with the answer's cache slots where the sampler's
         log-probs are the policy's), the policy pass where they are not, the reference pass,
-        one step on rows [x | z | y] of the prompt bucket + L + y rounded up."""
+        one step on rows [x | z | y] of the prompt columns + L + y rounded up (the stage's fixed
+        widths where the context has them)."""
         cfg, ctx, K = self.cfg, self.ctx, self.cfg.num_samples
-        prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
+        prompt = sampling.prompt_columns(lengths.prompt, ctx.prompt_width)
         reuse = cfg.reuse_sampler_logprobs and rollout.sampler_gives_policy_logprobs(
             model_config, cfg.sampling, questions, K, ctx.sample_rows_per_call)
-        reserve = sampling.bucket(1 + lengths.answer) if reuse else 0
+        answer = max(lengths.answer, ctx.body_width - cfg.max_rationale_tokens)
+        reserve = sampling.bucket(1 + answer) if reuse else 0
         rows = self.rows(questions)
-        width = rollout.row_widths(lengths.prompt, cfg.max_rationale_tokens + lengths.answer,
-                                   body_multiple=rollout.ROLLOUT_BODY_MULTIPLE)[1]
+        width = rollout.row_widths(lengths.prompt, cfg.max_rationale_tokens + answer,
+                                   body_multiple=rollout.ROLLOUT_BODY_MULTIPLE, prompt_width=ctx.prompt_width)[1]
         shared = (scoring.sharing_group(model_config, prompt, K, rows, microbatches=ctx.microbatches, mesh=ctx.mesh)
                   if cfg.share_prompts else None)
         passes = [("policy", not reuse, ("rationale_mask", "answer_mask")),

@@ -231,11 +231,12 @@ class Mrt:
         meta-prover's forced answers where the reading reads J, the reference / pi_old passes,
         then updates_per_rollout steps on the rows [x + c | z]."""
         cfg, ctx, G, L = self.cfg, self.ctx, self.cfg.rollout.num_samples, self.cfg.rollout.max_tokens
-        bucket = lambda n: sampling.bucket(n, sampling.MIN_PROMPT_BUCKET)
-        prompt = bucket(lengths.prompt + cfg.prefix_limit)
-        gens = [Generation("prefixes", questions, bucket(lengths.prompt), 1, L, cfg.rollout.sampling)
+        columns = lambda n: sampling.prompt_columns(n, ctx.prompt_width)  # the sampler's
+        prompt = sampling.bucket(lengths.prompt + cfg.prefix_limit, sampling.MIN_PROMPT_BUCKET)  # the rows'
+        gens = [Generation("prefixes", questions, columns(lengths.prompt), 1, L, cfg.rollout.sampling)
                 ] if cfg.prefixes == "traces" else []
-        gens.append(Generation("completions", questions, prompt, G, L, cfg.rollout.sampling))
+        gens.append(Generation("completions", questions, columns(lengths.prompt + cfg.prefix_limit), G, L,
+                               cfg.rollout.sampling))
         if {"j_prefix", "forced"} & cfg.signals:
             gens.append(self.prover.plan("forced", questions, lengths.prompt + cfg.prefix_limit))
         if "j_after" in cfg.signals:

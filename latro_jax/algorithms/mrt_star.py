@@ -102,7 +102,7 @@ class MrtStar:
         `outcome` (one call per trace shown; the real number follows the traces' episodes),
         then `epochs` steps on the kept rows [x | prefix + suffix + answer]."""
         cfg, K, L = self.cfg, self.cfg.rollout.num_samples, self.cfg.rollout.max_tokens
-        prompt = sampling.bucket(lengths.prompt, sampling.MIN_PROMPT_BUCKET)
+        prompt = sampling.prompt_columns(lengths.prompt, self.ctx.prompt_width)
         gens = [Generation("traces", questions, prompt, K, L, cfg.rollout.sampling)]
         if cfg.filter != "outcome":
             gens.append(self.prover.plan("forced", questions * K, lengths.prompt + L))
