@@ -25,7 +25,7 @@ def get_base() -> ml_collections.ConfigDict:
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", eval_source="", config_name="",
                   train_split="train", eval_split="test", val_split="", sft_examples=7473,
                   too_long="refuse",  # too_long: examples past max_position_embeddings: refuse | drop
-                  fixed_widths=True)  # pad each stage's prompts (and LaTRO's rows) to its longest: one compile
+                  prompt_width=0)  # prompt columns: 0 = the stage's longest (one compile), N, -1 = per batch
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Stage sections: the stage keys (algorithm = the section name unless given, steps,
     # batch_size = questions per update, microbatches, logprob_chunk, sample_rows_per_call = the

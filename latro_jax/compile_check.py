@@ -184,8 +184,8 @@ def check(raw_config, topology: str, *, num_slices: int = 1, model_config_path: 
     chip, results = chip_of(topology), []
     for s in c.stages:
         ctx = Context.of_stage(get_task(c.task.name), fmt, mesh, s.stage)
-        if c.task.fixed_widths:  # as the job pads: the stage's longest prompt is lengths.prompt
-            ctx = dataclasses.replace(ctx, prompt_width=lengths.prompt)
+        # as the job pads its sampler calls' prompts, the stage's longest prompt being lengths.prompt
+        ctx = dataclasses.replace(ctx, prompt_width=jobs.prompt_width(c.task.prompt_width, lengths.prompt))
         algorithm = s.algorithm(s.config, ctx)
         if not hasattr(algorithm, "plan"):
             raise CheckError(f"stage {s.name}: algorithm {algorithm.name!r} describes no update as shapes "

@@ -102,12 +102,18 @@ def build(raw_config, *, load_model: bool = True) -> Job:
         if len(stage.examples) < stage.config.stage.batch_size:
             raise ConfigError(f"config.{stage.name}.batch_size={stage.config.stage.batch_size} exceeds the "
                               f"{len(stage.examples)} training examples that fit the model.")
-        if c.task.fixed_widths:
-            stage.algorithm = stage.config.algorithm(stage.config.config, dataclasses.replace(
-                stage.algorithm.ctx, prompt_width=max(map(fits.prompt_tokens, stage.examples)),
-                body_width=max(map(stage.algorithm.tokens_after_prompt, stage.examples))))
+        longest = max(map(fits.prompt_tokens, stage.examples))
+        stage.algorithm = stage.config.algorithm(stage.config.config, dataclasses.replace(
+            stage.algorithm.ctx, prompt_width=prompt_width(c.task.prompt_width, longest),
+            body_width=max(map(stage.algorithm.tokens_after_prompt, stage.examples))))
     model = _model(c, mesh, model_dir, model_config) if load_model else None
     return Job(c, raw_config, mesh, tokenizer, fmt, task, stages, eval_examples, val_examples, model)
+
+
+def prompt_width(configured: int, longest: int) -> int:
+    """The context's prompt_width for config.task.prompt_width and the stage's longest prompt:
+    0 -> the longest, -1 -> 0 (each batch's own), N -> N."""
+    return {0: longest, -1: 0}.get(configured, configured)
 
 
 class _LengthCheck:

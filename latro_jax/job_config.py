@@ -98,11 +98,12 @@ class TaskSection:
     or "synthetic" (generated from `synthetic`); eval_source: the evaluation data when it is
     another dataset (MATH-500 for a DeepScaleR-trained run); sft_examples: the first N training
     examples go to stages that train on gold rationales, the rest to stages that train on
-    questions; fixed_widths: every sampler call of a stage pads its prompts to the stage's
-    longest prompt, and LaTRO's and the likelihood family's rows also their text after it to
-    the longest the stage can append, so that a stage compiles its programs at its first
-    update and never again (False: each batch's longest, bucketed: less padding, a program
-    for each new bucket a batch meets)."""
+    questions; prompt_width: the prompt columns of a stage's sampler calls (and of LaTRO's and
+    the likelihood family's rows, whose text after the prompt is padded to the longest the
+    stage can append): 0 = the stage's longest prompt, so a stage compiles its programs at its
+    first update and never again; N > 0 = N, a batch with a longer prompt getting that
+    prompt's bucket (a program for each new bucket: less padding where a few prompts are far
+    longer than the rest); -1 = each batch's longest, bucketed."""
 
     name: str = "gsm8k"
     source: str = "../shared/data/gsm8k"
@@ -114,13 +115,16 @@ class TaskSection:
     sft_examples: int = 7473
     synthetic: SyntheticConfig | None = None
     too_long: str = "refuse"  # examples longer than max_position_embeddings: refuse | drop
-    fixed_widths: bool = True
+    prompt_width: int = 0
 
     def __post_init__(self):
         if self.name not in TASKS:
             raise ValueError(f"name={self.name!r}: unknown task; choose one of {sorted(TASKS)}")
         if self.too_long not in ("refuse", "drop"):
             raise ValueError(f"too_long={self.too_long!r}: choose 'refuse' or 'drop'")
+        if self.prompt_width < -1:
+            raise ValueError(f"prompt_width={self.prompt_width}: choose 0 (the stage's longest prompt), "
+                             "N > 0 (N columns) or -1 (each batch's longest)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,9 +114,9 @@ PHI3_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "
 def test_a_stage_pads_every_batch_to_its_longest_prompt_and_answer_and_compiles_once():
     """LaTRO on GSM8K under Phi-3's tokenizer (prompts of 40-250 tokens, answers of several
     lengths): after an update on the questions with the shortest prompt and answer, one on the
-    longest prompt and the longest answer compiles nothing (task.fixed_widths, the default: the
+    longest prompt and the longest answer compiles nothing (task.prompt_width = 0, the default: the
     sampler's prompt columns, its answer slots and the rows are the stage's longest); with the
-    context's widths at 0 (what fixed_widths=False builds) the same two batches do compile
+    context's widths at 0 (prompt_width = -1 builds the first) the same two batches do compile
     anew, so they differ in shape."""
     config = get_config()
     config.stages = "latro"

@@ -189,6 +189,21 @@ def test_no_recompilation_within_a_prompt_bucket(stories):
 
 
 @pytest.mark.slow
+def test_a_fixed_prompt_width_serves_every_shorter_prompt_and_changes_no_draw(stories):
+    """A stage's prompt width (its longest prompt, rounded up to 16 columns) is every call's
+    prompt columns, whatever the call's own longest; a longer prompt gets its bucket. Padding
+    the prompts further leaves the draws and their log-probs as they were."""
+    assert [sampling.prompt_columns(n, w) for n, w in ((201, 201), (100, 160), (250, 160), (30, 0), (20, 20))] \
+        == [208, 160, 256, 32, 20]
+    prompts = [[1, 403, 407, 261, 5, 9], [1, 67, 89], [1, 300]]
+    kw = dict(sampling=SamplingParams(1.0), num_samples=2, seed=4)
+    plain = sampling.generate(stories, prompts, 24, **kw)
+    wide = sampling.generate(stories, prompts, 24, prompt_width=70, **kw)
+    assert (plain.prompt_width, wide.prompt_width) == (16, 80)
+    np.testing.assert_array_equal(plain.token_array, wide.token_array)
+    np.testing.assert_allclose(plain.logprob_array, wide.logprob_array, atol=1e-5)
+
+@pytest.mark.slow
 def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = models.load_hf(STORIES_HF, mesh=mesh)
