@@ -159,6 +159,7 @@ def test_a_stage_pads_every_batch_to_its_longest_prompt_and_answer_and_compiles_
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
 
+
 def _plan_bounds_the_update(algorithm, scored, questions, examples, fmt, model_config):
     """The algorithm's plan (update_plan.py, what compile_check compiles) for `questions` of the
     stage's longest lengths (its `examples`: rows are padded to them) describes the update that

@@ -203,6 +203,7 @@ def test_a_fixed_prompt_width_serves_every_shorter_prompt_and_changes_no_draw(st
     np.testing.assert_array_equal(plain.token_array, wide.token_array)
     np.testing.assert_allclose(plain.logprob_array, wide.logprob_array, atol=1e-5)
 
+
 @pytest.mark.slow
 def test_eight_device_mesh_gives_the_same_tokens_as_one_device(stories):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
