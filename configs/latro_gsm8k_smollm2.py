@@ -8,7 +8,7 @@ a CPU: the paper's recipe (configs/base.py:paper_recipe, c_sft = 0) at CPU sizes
     python -m latro_jax.main --config=configs/latro_gsm8k_smollm2.py --workdir=/tmp/latro_smollm2
 
 CPU sizes: 8 updates of 4 questions x 4 rationales of at most 96 tokens, float32, a step in 4
-micro-batches of one question (7.9 GB resident at most, 12.1 in one), prompts padded to 160
+micro-batches of one question (7.9 GiB resident at most, 11.3 in one), prompts padded to 160
 columns (one program for 94% of the batches; docs/training.md, "Program shapes"), evaluation
 on the first 40 test questions (greedy, 160 tokens). On a GPU keep everything but the sizes,
 e.g. --config.latro.batch_size=24 --config.latro.num_samples=16
