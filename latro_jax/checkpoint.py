@@ -1,8 +1,12 @@
 """Orbax checkpoints behind one small facade.
 
 Layout: `<directory>/<step>/` managed by an Orbax CheckpointManager, with the items
-  params        the model parameters (a nested dict of arrays, as nnx.to_pure_dict gives)
-  model_config  the HF config.json dict of the model (so a checkpoint exports without its run)
+  params        what trains (a nested dict of arrays, as nnx.to_pure_dict gives): every model
+                parameter, or with LoRA the adapters alone
+  model_config  the HF config.json dict of the model (so a checkpoint exports without its run);
+                with LoRA also "latro_lora": the adapters' config and the base they apply to
+                (its folder, or the seed of a randomly initialised one, and checksums of its
+                weights, checked when the checkpoint is restored)
 Training checkpoints add their own items beside these; export reads only these two, so every
 checkpoint of a run converts to HF through `restore_model` + `models.save_hf`.
 """
@@ -10,6 +14,7 @@ checkpoint of a run converts to HF through `restore_model` + `models.save_hf`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import re
@@ -27,7 +32,7 @@ from absl import logging as absl_logging
 from flax import nnx
 
 from latro_jax import models, sharding
-from latro_jax.models import ModelConfig, Transformer
+from latro_jax.models import ModelConfig, Transformer, lora
 from latro_jax.train import TrainState
 
 _policies = ocp.checkpoint_managers.preservation_policy
@@ -43,19 +48,32 @@ def manager(directory: str, *, max_to_keep: int | None = None, create: bool = Tr
     return ocp.CheckpointManager(directory, options=opts)
 
 
-def model_items(model: Transformer) -> dict[str, Any]:
-    """The save args of the params and model_config items of `model`."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    dtype = str(jax.tree.leaves(params)[0].dtype)
-    return {"params": ocp.args.StandardSave(params),
-            "model_config": ocp.args.JsonSave(model.config.to_hf_dict(dtype))}
+LORA_KEY = "latro_lora"  # model_config's entry for a LoRA checkpoint
+
+
+def base_record(model: Transformer, *, path: str = "", seed: int = 0) -> dict[str, Any]:
+    """What identifies the base weights a LoRA checkpoint applies to: its folder (or, without
+    one, the seed that initialised it) and the checksums of its weights (checksums())."""
+    return {"path": path, "seed": seed, "checksums": checksums(nnx.state(model, nnx.Param))}
+
+
+def model_items(model: Transformer, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The save args of the params and model_config items of `model`: its trainable state
+    (lora.trainable) and its config, with LoRA's and `base` (base_record) when it has adapters."""
+    params = nnx.to_pure_dict(nnx.state(model, lora.trainable(model)))
+    config = model.config.to_hf_dict(str(jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype))
+    if lora.has_adapters(model):
+        if base is None:
+            raise ValueError("a model with LoRA adapters is saved with the record of its base (base_record)")
+        config[LORA_KEY] = {**dataclasses.asdict(lora.config_of(model)), "base": base}
+    return {"params": ocp.args.StandardSave(params), "model_config": ocp.args.JsonSave(config)}
 
 
 def save_model(directory: str, model: Transformer, step: int = 0,
-               extra: Mapping[str, Any] | None = None) -> None:
+               extra: Mapping[str, Any] | None = None, base: dict[str, Any] | None = None) -> None:
     """Save `model` (plus any extra Orbax items) as checkpoint `step` and wait for it."""
     with manager(directory) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**model_items(model), **(extra or {})))
+        mngr.save(step, args=ocp.args.Composite(**model_items(model, base), **(extra or {})))
         mngr.wait_until_finished()
 
 
@@ -81,6 +99,14 @@ def restore_model(directory: str, step: int | None = None, *, dtype="float32",
             model_config=ocp.args.JsonRestore()))["model_config"]
         config = ModelConfig.from_hf_dict(hf_config, source=f"{directory}/{step}/model_config")
         param_dtype = param_dtype or hf_config.get("dtype", "float32")
+        if LORA_KEY in hf_config:
+            model = _lora_base(hf_config[LORA_KEY], config, f"{directory}/{step}", dtype=dtype,
+                               param_dtype=param_dtype, remat=remat, mesh=mesh)
+            graphdef, adapters, rest = nnx.split(model, lora.LoRAWeight, ...)
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(adapters)))))["params"]
+            nnx.replace_by_pure_dict(adapters, restored)
+            return nnx.merge(graphdef, adapters, rest)
         graphdef, abstract = models.abstract_model(config, dtype=dtype, param_dtype=param_dtype,
                                                    remat=remat)
         if mesh is not None:
@@ -93,6 +119,31 @@ def restore_model(directory: str, step: int | None = None, *, dtype="float32",
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
     model.shard_batch(mesh)
+    return model
+
+
+def _lora_base(record: dict[str, Any], config: ModelConfig, where: str, *, dtype, param_dtype, remat,
+               mesh) -> Transformer:
+    """The base model a LoRA checkpoint's record names (its folder, or init_model at its seed),
+    checked against the record's checksums, with (zero) adapters of the record's config attached."""
+    base = record["base"]
+    if base["path"]:
+        if not os.path.isdir(base["path"]):
+            raise FileNotFoundError(f"{where} holds LoRA adapters for the base model {base['path']}, which is "
+                                    "not there; put that folder back (the adapters apply to it alone).")
+        model = models.load_hf(base["path"], dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh)
+    else:
+        model = models.init_model(config, seed=base["seed"], dtype=dtype, param_dtype=param_dtype,
+                                  remat=remat, mesh=mesh)
+    try:
+        _verify("the base model", nnx.state(model, nnx.Param), base["checksums"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{where} holds LoRA adapters for other base weights than "
+                              f"{base['path'] or 'init seed ' + str(base['seed'])} now holds ({e}); restore "
+                              "the base the run trained on.") from e
+    fields = {f.name for f in dataclasses.fields(lora.LoRAConfig)}
+    lora.attach(model, lora.LoRAConfig(**{k: tuple(v) if k == "targets" else v
+                                          for k, v in record.items() if k in fields}))
     return model
 
 
@@ -134,13 +185,14 @@ class TrainCheckpoints:
     run at once; restores verify what they read and fall back to the previous checkpoint."""
 
     def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
-                 notify=lambda message: None):
+                 notify=lambda message: None, base: dict[str, Any] | None = None):
         policies = [_policies.LatestN(keep)]
         if best_metric:
             policies.append(_policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
                                             keep_checkpoints_without_metrics=False))
         self.directory = os.path.abspath(directory)
         self.notify = notify
+        self.base = base  # base_record of a LoRA model's base weights
         check_writable(self.directory)
         # synchronous: a failed write raises in save(), with no background thread left behind
         self.manager = manager(directory, preservation_policy=_policies.AnyPreservationPolicy(policies),
@@ -168,7 +220,7 @@ class TrainCheckpoints:
         try:
             with _writer_noise_held():
                 self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-                    **model_items(model), opt_state=ocp.args.StandardSave(state.opt_state),
+                    **model_items(model, self.base), opt_state=ocp.args.StandardSave(state.opt_state),
                     meta=ocp.args.JsonSave(meta), **items))
                 self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - every write failure gets the same report

@@ -55,6 +55,7 @@ class Job:
     eval_examples: list
     val_examples: list
     model: models.Transformer | None  # the initial model (None when built for eval / export)
+    lora_base: dict | None = None  # with LoRA: checkpoint.base_record of the frozen base weights
 
 
 def build(raw_config, *, load_model: bool = True) -> Job:
@@ -106,8 +107,8 @@ def build(raw_config, *, load_model: bool = True) -> Job:
         stage.algorithm = stage.config.algorithm(stage.config.config, dataclasses.replace(
             stage.algorithm.ctx, prompt_width=prompt_width(c.task.prompt_width, longest),
             body_width=max(map(stage.algorithm.tokens_after_prompt, stage.examples))))
-    model = _model(c, mesh, model_dir, model_config) if load_model else None
-    return Job(c, raw_config, mesh, tokenizer, fmt, task, stages, eval_examples, val_examples, model)
+    model, base = _model(c, mesh, model_dir, model_config) if load_model else (None, None)
+    return Job(c, raw_config, mesh, tokenizer, fmt, task, stages, eval_examples, val_examples, model, base)
 
 
 def prompt_width(configured: int, longest: int) -> int:
@@ -210,11 +211,16 @@ def init_model_config(c: JobConfig, vocab_size: int, fmt: PromptFormatter) -> mo
         raise ConfigError(f"config.model.init: {e}") from e
 
 
-def _model(c: JobConfig, mesh, model_dir: str | None, config: models.ModelConfig) -> models.Transformer:
+def _model(c: JobConfig, mesh, model_dir: str | None, config: models.ModelConfig):
+    """(the initial model, the record of its base weights when config.model.lora adds adapters)."""
     kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat, mesh=mesh)
     model = models.load_hf(model_dir, **kw) if model_dir else models.init_model(config, seed=c.seed, **kw)
     model.set_query_chunk(c.model.query_chunk)
-    return model
+    if not c.model.lora.rank:
+        return model, None
+    base = checkpoint.base_record(model, path=os.path.abspath(model_dir) if model_dir else "", seed=c.seed)
+    models.lora.attach(model, c.model.lora, seed=c.seed)
+    return model, base
 
 
 def restore_final(job: Job, workdir: str) -> models.Transformer:

@@ -20,6 +20,7 @@ from latro_jax import algorithms
 from latro_jax.data.synthetic import SyntheticConfig
 from latro_jax.data.tasks import TASKS
 from latro_jax.evaluate import EvalConfig
+from latro_jax.models.lora import LoRAConfig
 from latro_jax.train import OptimConfig
 
 TOKENIZER_BUILDS = ("", "char", "words")  # "": load tokenizer.path (default model.path)
@@ -65,7 +66,9 @@ class ModelSection:
     """path: HF folder or hub id (empty: build `init`, a dict of ModelConfig fields, from
     scratch); dtype: compute dtype; param_dtype: storage dtype; remat: none | full | dots;
     query_chunk: attention over that many query positions at a time (0: all at once), so the
-    scores of a long row take chunk x length memory instead of length^2, for the same result."""
+    scores of a long row take chunk x length memory instead of length^2, for the same result;
+    lora: LoRA adapters (models/lora.py: rank 0 = off, every weight trains; rank r > 0 = only
+    adapters on lora.targets train, the base weights frozen and shared with the reference)."""
 
     path: str = ""
     init: dict = dataclasses.field(default_factory=dict)
@@ -73,6 +76,7 @@ class ModelSection:
     param_dtype: str = "float32"
     remat: str = "full"
     query_chunk: int = 0
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         if self.query_chunk < 0:
@@ -158,7 +162,8 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class ExportSection:
-    hf: bool = True  # write the final model to <workdir>/hf
+    hf: bool = True  # write the final model to <workdir>/hf (LoRA adapters merged into their weights)
+    peft: bool = False  # also write the LoRA adapters to <workdir>/peft, a folder PEFT loads on the base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +241,9 @@ def parse(config) -> JobConfig:
         raise ConfigError(f"config.stages names {missing[0]!r}, which has no config section; add "
                           f"config.{missing[0]} = dict(algorithm=..., steps=..., ...).")
     fixed = {name: read(cls, c.get(name, {}), name) for name, cls in FIXED.items()}
+    if fixed["export"].peft and not fixed["model"].lora.rank:
+        raise ConfigError("config.export.peft=True writes LoRA adapters, but config.model.lora.rank is 0 "
+                          "(no adapters); set model.lora.rank > 0 or export.peft=False.")
     return JobConfig(seed=int(c.get("seed", 0)), stages=tuple(_stage(s, c[s]) for s in stage_names), **fixed)
 
 

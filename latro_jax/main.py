@@ -67,7 +67,7 @@ def main(argv):
                 if FLAGS.mode == "eval":
                     print(json.dumps(run.evaluate_final(job, model, workdir), indent=2))
                 else:
-                    print(f"exported {run.export(model, workdir)}")
+                    print(f"exported {run.export(model, workdir, job.config.export.peft, job.config.model.path)}")
             finally:
                 if lock is not None:
                     lock.close()

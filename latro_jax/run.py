@@ -115,7 +115,7 @@ def train(job: Job, workdir: str, *, allow_config_change: bool = False) -> dict[
                     redo = redo or trained
                     evaluations.ensure(stage.name, model, redo, updates=stage.config.stage.steps)
                 if job.config.export.hf:
-                    say(f"exported {export(model, workdir)}")
+                    say(f"exported {export(model, workdir, job.config.export.peft, job.config.model.path)}")
                 if jax.process_index() == 0:
                     _plot(workdir, job)
         except EvaluationStopped as e:
@@ -128,12 +128,18 @@ def train(job: Job, workdir: str, *, allow_config_change: bool = False) -> dict[
         lock.close()
 
 
-def export(model, workdir: str) -> str:
-    """The model as an HF folder <workdir>/hf with the run's tokenizer (written whole or not at all)."""
+def export(model, workdir: str, peft: bool = False, base: str = "") -> str:
+    """The model as an HF folder <workdir>/hf with the run's tokenizer (LoRA adapters merged), and
+    with `peft` its adapters as a PEFT folder <workdir>/peft for the base model `base`; each
+    written whole or not at all. Returns the folders written."""
     from safetensors import SafetensorError
     path = os.path.join(workdir, "hf")
     try:
-        return models.save_hf(model, path, tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
+        written = models.save_hf(model, path, tokenizer_dir=os.path.join(workdir, "tokenizer"), overwrite=True)
+        if peft:
+            path = os.path.join(workdir, "peft")
+            written += " and " + models.peft_io.save_peft(model, path, base, overwrite=True)
+        return written
     except (OSError, SafetensorError) as e:
         raise OutputError(f"exporting the model to {path} failed ({getattr(e, 'strerror', None) or e}); "
                           f"{path} is as it was and the run's checkpoints are intact: free disk space, "
@@ -191,10 +197,10 @@ def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger:
     cfg, every_eval = stage.config.stage, job.config.eval.every
     open_checkpoints = lambda: checkpoint.TrainCheckpoints(
         _stage_dir(workdir, stage), keep=job.config.checkpoint.keep,
-        best_metric="val_greedy" if every_eval else None, notify=say)
+        best_metric="val_greedy" if every_eval else None, notify=say, base=job.lora_base)
     ckpts = open_checkpoints()
     try:
-        graphdef, params = nnx.split(model)
+        graphdef, params, frozen = nnx.split(model, models.lora.trainable(model), ...)
         newest = ckpts.newest_meta()
         if newest is not None and newest.get("origin", origin) != origin:
             ckpts.close()
@@ -205,7 +211,7 @@ def _run_stage(job: Job, stage: Stage, model, origin: str, workdir: str, logger:
         elif newest is not None and newest["step"] >= cfg.steps:
             finished = ckpts.restore_latest_params(params)
             if finished is not None and finished[1]["step"] >= cfg.steps:
-                return nnx.merge(graphdef, finished[0]), False, _next_origin(origin, stage.name, finished[1]["step"])
+                return nnx.merge(graphdef, finished[0], frozen), False, _next_origin(origin, stage.name, finished[1]["step"])
         learner = Learner(stage.algorithm, model, cfg.optim)
         batches = BatchIterator(len(stage.examples), cfg.batch_size, seed=job.config.seed)
         step, skipped = 0, 0

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from latro_jax import sharding
-from latro_jax.models import Transformer
+from latro_jax.models import Transformer, lora
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -102,13 +102,15 @@ LossFn = Callable[[Transformer, dict, dict, RowLayout], tuple[jax.Array, dict]]
 class Trainer:
     """Holds the train state of one model and runs jitted update steps on it.
 
-    Batches are dicts of host arrays with a leading row axis; rows are split into
+    What trains is lora.trainable(model): every parameter, or the adapters alone when the model
+    has them; the rest (the base weights under LoRA) is `frozen`: passed to each step, never
+    donated, differentiated or given optimizer moments. Batches are dicts of host arrays with a leading row axis; rows are split into
     `microbatches` equal parts (rows must divide) and each part over the mesh's data axes.
     """
 
     def __init__(self, model: Transformer, optim: OptimConfig, loss_fn: LossFn, *,
                  microbatches: int = 1, mesh: jax.sharding.Mesh | None = None):
-        graphdef, params = nnx.split(model)
+        graphdef, params, self.frozen = nnx.split(model, lora.trainable(model), ...)
         self._setup(graphdef, optim, loss_fn, microbatches, mesh)
         opt_state = jax.jit(self.optimizer.init)(params)  # moments follow the params' shardings
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
@@ -128,6 +130,7 @@ class Trainer:
         parameters' shardings, the scalars are replicated. Nothing is allocated; its programs
         lower and compile for the mesh's devices (`step_program`)."""
         self = cls.__new__(cls)
+        self.frozen = nnx.State({})
         self._setup(graphdef, optim, loss_fn, microbatches, mesh)
         replicated = NamedSharding(mesh, P())
         shapes = jax.eval_shape(self.optimizer.init, params)
@@ -151,15 +154,15 @@ class Trainer:
         self.loss_fn = loss_fn
 
     def _compile(self, state_shardings) -> None:
-        self._step = jax.jit(self._step_impl, donate_argnums=(0,), static_argnums=(3,),
+        self._step = jax.jit(self._step_impl, donate_argnums=(0,), static_argnums=(4,),
                              out_shardings=(state_shardings, None))
-        self._gradients = jax.jit(lambda params, batch, scalars, layout:
-                                  self._accumulate(params, batch, scalars, layout)[0], static_argnums=(3,))
+        self._gradients = jax.jit(lambda params, frozen, batch, scalars, layout:
+                                  self._accumulate(params, frozen, batch, scalars, layout)[0], static_argnums=(4,))
 
     def step_program(self, batch: dict, scalars: dict, layout: RowLayout = RowLayout()) -> jax.stages.Lowered:
         """The update step lowered for this trainer's state and `batch` / `scalars` as shapes
         (arrays or jax.ShapeDtypeStructs [microbatches, rows, ...] placed as _place places them)."""
-        return self._step.lower(self.state, batch, scalars, layout)
+        return self._step.lower(self.state, self.frozen, batch, scalars, layout)
 
     def load_state(self, params, opt_state, step: int) -> None:
         """Replace the state with restored values, placed on the current state's shardings."""
@@ -169,13 +172,18 @@ class Trainer:
 
     def model(self) -> Transformer:
         """The current policy as a model (shares the state's arrays)."""
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, self.state.params, self.frozen)
+
+    def with_frozen(self, params):
+        """The whole model state of trainable `params` (the state's or a copy of them) with
+        the frozen part: what nnx.merge(graphdef, .) makes a model of."""
+        return nnx.merge_state(self.frozen, params)
 
     def step(self, batch: dict[str, np.ndarray], scalars: dict[str, float],
              layout: RowLayout = RowLayout()) -> dict[str, float]:
         """One optimizer update on `batch`; returns the step's metrics as floats."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        self.state, metrics = self._step(self.state, self._place(batch), scalars, layout)
+        self.state, metrics = self._step(self.state, self.frozen, self._place(batch), scalars, layout)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def gradients(self, batch: dict[str, np.ndarray], scalars: dict[str, float],
@@ -183,15 +191,15 @@ class Trainer:
         """Gradients of the batch loss at the current parameters (summed over micro-batches, as
         a step computes them), without an update."""
         scalars = {k: jnp.float32(v) for k, v in scalars.items()}
-        return self._gradients(self.state.params, self._place(batch), scalars, layout)
+        return self._gradients(self.state.params, self.frozen, self._place(batch), scalars, layout)
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.split_microbatches(batch, self.microbatches, self.mesh)
 
-    def _accumulate(self, params, batch: dict, scalars: dict, layout: RowLayout):
-        """(grads, loss, aux) of the batch, summed over its micro-batches with lax.scan."""
+    def _accumulate(self, params, frozen, batch: dict, scalars: dict, layout: RowLayout):
+        """(grads of `params`, loss, aux) of the batch, summed over its micro-batches with lax.scan."""
         def loss_of(params, microbatch):
-            return self.loss_fn(nnx.merge(self.graphdef, params), microbatch, scalars, layout)
+            return self.loss_fn(nnx.merge(self.graphdef, params, frozen), microbatch, scalars, layout)
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -204,10 +212,10 @@ class Trainer:
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shape, loss_shape, aux_shape))
         return jax.lax.scan(accumulate, zeros, batch)[0]
 
-    def _step_impl(self, state: TrainState, batch: dict, scalars: dict, layout: RowLayout):
+    def _step_impl(self, state: TrainState, frozen, batch: dict, scalars: dict, layout: RowLayout):
         """One update, unless the loss, a gradient or a new parameter is not finite: then the
         state stays as it was (step included) and metrics["nonfinite"] = 1."""
-        grads, loss, aux = self._accumulate(state.params, batch, scalars, layout)
+        grads, loss, aux = self._accumulate(state.params, frozen, batch, scalars, layout)
         # a non-finite loss poisons the gradient, so that apply_if_finite rejects the update
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)

@@ -7,10 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.tiny import get_config
 from latro_jax import algorithms, job as jobs, models, run, sampling, sharding
 from latro_jax.algorithms import Learner
+from latro_jax.models import lora
 from latro_jax.job_config import optimizer_steps_per_update
 from latro_jax.update_plan import Lengths
 
@@ -18,16 +20,27 @@ TIMING = ("sample_s", "score_s", "step_s", "update_s", "sample_tokens_per_s")
 
 
 def _host_copy(model, mesh=None):
-    """The same weights as a new model, unsharded or placed on `mesh`."""
+    """The same weights as a new model, unsharded or placed on `mesh` (LoRA adapters too: the
+    job attaches them at its seed, 0)."""
     arrays = models.param_arrays(model)
-    return models.model_from_arrays(model.config, arrays.__getitem__, mesh=mesh)
+    copy = models.model_from_arrays(model.config, arrays.__getitem__, mesh=mesh)
+    lora.attach(copy, lora.config_of(model), seed=0)
+    return copy
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    """Every parameter, adapters included, as host arrays by path."""
+    return {"/".join(map(str, p)): sharding.to_host(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
+@pytest.mark.parametrize("name", [*sorted(algorithms.ALGORITHMS), "latro+lora"])
 def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
     config = get_config()
+    name, _, with_lora = name.partition("+")
     config.stages = name
+    if with_lora:
+        config.model.lora = dict(rank=4, alpha=8.0)
     job = jobs.build(config)
     (stage,) = job.stages
     examples = stage.examples[:stage.config.stage.batch_size]
@@ -43,9 +56,9 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
         algorithm.score = lambda *args, score=score: scored.append(score(*args)) or scored[-1]
         built.append(algorithm)
         learner = Learner(algorithm, _host_copy(job.model, m), optim)
-        before = models.param_arrays(learner.model())
+        before = _weights(learner.model())
         metrics = learner.update(examples, key)
-        after = models.param_arrays(learner.model())
+        after = _weights(learner.model())
         results.append((metrics, before, after, learner))
     for algorithm, batch in zip(built, scored):  # one device (prompts shared in groups of K), 8 (not)
         _plan_bounds_the_update(algorithm, batch, len(examples), stage.examples, job.fmt, job.model.config)
@@ -70,8 +83,11 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
         return
     assert max(np.abs(p1[k] - before[k]).max() for k in p1) > 1e-5  # the step changed the weights
     assert one.step == eight.step == optimizer_steps_per_update(stage.config.config)  # gspo's: 2 mini-batches
-    qkv = eight.trainer.state.params["layers"]["attn"]["qkv_kernel"][...]
+    trained = eight.trainer.state.params["layers"]["attn"]
+    qkv = (trained["lora"]["q_a"] if with_lora else trained["qkv_kernel"])[...]
     assert qkv.sharding.mesh.size == 8 and isinstance(qkv, jax.Array)
+    if with_lora:  # only adapters moved, and B alone (A's gradient is 0 while B = 0)
+        assert {k for k in p1 if np.abs(p1[k] - before[k]).max() > 0} == {k for k in p1 if k.endswith("_b")}
 
 
 @pytest.mark.slow

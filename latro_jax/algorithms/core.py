@@ -165,7 +165,9 @@ def frozen_copy(params, compute_dtype):
 class Learner:
     """One algorithm's training state: the policy's train state (a jitted, sharded Trainer
     step), the frozen reference when the algorithm needs one (frozen_copy: in the compute
-    dtype), pi_old likewise, and the scorer."""
+    dtype), pi_old likewise, and the scorer. The copies are of what trains: with LoRA adapters
+    the reference and pi_old are adapter copies over the one frozen base (the reference at
+    the first stage: B = 0, the base itself)."""
 
     def __init__(self, algorithm: Algorithm, model: Transformer, optim: OptimConfig):
         ctx = algorithm.ctx
@@ -175,6 +177,7 @@ class Learner:
                              chunk_size=ctx.logprob_chunk)
         self.compute_dtype = model.dtype
         copy = lambda: frozen_copy(self.trainer.state.params, self.compute_dtype)
+        # trainable parts only; policies() joins them to the frozen base
         self.reference = copy() if algorithm.needs_reference else None
         self.refresh = algorithm.old_policy_refresh
         # pi_old starts as the stage's starting weights: the reference's arrays when there is one
@@ -218,7 +221,9 @@ class Learner:
         ctx = self.algorithm.ctx
         sampler = Sampler(pad_id=ctx.fmt.pad_id, mesh=ctx.mesh, usage=usage, rows_per_call=ctx.sample_rows_per_call,
                           prompt_width=ctx.prompt_width)
-        return Policies(self.trainer.state.params, self.reference, sampler, self.scorer.with_usage(usage), self.old)
+        whole = lambda params: None if params is None else self.trainer.with_frozen(params)
+        return Policies(whole(self.trainer.state.params), whole(self.reference), sampler,
+                        self.scorer.with_usage(usage), whole(self.old))
 
     def apply(self, scored: ScoredBatch) -> dict[str, float]:
         """The optimizer steps of a scored batch (none when it says skip): scored.epochs passes,

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from latro_jax.models import hf_mapping
+from latro_jax.models import hf_mapping, lora
 from latro_jax.models.build import model_from_arrays, param_arrays, param_shapes
 from latro_jax.models.config import ConfigError, ModelConfig, read_config
 from latro_jax.models.transformer import Remat, Transformer
@@ -146,9 +146,10 @@ def _convert_rule(reader: SafetensorsReader, rule: hf_mapping.Rule, config: Mode
 
 
 def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's weights as HF tensors (name -> array), in checkpoint order."""
+    """The model's weights as HF tensors (name -> array), in checkpoint order; LoRA adapters,
+    when it has them, merged into their kernels (lora.merged)."""
     config = model.config
-    ours = param_arrays(model)
+    ours = param_arrays(lora.merged(model))
     out = {}
     for rule in hf_mapping.rules_for(config):
         layers = range(config.num_layers) if rule.per_layer else [None]

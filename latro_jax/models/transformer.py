@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from latro_jax.models import lora
 from latro_jax.models.config import ModelConfig
 from latro_jax.sharding import BATCH_AXES, data_shards
 from latro_jax.models.rope import apply_rope, rope_angles
@@ -230,6 +231,7 @@ class Attention(nnx.Module):
         if c.attention_bias:
             qkv = qkv + self.qkv_bias[...].astype(self.dtype)
         q, k, v = split(qkv, 3, (G, 1, 1))
+        q, k, v = (lora.add(y, lora.delta(self, t, x)) for t, y in zip("qkv", (q, k, v)))
         q = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), *rope)
         k = apply_rope(k.squeeze(3), *rope)  # [B, T, KVH, D]
         v = v.squeeze(3)
@@ -256,7 +258,8 @@ class Attention(nnx.Module):
         """o_proj of attention outputs [B, KVH, G*T, D] -> [B, T, hidden]."""
         c = self.config
         out = out.reshape(B, c.num_kv_heads, -1, T, c.head_dim).transpose(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)).astype(self.dtype)
+        out = out.reshape(B, T, c.num_heads * c.head_dim)
+        return lora.add(self.o_proj(out), lora.delta(self, "o", out)).astype(self.dtype)
 
 
 class MLP(nnx.Module):
@@ -272,7 +275,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         gate, up = split(_matmul("bti,icj->btcj", x, self.gate_up_kernel, self.dtype), 2, (1, 1))
-        return self.down_proj(jax.nn.silu(gate.squeeze(2)) * up.squeeze(2)).astype(self.dtype)
+        gate, up = gate.squeeze(2), up.squeeze(2)
+        gate, up = lora.add(gate, lora.delta(self, "gate", x)), lora.add(up, lora.delta(self, "up", x))
+        h = jax.nn.silu(gate) * up
+        return lora.add(self.down_proj(h), lora.delta(self, "down", h)).astype(self.dtype)
 
 
 class Block(nnx.Module):
