@@ -20,7 +20,10 @@ def get_base() -> ml_collections.ConfigDict:
                   num_kv_heads=1, head_dim=0, max_position_embeddings=1024,
                   tie_word_embeddings=True, initializer_range=0.02),
         dtype="bfloat16", param_dtype="float32", remat="full",
-        query_chunk=0)  # attention over that many query positions at a time (0: all): long rows
+        query_chunk=0,  # attention over that many query positions at a time (0: all): long rows
+        # LoRA adapters: rank 0 = off (every weight trains); r > 0 = adapters on `targets` train,
+        # the base is frozen and is the reference (scale alpha / r, as PEFT)
+        lora=dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"), dtype="float32"))
     c.tokenizer = dict(path="", build="")  # path defaults to model.path; build: "", "char", "words"
     c.task = dict(name="gsm8k", source="../shared/data/gsm8k", eval_source="", config_name="",
                   train_split="train", eval_split="test", val_split="", sft_examples=7473,
@@ -131,7 +134,7 @@ def get_base() -> ml_collections.ConfigDict:
                   forcing=dict(forcing, estimator="mc", samples=1, sampling=dict(temperature=0.0, top_k=0, top_p=1.0)),
                   segment=dict(segment))
     c.checkpoint = dict(every=10, keep=3)
-    c.export = dict(hf=True)
+    c.export = dict(hf=True, peft=False)  # peft: also <workdir>/peft, the LoRA adapters for PEFT
     return ml_collections.ConfigDict(c)
 
 
