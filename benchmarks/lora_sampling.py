@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from timing import best_time  # noqa: E402  (benchmarks/ is the script's folder)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "/tmp/smollm2", "HF model folder.")
@@ -28,16 +29,6 @@ flags.DEFINE_integer("samples", 4, "Samples per prompt.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 96, "Generated tokens per row.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per variant (best is reported).")
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(_):
@@ -61,9 +52,9 @@ def main(_):
                                                     num_samples=FLAGS.samples, seed=0).tokens)
 
     merge = lambda: jax.block_until_ready(nnx.state(lora.merged(model), nnx.Param))
-    merge_s = best(merge, FLAGS.repeats)
-    adapted_s = best(sample(model), FLAGS.repeats)
-    merged_s = best(sample(lora.merged(model)), FLAGS.repeats)
+    merge_s = best_time(merge, FLAGS.repeats)
+    adapted_s = best_time(sample(model), FLAGS.repeats)
+    merged_s = best_time(sample(lora.merged(model)), FLAGS.repeats)
     print(f"{FLAGS.model}, rank {FLAGS.rank} on q k v o gate up down; {FLAGS.prompts} x {FLAGS.samples} rows x "
           f"{FLAGS.new_tokens} tokens after {FLAGS.prompt_len}; jax {jax.__version__} on {jax.devices()[0].device_kind}")
     print(f"adapters applied: {rows / adapted_s:8.1f} tokens/s ({adapted_s:.2f} s)")

@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
 from bench_model import make_model  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import best_time  # noqa: E402
 
 PRESETS = {
     # The bench configuration for a 2-core CPU.
@@ -48,16 +48,6 @@ def make_hf_folder(cfg: dict, out: str) -> None:
     make_model(out, dtype=cfg["dtype"], vocab_size=cfg["vocab"], hidden_size=cfg["hidden"],
                intermediate_size=cfg["intermediate"], num_hidden_layers=cfg["layers"],
                num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"])
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def time_latro_jax(folder: str, cfg: dict, prompts) -> float:
