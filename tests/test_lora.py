@@ -39,7 +39,7 @@ def _host_adapters(model) -> dict[str, np.ndarray]:
             for p, v in nnx.to_flat_state(nnx.state(model, lora.LoRAWeight))}
 
 
-def test_the_adapted_mlp_is_base_plus_scaled_BA_and_zero_B_is_the_base_exactly():
+def test_the_adapted_mlp_is_base_plus_scaled_BA_and_zero_B_is_the_base_exactly(tmp_path):
     config = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                                 num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
     model = models.init_model(config, seed=0)
@@ -60,6 +60,9 @@ def test_the_adapted_mlp_is_base_plus_scaled_BA_and_zero_B_is_the_base_exactly()
     h = gate / (1 + np.exp(-gate)) * up
     np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), proj(h, w["layers/mlp/down_proj/kernel"][1], "down"),
                                rtol=1e-5, atol=1e-5)
+    # the merged export at weights of a trained model's scale (initializer_range 0.02): to 1e-5
+    merged = models.save_hf(model, str(tmp_path / "hf"))
+    np.testing.assert_allclose(np.asarray(models.load_hf(merged)(tokens)), np.asarray(model(tokens)), atol=1e-5)
 
 
 def _numpy_merged_state_dict(ref: torch.nn.Module, model, family: str) -> dict[str, torch.Tensor]:
