@@ -91,14 +91,17 @@ def test_every_registered_algorithm_updates_and_8_devices_equal_one(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
+@pytest.mark.parametrize("name", [*sorted(algorithms.ALGORITHMS), "latro+lora"])
 def test_no_update_after_the_first_compiles_anything_new(name):
     """Updates 2-4 on the same questions (rows of the widths the first update met, given the
     tiny config's budget) compile no new XLA program: no jit of a fresh closure per update, no
     Python scalar or weak type that changes an argument's signature. Counted with JAX's own
     backend-compile event (which fires on a persistent-cache hit too)."""
     config = get_config()
+    name, _, with_lora = name.partition("+")
     config.stages = name
+    if with_lora:
+        config.model.lora = dict(rank=4, alpha=8.0)
     job = jobs.build(config)
     (stage,) = job.stages
     examples = stage.examples[:stage.config.stage.batch_size]
