@@ -85,18 +85,23 @@ def latest_step(directory: str) -> int:
     return step
 
 
-def restore_model(directory: str, step: int | None = None, *, dtype="float32",
-                  param_dtype=None, remat: models.transformer.Remat = "none",
-                  mesh: jax.sharding.Mesh | None = None) -> Transformer:
-    """The model saved at `step` (default: the latest), with parameters cast to param_dtype
-    (default: as saved) and placed sharded over `mesh` when given."""
+def read_model_config(directory: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, the model_config item) of checkpoint `step` (default: the latest) of `directory`."""
     step = latest_step(directory) if step is None else step
     with manager(directory, create=False) as mngr:
         if step not in mngr.all_steps():
             raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; "
                                     f"available: {sorted(mngr.all_steps())}")
-        hf_config = mngr.restore(step, args=ocp.args.Composite(
-            model_config=ocp.args.JsonRestore()))["model_config"]
+        return step, mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
+
+
+def restore_model(directory: str, step: int | None = None, *, dtype="float32",
+                  param_dtype=None, remat: models.transformer.Remat = "none",
+                  mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """The model saved at `step` (default: the latest), with parameters cast to param_dtype
+    (default: as saved) and placed sharded over `mesh` when given."""
+    step, hf_config = read_model_config(directory, step)
+    with manager(directory, create=False) as mngr:
         config = ModelConfig.from_hf_dict(hf_config, source=f"{directory}/{step}/model_config")
         param_dtype = param_dtype or hf_config.get("dtype", "float32")
         if LORA_KEY in hf_config:

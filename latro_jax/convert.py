@@ -2,11 +2,14 @@ r"""Convert model weights between Hugging Face folders, Orbax checkpoints and GG
 
     python -m latro_jax.convert hf_to_orbax --hf=/path/to/hf_model --out=/path/to/ckpt
     python -m latro_jax.convert orbax_to_hf --ckpt=/path/to/ckpt [--step=N] \
-        --out=/path/to/hf_export [--tokenizer=/path/to/tokenizer_dir] [--overwrite]
+        --out=/path/to/hf_export [--tokenizer=/path/to/tokenizer_dir] [--overwrite] \
+        [--peft_out=/path/to/peft_adapter]
     python -m latro_jax.convert gguf_to_hf --gguf=/path/to/model.gguf --out=/path/to/hf_model
 
 `orbax_to_hf` works on any checkpoint directory written by latro_jax (conversion or training):
-it reads the `params` and `model_config` items of the chosen step (default: the latest).
+it reads the `params` and `model_config` items of the chosen step (default: the latest). A
+LoRA checkpoint is read with the base its record names and exported merged; --peft_out also
+writes its adapters as a PEFT folder.
 `gguf_to_hf` dequantises a GGUF file with transformers (needs torch, gguf and accelerate) and
 writes a float32 HF folder (safetensors, config.json, generation_config.json, tokenizer).
 """
@@ -30,6 +33,8 @@ flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_string("tokenizer", None, "orbax_to_hf: folder whose tokenizer files to copy.")
 flags.DEFINE_string("param_dtype", None, "Store parameters in this dtype (default: as the source).")
 flags.DEFINE_bool("overwrite", False, "orbax_to_hf: replace an existing output folder.")
+flags.DEFINE_string("peft_out", None, "orbax_to_hf of a LoRA checkpoint: also write its adapters "
+                    "here as a PEFT folder (adapter_config.json + adapter_model.safetensors).")
 
 
 def hf_to_orbax(hf: str, out: str, step: int = 0, param_dtype: str | None = None) -> None:
@@ -51,12 +56,18 @@ def _stored_dtype(model_dir: str) -> str | None:
 
 
 def orbax_to_hf(ckpt: str, out: str, step: int | None = None, tokenizer: str | None = None,
-                param_dtype: str | None = None, overwrite: bool = False) -> str:
+                param_dtype: str | None = None, overwrite: bool = False, peft_out: str | None = None) -> str:
+    step, config = checkpoint.read_model_config(ckpt, step)
+    if peft_out and checkpoint.LORA_KEY not in config:
+        raise ValueError(f"{ckpt}/{step} holds no LoRA adapters (it was trained without model.lora); "
+                         "drop --peft_out.")
     if tokenizer is None:
         print("warning: no --tokenizer: the export holds weights and config only; transformers needs "
               "tokenizer files beside them (a training workdir keeps them in <workdir>/tokenizer).",
               file=sys.stderr)
     model = checkpoint.restore_model(ckpt, step, param_dtype=param_dtype)
+    if peft_out:
+        models.peft_io.save_peft(model, peft_out, config[checkpoint.LORA_KEY]["base"]["path"], overwrite=overwrite)
     return models.save_hf(model, out, tokenizer_dir=tokenizer, overwrite=overwrite)
 
 
@@ -117,7 +128,7 @@ def main(argv):
         if not FLAGS.ckpt:
             raise app.UsageError("orbax_to_hf needs --ckpt")
         orbax_to_hf(FLAGS.ckpt, FLAGS.out, FLAGS.step, FLAGS.tokenizer, FLAGS.param_dtype,
-                    FLAGS.overwrite)
+                    FLAGS.overwrite, FLAGS.peft_out)
     print(f"wrote {os.path.abspath(FLAGS.out)}")
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
+from safetensors.numpy import load_file
 import transformers
 from flax import nnx
 
 from configs.tiny import get_config
 from hf_models import make_hf_model, torch_logits
-from latro_jax import checkpoint, job as jobs, models, run
+from latro_jax import checkpoint, convert, job as jobs, models, run
 from latro_jax.algorithms import Learner
 from latro_jax.models import lora
 from latro_jax.scoring import Scorer
@@ -205,6 +206,15 @@ def test_a_lora_run_resumes_bit_exactly_and_its_checkpoints_hold_adapters_naming
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "whole" / "hf")).eval()
     np.testing.assert_allclose(np.asarray(whole(tokens)), torch_logits(hf, tokens), atol=1e-5)
     assert os.path.isfile(tmp_path / "whole" / "peft" / "adapter_model.safetensors")
+    ckpt = str(tmp_path / "whole" / "checkpoints" / "latro")  # the converter writes the same two folders
+    convert.orbax_to_hf(ckpt, str(tmp_path / "hf2"), peft_out=str(tmp_path / "peft2"))
+    for folder, name in (("hf", "model.safetensors"), ("peft", "adapter_model.safetensors")):
+        ours, theirs = load_file(str(tmp_path / "whole" / folder / name)), load_file(str(tmp_path / f"{folder}2" / name))
+        assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours), folder
+    checkpoint.save_model(str(tmp_path / "plain"), models.load_hf(str(tmp_path / "whole" / "hf")))
+    with pytest.raises(ValueError, match="holds no LoRA adapters"):
+        convert.orbax_to_hf(str(tmp_path / "plain"), str(tmp_path / "hf3"), peft_out=str(tmp_path / "p3"))
+    assert not os.path.exists(tmp_path / "hf3") and not os.path.exists(tmp_path / "p3")
     record["base"]["seed"] = 1
     meta_path = step_dir / "model_config" / "metadata"
     meta = json.load(open(meta_path))
