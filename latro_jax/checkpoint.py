@@ -89,10 +89,14 @@ def read_model_config(directory: str, step: int | None = None) -> tuple[int, dic
     """(step, the model_config item) of checkpoint `step` (default: the latest) of `directory`."""
     step = latest_step(directory) if step is None else step
     with manager(directory, create=False) as mngr:
-        if step not in mngr.all_steps():
-            raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; "
-                                    f"available: {sorted(mngr.all_steps())}")
-        return step, mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
+        return step, _model_config(mngr, directory, step)
+
+
+def _model_config(mngr: ocp.CheckpointManager, directory: str, step: int) -> dict[str, Any]:
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; "
+                                f"available: {sorted(mngr.all_steps())}")
+    return mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
 
 
 def restore_model(directory: str, step: int | None = None, *, dtype="float32",
@@ -100,8 +104,9 @@ def restore_model(directory: str, step: int | None = None, *, dtype="float32",
                   mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """The model saved at `step` (default: the latest), with parameters cast to param_dtype
     (default: as saved) and placed sharded over `mesh` when given."""
-    step, hf_config = read_model_config(directory, step)
+    step = latest_step(directory) if step is None else step
     with manager(directory, create=False) as mngr:
+        hf_config = _model_config(mngr, directory, step)
         config = ModelConfig.from_hf_dict(hf_config, source=f"{directory}/{step}/model_config")
         param_dtype = param_dtype or hf_config.get("dtype", "float32")
         if LORA_KEY in hf_config:

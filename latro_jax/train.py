@@ -104,8 +104,9 @@ class Trainer:
 
     What trains is lora.trainable(model): every parameter, or the adapters alone when the model
     has them; the rest (the base weights under LoRA) is `frozen`: passed to each step, never
-    donated, differentiated or given optimizer moments. Batches are dicts of host arrays with a leading row axis; rows are split into
-    `microbatches` equal parts (rows must divide) and each part over the mesh's data axes.
+    donated, differentiated or given optimizer moments. Batches are dicts of host arrays with a
+    leading row axis; rows are split into `microbatches` equal parts (rows must divide) and
+    each part over the mesh's data axes.
     """
 
     def __init__(self, model: Transformer, optim: OptimConfig, loss_fn: LossFn, *,

@@ -13,6 +13,6 @@ from latro_jax.models.transformer import KVCache, Transformer
 
 __all__ = [
     "ConfigError", "KVCache", "ModelConfig", "RopeScaling", "Transformer", "abstract_model",
-    "hf_state_dict", "init_model", "load_hf", "lora", "peft_io", "model_from_arrays", "param_arrays", "read_config",
-    "save_hf",
+    "hf_state_dict", "init_model", "load_hf", "lora", "model_from_arrays", "param_arrays", "peft_io",
+    "read_config", "save_hf",
 ]

@@ -91,10 +91,11 @@ def add(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     return y if delta is None else (y + delta).astype(y.dtype)
 
 
-def _shapes(model) -> dict[str, dict[str, tuple]]:
-    """Per module ("attn", "mlp"): target -> (in dim, out shape, in axis name, out axis names),
-    the axis names those of the base kernel's rows and columns."""
-    c = model.config
+def shapes(config) -> dict[str, dict[str, tuple]]:
+    """Per module ("attn", "mlp") of a model of `config` (a ModelConfig): target -> (in dim, out
+    shape, in axis name, out axis names), the axis names those of the base kernel's rows and
+    columns."""
+    c = config
     G = c.num_heads // c.num_kv_heads
     return {"attn": {"q": (c.hidden_size, (c.num_kv_heads, G, c.head_dim), "fsdp", ("tensor", None, None)),
                      "k": (c.hidden_size, (c.num_kv_heads, 1, c.head_dim), "fsdp", ("tensor", None, None)),
@@ -124,7 +125,7 @@ def attach(model, config: LoRAConfig, seed: int = 0) -> None:
         with nnx.use_eager_sharding(False):  # placed above; the annotation is metadata
             return LoRAWeight(jnp.asarray(value, dtype), out_sharding=axes)
 
-    for module, targets in _shapes(model).items():
+    for module, targets in shapes(model.config).items():
         weights = {}
         for target, (din, out, in_axis, out_axes) in targets.items():
             if target not in config.targets:
@@ -153,29 +154,28 @@ def trainable(model):
     return LoRAWeight if has_adapters(model) else nnx.Param
 
 
+def weights(model) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """target -> its adapter's (A [L, in, r], B [L, r, *out]) arrays, for every target the model has."""
+    return {t: (getattr(module, f"{t}_a")[...], getattr(module, f"{t}_b")[...])
+            for module in adapters(model).values() for t in module.targets}
+
+
 def config_of(model) -> LoRAConfig:
     """The LoRAConfig the model's adapters were attached with (rank 0 without adapters)."""
-    found = adapters(model)
+    found = weights(model)
     if not found:
         return LoRAConfig()
-    targets = tuple(t for m in found.values() for t in m.targets)
-    first = next(iter(found.values()))
-    rank = getattr(first, f"{first.targets[0]}_a").shape[-1]
-    dtype = str(getattr(first, f"{first.targets[0]}_a")[...].dtype)
-    return LoRAConfig(rank=rank, alpha=first.scale * rank, targets=tuple(t for t in TARGETS if t in targets),
-                      dtype=dtype)
+    a = next(iter(found.values()))[0]
+    rank, scale = a.shape[-1], next(iter(adapters(model).values())).scale
+    return LoRAConfig(rank=rank, alpha=scale * rank, targets=tuple(t for t in TARGETS if t in found), dtype=str(a.dtype))
 
 
 def kernel_deltas(model) -> dict[str, jax.Array]:
     """scale A B of every adapter in our kernel layouts, stacked over layers: target -> [L, in,
     *out] (float32)."""
-    out = {}
-    for module in adapters(model).values():
-        for target in module.targets:
-            a = getattr(module, f"{target}_a")[...].astype(jnp.float32)
-            b = getattr(module, f"{target}_b")[...].astype(jnp.float32)
-            out[target] = module.scale * jnp.einsum("lir,lr...->li...", a, b)
-    return out
+    scale = config_of(model).scale
+    return {t: scale * jnp.einsum("lir,lr...->li...", a.astype(jnp.float32), b.astype(jnp.float32))
+            for t, (a, b) in weights(model).items()}
 
 
 def merged(model):
@@ -185,9 +185,8 @@ def merged(model):
         return model
     deltas = kernel_deltas(model)
     plain = nnx.clone(model)  # new Variables over the same arrays
-    for name in ("attn", "mlp"):
-        if hasattr(getattr(plain.layers, name), "lora"):
-            delattr(getattr(plain.layers, name), "lora")
+    for name in adapters(plain):
+        delattr(getattr(plain.layers, name), "lora")
     attn, mlp = plain.layers.attn, plain.layers.mlp
     G = model.config.num_heads // model.config.num_kv_heads
     parts = {"q": (attn.qkv_kernel, (slice(None),) * 3 + (slice(0, G),)),
@@ -195,8 +194,8 @@ def merged(model):
              "v": (attn.qkv_kernel, (slice(None),) * 3 + (slice(G + 1, G + 2),)),
              "o": (attn.o_proj.kernel, ()), "gate": (mlp.gate_up_kernel, (slice(None),) * 2 + (0,)),
              "up": (mlp.gate_up_kernel, (slice(None),) * 2 + (1,)), "down": (mlp.down_proj.kernel, ())}
-    for target, delta in deltas.items():
+    for target, change in deltas.items():
         kernel, where = parts[target]
         w = kernel[...]
-        kernel[...] = w.at[where].set((w[where].astype(jnp.float32) + delta).astype(w.dtype))
+        kernel[...] = w.at[where].set((w[where].astype(jnp.float32) + change).astype(w.dtype))
     return plain

@@ -32,13 +32,8 @@ PHI3_FUSED = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate"
 
 def _host(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """target -> (A [L, in, r], B [L, r, out flattened]) as float32 host arrays."""
-    out = {}
-    for module in lora.adapters(model).values():
-        for t in module.targets:
-            a = sharding.to_host(getattr(module, f"{t}_a")[...]).astype(np.float32)
-            b = sharding.to_host(getattr(module, f"{t}_b")[...]).astype(np.float32)
-            out[t] = a, b.reshape(*b.shape[:2], -1)
-    return out
+    host = lambda x: sharding.to_host(x).astype(np.float32)
+    return {t: (host(a), host(b).reshape(*b.shape[:2], -1)) for t, (a, b) in lora.weights(model).items()}
 
 
 def peft_tensors(model) -> tuple[dict[str, np.ndarray], dict[str, int], list[str]]:
@@ -54,12 +49,13 @@ def peft_tensors(model) -> tuple[dict[str, np.ndarray], dict[str, int], list[str
         names.append(module.split(".")[-1])
 
     fused = PHI3_FUSED if config.family == "phi3" else {}
+    out_shape = {t: shape for targets in lora.shapes(config).values() for t, shape in targets.items()}
     for module, parts in fused.items():
         present = [t for t in parts if t in weights]
         if not present:
             continue
         a = np.concatenate([weights[t][0] for t in present], axis=2)
-        outs = [weights[t][1].shape[2] if t in weights else _out_size(config, t) for t in parts]
+        outs = [int(np.prod(out_shape[t][1])) for t in parts]
         b = np.zeros((config.num_layers, len(present) * r, sum(outs)), np.float32)
         for k, t in enumerate(present):
             start = sum(outs[:parts.index(t)])
@@ -72,12 +68,6 @@ def peft_tensors(model) -> tuple[dict[str, np.ndarray], dict[str, int], list[str
         if t in weights and t not in done:
             put(MODULES[t], *weights[t])
     return tensors, ranks, names
-
-
-def _out_size(config, target: str) -> int:
-    return {"q": config.num_heads * config.head_dim, "k": config.num_kv_heads * config.head_dim,
-            "v": config.num_kv_heads * config.head_dim, "gate": config.intermediate_size,
-            "up": config.intermediate_size}[target]
 
 
 def save_peft(model, out_dir: str, base_model: str = "", *, overwrite: bool = False) -> str:
