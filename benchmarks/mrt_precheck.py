@@ -1,17 +1,22 @@
-r"""Does the warm start give MRT a progress signal? Measured before any RL run.
+r"""Does the warm start give MRT something to act on? Measured before any RL run.
 
     python -m latro_jax.main --config=configs/compare.py --workdir=/tmp/cmp/sft     # the warm start
     python benchmarks/mrt_precheck.py --model=/tmp/cmp/sft/hf [--questions=256 --samples=8]
 
-On --questions training questions of configs/compare.py it samples --samples traces each (T = 1,
-the config's MRT budget), splits them into episodes (the config's rule), computes J at every
-prefix (the config's meta-prover, or --estimator), and prints:
-- mean progress p_j = J(c_j) - J(c_{j-1}) by episode kind (step, slip, fix, restate, terse,
-  other) with counts, and the share of negative-progress episodes;
-- forced-answer accuracy against the budget (the last episode boundary within b tokens) for
-  the traces of each style (worked, restate, slip, terse).
-What MRT needs: restating ~0 progress (it wastes tokens), slips negative and fixes positive,
-steps positive. A JSON summary goes to --out.
+On --questions training questions of the config it samples --samples traces each at T = 1 and
+one greedy trace, of at most eval.max_new_tokens (so a trace the training budget L =
+mrt.rollout.max_tokens would cut is seen whole), splits them into episodes (the config's rule),
+computes J at every prefix (the config's meta-prover, or --estimator) and prints, for the T = 1
+and the greedy traces:
+- mean progress p_j = J(c_j) - J(c_{j-1}) by episode kind (data/synthetic.py episode_kinds),
+  with counts and the shares of zero-progress (|p| < --zero) and negative-progress episodes;
+- the three properties MRT's comparison needs (issue 36): (1) the share of zero-progress
+  episodes; (2) J after the first half of a trace's episodes (rounded down) against J(empty);
+  (3) the share of traces longer than L, for the traces with episodes after their find
+  (wasteful) and those without;
+- forced-answer accuracy against the budget (the last episode boundary within b tokens) per
+  trace style.
+A JSON summary goes to --out.
 """
 
 from __future__ import annotations
@@ -26,45 +31,97 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF folder of the warm start, tokenizer included.")
+flags.DEFINE_string("config", "configs/compare.py", "The comparison's config (task, MRT budget and meta-prover).")
 flags.DEFINE_integer("questions", 256, "Training questions.")
-flags.DEFINE_integer("samples", 8, "Traces per question.")
+flags.DEFINE_integer("samples", 8, "Traces per question at T = 1.")
 flags.DEFINE_enum("estimator", None, ["mc", "likelihood"], "J estimator (default: the config's).")
-flags.DEFINE_list("budgets", ["8", "16", "24", "32", "48", "64"], "Token budgets of the accuracy curve.")
+flags.DEFINE_list("budgets", None, "Token budgets of the accuracy curve (default: the config's eval.forced_budgets).")
+flags.DEFINE_float("zero", 0.02, "|progress| below this is zero progress.")
 flags.DEFINE_integer("seed", 0, "Sampling key.")
 flags.DEFINE_string("out", None, "Write the summary JSON here.")
 flags.mark_flag_as_required("model")
 
 
-def style_of(kinds: list[str]) -> str:
+def style_of(kinds: list[str], search: bool) -> str:
+    """A trace's style from its episode kinds: search traces `wasteful` (checks after the find),
+    `stops` (ends its checks at the find) or `no find`; chain traces terse / slip / restate / worked."""
+    if search:
+        return "wasteful" if "after" in kinds or "recheck" in kinds else "stops" if "found" in kinds else "no find"
     for style in ("terse", "slip", "restate"):
         if style in kinds or (style == "slip" and "fix" in kinds):
             return style
     return "worked"
 
 
+def summarise(traces, episodes, j_values, examples, tokenizer, budget: int, budgets: list[int], zero: float) -> dict:
+    """The per-kind progress, the three properties and the per-style budget curves of one set
+    of traces (question index, ids), their episodes and J at every prefix."""
+    import numpy as np
+
+    from latro_jax.data.synthetic import episode_kinds, is_search
+    progress, styles, half, empty, cut = {}, {}, [], [], {}
+    for (q, ids), e, values in zip(traces, episodes, j_values):
+        kinds = episode_kinds(examples[q].question, e.episode_texts(tokenizer))
+        for kind, p in zip(kinds, np.diff(values)):
+            progress.setdefault(kind, []).append(float(p))
+        style = style_of(kinds, is_search(examples[q].question))
+        styles.setdefault(style, []).append((e, values))
+        half.append(values[e.count // 2])
+        empty.append(values[0])
+        cut.setdefault("wasteful" if style == "wasteful" else "other", []).append(len(ids) > budget)
+    every = np.array([p for ps in progress.values() for p in ps])
+    out = {"traces": len(traces), "episodes": len(every),
+           "zero_share": float(np.mean(np.abs(every) < zero)), "negative_share": float(np.mean(every <= -zero)),
+           "j_empty": float(np.mean(empty)), "j_half": float(np.mean(half)),
+           "cut_share": {k: float(np.mean(v)) for k, v in cut.items()}, "cut_count": {k: len(v) for k, v in cut.items()},
+           "progress": {k: {"count": len(v), "mean": float(np.mean(v)),
+                            "zero_share": float(np.mean(np.abs(v) < zero)),
+                            "negative_share": float(np.mean(np.array(v) <= -zero))} for k, v in progress.items()},
+           "budget_accuracy": {}}
+    for style, rows in sorted(styles.items()):
+        curve = [float(np.mean([values[sum(1 for x in e.ends if x <= b)] for e, values in rows])) for b in budgets]
+        out["budget_accuracy"][style] = {"traces": len(rows), **{str(b): c for b, c in zip(budgets, curve)}}
+    return out
+
+
+def report(name: str, s: dict, budget: int, budgets: list[int]) -> None:
+    print(f"\n== {name}: {s['traces']} traces, {s['episodes']} episodes")
+    print(f"{'episode kind':<14}{'count':>8}{'mean progress':>16}{'share ~0':>10}{'share < 0':>11}")
+    for kind, row in sorted(s["progress"].items(), key=lambda kv: -kv[1]["count"]):
+        print(f"{kind:<14}{row['count']:>8}{row['mean']:>16.3f}{row['zero_share']:>10.3f}{row['negative_share']:>11.3f}")
+    print(f"(1) zero-progress episodes: {s['zero_share']:.3f} (negative: {s['negative_share']:.3f})")
+    print(f"(2) J after half the episodes {s['j_half']:.3f} against J(empty) {s['j_empty']:.3f}")
+    print(f"(3) traces longer than L = {budget}: " + ", ".join(
+        f"{k} {v:.3f} of {s['cut_count'][k]}" for k, v in s["cut_share"].items()))
+    print(f"{'style':<10}{'traces':>8}" + "".join(f"{'J@' + str(b):>8}" for b in budgets))
+    for style, row in s["budget_accuracy"].items():
+        print(f"{style:<10}{row['traces']:>8}" + "".join(f"{row[str(b)]:>8.3f}" for b in budgets))
+
+
 def main(_):
     import dataclasses
+    import importlib.util
 
     import jax
-    import numpy as np
     from transformers import AutoTokenizer
 
-    from configs.compare import get_config
     from latro_jax import job_config, models
     from latro_jax.algorithms import Context, Learner, Sft, SftConfig
     from latro_jax.data import PromptFormatter, get_task, load_examples
-    from latro_jax.data.synthetic import EPISODE_KINDS, episode_kind
     from latro_jax.episodes import make_segmenter
     from latro_jax.meta_prover import MetaProver
     from latro_jax.sampling import SamplingParams
     from latro_jax.train import OptimConfig
 
-    config = get_config()
+    spec = importlib.util.spec_from_file_location("precheck_config", FLAGS.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
     config.stages = "mrt"
     job = job_config.parse(config)
     mrt = job.stages[0].config
     forcing = dataclasses.replace(mrt.forcing, estimator=FLAGS.estimator or mrt.forcing.estimator)
-    task = get_task("synthetic")
+    task = get_task(job.task.name)
     examples = load_examples(task, "synthetic", "train", synthetic=dataclasses.asdict(job.task.synthetic))
     examples = examples[-FLAGS.questions:]
     fmt = PromptFormatter(AutoTokenizer.from_pretrained(FLAGS.model))
@@ -72,48 +129,27 @@ def main(_):
     prover = MetaProver(forcing, task, fmt)
     segment = make_segmenter(mrt.segment, fmt)
     policies = Learner(Sft(SftConfig(), Context(task, fmt)), model, OptimConfig(total_steps=1)).policies()
-
+    budget, budgets = mrt.rollout.max_tokens, [int(b) for b in FLAGS.budgets or job.eval.forced_budgets]
     key = jax.random.key(FLAGS.seed)
     prompts = [fmt.prompt_ids(e.question) for e in examples]
-    out = policies.sampler.complete(model, prompts, max_new_tokens=mrt.rollout.max_tokens,
-                                    sampling_params=SamplingParams(1.0), num_samples=FLAGS.samples,
-                                    stops=fmt.stops.ends_only(), key=key, progress=True)
-    traces = [(r // FLAGS.samples, t) for r, t in enumerate(out.ids)]
-    episodes = [segment(t) for _, t in traces]
-    items = [(i, j) for i, e in enumerate(episodes) for j in range(e.count + 1)]
-    print(f"{len(traces)} traces, {len(items)} prefixes; J by {forcing.estimator}", flush=True)
-    j = prover.estimate(policies.sampler, policies.scorer, policies.params, [prompts[traces[i][0]] for i, _ in items],
-                        [episodes[i].prefix(k) for i, k in items],
-                        [examples[traces[i][0]].gold for i, _ in items], jax.random.fold_in(key, 1)).j
-    by_trace, start = [], 0
-    for e in episodes:
-        by_trace.append(j[start:start + e.count + 1])
-        start += e.count + 1
-    progress = {k: [] for k in EPISODE_KINDS}
-    styles = {}
-    for e, values in zip(episodes, by_trace):
-        kinds = [episode_kind(t) for t in e.episode_texts(fmt.tokenizer)]
-        for kind, p in zip(kinds, np.diff(values)):
-            progress[kind].append(float(p))
-        styles.setdefault(style_of(kinds), []).append((e, values))
-    everything = [p for ps in progress.values() for p in ps]
-    summary = {"traces": len(traces), "estimator": forcing.estimator,
-               "negative_share": float(np.mean(np.array(everything) < 0)),
-               "progress": {k: {"count": len(v), "mean": float(np.mean(v)) if v else None,
-                                "negative_share": float(np.mean(np.array(v) < 0)) if v else None}
-                            for k, v in progress.items()},
-               "budget_accuracy": {}}
-    print(f"{'episode kind':<14}{'count':>8}{'mean progress':>16}{'share < 0':>12}")
-    for kind, row in summary["progress"].items():
-        if row["count"]:
-            print(f"{kind:<14}{row['count']:>8}{row['mean']:>16.3f}{row['negative_share']:>12.3f}")
-    print(f"negative-progress episodes: {summary['negative_share']:.3f} of {len(everything)}")
-    budgets = [int(b) for b in FLAGS.budgets]
-    print(f"{'style':<10}{'traces':>8}" + "".join(f"{'J@' + str(b):>8}" for b in budgets))
-    for style, rows in sorted(styles.items()):
-        curve = [float(np.mean([values[sum(1 for x in e.ends if x <= b)] for e, values in rows])) for b in budgets]
-        summary["budget_accuracy"][style] = {"traces": len(rows), **{str(b): c for b, c in zip(budgets, curve)}}
-        print(f"{style:<10}{len(rows):>8}" + "".join(f"{c:>8.3f}" for c in curve))
+    summary = {"estimator": forcing.estimator, "budget": budget}
+    for name, temperature, samples in (("T=1", 1.0, FLAGS.samples), ("greedy", 0.0, 1)):
+        key, k_sample, k_j = jax.random.split(key, 3)
+        out = policies.sampler.complete(model, prompts, max_new_tokens=job.eval.max_new_tokens,
+                                        sampling_params=SamplingParams(temperature), num_samples=samples,
+                                        stops=fmt.stops.ends_only(), key=k_sample, progress=True)
+        traces = [(r // samples, t) for r, t in enumerate(out.ids)]
+        episodes = [segment(t) for _, t in traces]
+        items = [(i, j) for i, e in enumerate(episodes) for j in range(e.count + 1)]
+        j = prover.estimate(policies.sampler, policies.scorer, policies.params, [prompts[traces[i][0]] for i, _ in items],
+                            [episodes[i].prefix(k) for i, k in items], [examples[traces[i][0]].gold for i, _ in items],
+                            k_j).j
+        j_values, start = [], 0
+        for e in episodes:
+            j_values.append(j[start:start + e.count + 1])
+            start += e.count + 1
+        summary[name] = summarise(traces, episodes, j_values, examples, fmt.tokenizer, budget, budgets, FLAGS.zero)
+        report(f"{name} (J by {forcing.estimator})", summary[name], budget, budgets)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -58,14 +58,15 @@ def get_base() -> ml_collections.ConfigDict:
     # pass), aggregation token | sequence | dr_grpo, log-probs at the sampling temperature.
     # Outcome-reward GRPO (algorithms/mrt.py:GrpoConfig): advantage group | rloo (leave-one-out,
     # unscaled); scaling of the group advantages group | batch | none (Dr. GRPO); reward_kl beta_r:
-    # the advantages read r - beta_r sum_t (log pi_old - log pi_ref) (0 = off); share_prompts: the
+    # the advantages read r - beta_r sum_t (log pi_old - log pi_ref) (0 = off); length_penalty
+    # lambda: they read r - lambda |z| / max_tokens (0 = off; MRT too); share_prompts: the
     # scoring passes and the step run each prompt once per question.
     group = dict(num_samples=4, max_tokens=512, sampling=dict(temperature=0.9, top_k=0, top_p=1.0))
     policy_loss = dict(objective="clip", clip_eps=0.2, clip_eps_high=0.0, cispo_max=5.0, cispo_clip="upper",
                        beta=0.04, aggregation="token", logprobs_at_temperature=True, updates_per_rollout=1)
     rl_optim = optim(1e-6, "cosine", warmup_steps=10, weight_decay=0.01)
     grpo = dict(steps=100, batch_size=16, rollout=group, loss=policy_loss, advantage="group", scaling="group",
-                advantage_eps=1e-4, reward_kl=0.0, share_prompts=True, microbatches=1, logprob_chunk=128,
+                advantage_eps=1e-4, reward_kl=0.0, length_penalty=0.0, share_prompts=True, microbatches=1, logprob_chunk=128,
                 sample_rows_per_call=0, optim=rl_optim)
     c.grpo = dict(grpo)  # (a ConfigDict copies the dicts it is given)
     # The GRPO variants (SPEC 3.2; algorithms/grpo_variants.py): GRPO's keys with their papers'
@@ -110,7 +111,8 @@ def get_base() -> ml_collections.ConfigDict:
     forcing = dict(suffix=" The answer is", estimator="mc", samples=8,
                    sampling=dict(temperature=0.6, top_k=0, top_p=0.95), answer_tokens=16)
     c.mrt = dict(steps=100, batch_size=16, rollout=dict(group), loss=dict(policy_loss), scaling="group",
-                 advantage_eps=1e-4, reward_kl=0.0, share_prompts=True, prefixes="traces", prefix_refresh=0,
+                 advantage_eps=1e-4, reward_kl=0.0, length_penalty=0.0, share_prompts=True, prefixes="traces",
+                 prefix_refresh=0,
                  budget="full", advantage="termination",
                  alpha=0.0, continuation="full", segment=dict(segment), forcing=dict(forcing), microbatches=1,
                  logprob_chunk=128, sample_rows_per_call=0, optim=dict(rl_optim))

@@ -1,6 +1,7 @@
 """LaTRO beside its likelihood-reward relatives (VeriFree, JEPO, RLPR) and outcome-reward GRPO
-beside its variants (DAPO, GSPO, CISPO, RLOO), all from the SFT warm start of configs/compare.py (the same
-task, data and seed), with its budget: 80 updates of 16 questions x 8 samples at lr 5e-5.
+beside its variants (DAPO, GSPO, CISPO, RLOO), all from one SFT warm start on the chain task (configs/compare.py's
+before issue 36: 4-step problems, 50% worked -- 30% of those with a restatement, 30% with a slip
+and its fix -- 50% terse), with its budget: 80 updates of 16 questions x 8 samples at lr 5e-5.
 
     python launch/compare.py --root=/tmp/families --config=configs/compare_families.py \\
         --methods=latro,verifree,jepo,rlpr,grpo,dapo,gspo,cispo,rloo --seeds=0,1,2
@@ -13,11 +14,41 @@ completions with its own loss (clip 0.2 / 0.27, 4 mini-batch updates per rollout
 (from update 11).
 """
 
-from configs.compare import RL, RL_OPTIM, SAMPLES, get_config as compare
+from configs.demo import get_config as demo
+
+STEPS, QUESTIONS, SAMPLES, LR = 80, 16, 8, 5e-5
+RL = dict(steps=STEPS, batch_size=QUESTIONS)  # every RL method's updates and questions per update
+RL_OPTIM = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
+
+
+def chain_comparison():
+    """configs/compare.py before issue 36: the chain task, LaTRO, GRPO, MRT-RL, MRT-STaR, STaR."""
+    c = demo()
+    c.task.synthetic.update(stepwise_share=0.5, restate_share=0.3, slip_share=0.3)
+    c.stages = "sft"
+    group = dict(num_samples=SAMPLES, max_tokens=64, sampling=dict(temperature=1.0, top_k=0, top_p=1.0))
+    c.latro.update(max_rationale_tokens=56, num_samples=SAMPLES, **RL)
+    c.latro.optim.update(RL_OPTIM)
+    end = dict(rule="end_tokens", end_texts=(".",), group_size=1, thinking_end=())
+    forcing = dict(suffix=" The answer is", estimator="mc", samples=4,
+                   sampling=dict(temperature=1.0, top_k=0, top_p=1.0), answer_tokens=4)
+    for section in ("grpo", "mrt"):
+        c[section].update(rollout=group, loss=dict(beta=0.0), **RL)
+        c[section].optim.update(RL_OPTIM)
+    c.mrt.update(prefixes="traces", advantage="termination", budget="full", segment=end, forcing=forcing)
+    c.mrt_star.update(rollout=group, filter="max_prefix", keep_per_question=1, segment=end, forcing=forcing, **RL)
+    c.mrt_star.optim.update(RL_OPTIM)
+    c.star = dict(c.mrt_star.to_dict(), algorithm="mrt_star", filter="outcome")
+    c.grpo_matched = dict(c.grpo.to_dict(), algorithm="grpo")  # steps set by launch/compare.py
+    c.eval.update(max_new_tokens=64, batch_size=100, maj_k=4, forced_budgets=(8, 16, 24, 32, 48, 64),
+                  forced_at="tokens", regret_cutoffs=(16, 24, 32), segment=end)
+    c.eval.forcing.update(answer_tokens=4)
+    c.checkpoint.update(every=20, keep=2)
+    return c
 
 
 def get_config():
-    c = compare()
+    c = chain_comparison()
     for section in ("verifree", "jepo"):
         c[section].update(max_rationale_tokens=c.latro.max_rationale_tokens, num_samples=SAMPLES, **RL)
         c[section].optim.update(RL_OPTIM)

@@ -13,7 +13,7 @@ def get_config():
     c.sft.update(steps=2, batch_size=8)
     c.sft.optim.warmup_steps = 0
     c.latro.update(steps=1, batch_size=2, num_samples=4, max_rationale_tokens=12)
-    for section in ("grpo", "mrt", "mrt_star", "star", "grpo_matched"):
+    for section in ("grpo", "grpo_length", "mrt", "mrt_episode", "mrt_star", "star", "grpo_matched"):
         c[section].update(steps=1, batch_size=2, rollout=dict(num_samples=4, max_tokens=12))
     for section in ("mrt_star", "star"):
         c[section].keep_per_question = 4

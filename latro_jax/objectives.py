@@ -186,6 +186,12 @@ def kl_penalised_rewards(rewards: np.ndarray, sequence_kl: np.ndarray, beta: flo
     return np.asarray(rewards, np.float64) - beta * np.asarray(sequence_kl, np.float64)
 
 
+def length_penalised_rewards(rewards: np.ndarray, lengths: np.ndarray, weight: float, budget: int) -> np.ndarray:
+    """Outcome rewards less a linear length penalty (a token-efficiency baseline, not a paper's
+    recipe): r - weight |z| / L, |z| the completion's tokens and L the budget, [N, G]."""
+    return np.asarray(rewards, np.float64) - weight * np.asarray(lengths, np.float64) / budget
+
+
 CISPO_CLIPS = ("upper", "both")
 
 

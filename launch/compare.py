@@ -1,19 +1,21 @@
-r"""LaTRO vs outcome-reward GRPO vs MRT-RL vs MRT-STaR vs STaR from one SFT warm start, per seed.
+r"""MRT-RL (termination and per-episode progress), outcome-reward GRPO (plain, with a length
+penalty, and given MRT's sampled tokens), MRT-STaR, STaR and LaTRO from one SFT warm start, per seed.
 
     python launch/compare.py --root=/tmp/compare --seeds=0,1,2 [--config=configs/compare.py] \
         [--methods=latro,grpo,...] [--extra=--config.latro.steps=40 ...]
 
---methods names the config's stage sections to run (default: the five above and grpo_matched;
-configs/compare_families.py holds the likelihood-reward family and the GRPO variants).
+--methods names the config's stage sections to run (default: METHODS; configs/compare_families.py
+holds the likelihood-reward family and the GRPO variants).
 
 For each seed: the SFT warm start once (<root>/s<seed>/sft), then from its export every method
-in its own workdir (<root>/s<seed>/<method>: latro, grpo, mrt, mrt_star, star), and last a GRPO
-run whose number of updates matches MRT's wall time (grpo_matched). Each run is the training job
-(its log in <workdir>/log.txt), so an interrupted comparison resumes by running the same
-command: finished runs are skipped, a killed one resumes from its checkpoint. The method's
-"init" evaluation is the warm start's. Writes <root>/table.json, prints the table (mean and
-min-max over seeds) and draws <root>/compare.png (forced-answer accuracy against the token
-budget per method, the SFT warm start included).
+in its own workdir (<root>/s<seed>/<method>), and last a GRPO run whose number of updates gives
+it as many sampled + scored tokens as MRT-RL's run (grpo_matched: the equal-tokens view; the
+others are at equal updates). Each run is the training job (its log in <workdir>/log.txt), so an
+interrupted comparison resumes by running the same command: finished runs are skipped, a killed
+one resumes from its checkpoint. The method's "init" evaluation is the warm start's. Writes
+<root>/table.json and <root>/table.md (printed: mean and min-max over seeds) and draws
+<root>/compare.png (forced-answer accuracy against the token budget per method, the SFT warm
+start included, and the share of zero-progress episodes in greedy outputs).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-METHODS = ("latro", "grpo", "mrt", "mrt_star", "star", "grpo_matched")
+METHODS = ("latro", "grpo", "grpo_length", "mrt", "mrt_episode", "mrt_star", "star", "grpo_matched")
+ZERO = 0.02  # |progress| below this is zero progress
 
 
 def run_job(workdir: str, config: str, seed: int, stage: str, extra: list[str]) -> dict:
@@ -70,19 +73,41 @@ def wall_time(workdir: str, stage: str) -> tuple[float, int, float]:
 
 
 def episode_stats(workdir: str, name: str) -> dict[str, float]:
-    """From eval/<name>/examples.jsonl: shares of restate / slip episodes in the greedy outputs,
-    mean progress per episode and the share of negative-progress episodes (forced answers)."""
-    from latro_jax.data.synthetic import episode_kind
-    kinds, progress = [], []
+    """From eval/<name>/examples.jsonl (greedy outputs and their greedy forced answers): the
+    shares of zero-progress (|p| < ZERO) and negative-progress episodes, mean progress per
+    episode, and the shares of episode kinds that spend tokens without progress by design
+    (data/synthetic.py: restate, slip; a search's checks after the find and rechecks)."""
+    from latro_jax.data.synthetic import episode_kinds
+    kinds, progress, outputs = [], [], 0
     for line in open(os.path.join(workdir, "eval", name, "examples.jsonl")):
-        forced = json.loads(line).get("forced", {})
-        kinds += [episode_kind(t) for t in forced.get("pieces", [])]
+        row, outputs = json.loads(line), outputs + 1
+        forced = row.get("forced", {})
+        kinds += episode_kinds(row["prompt"], forced.get("pieces", []))
         accuracy = [forced.get("empty", 0.0)] + [a for _, a in forced.get("episodes", [])]
         progress += list(np.diff(accuracy))
-    share = lambda kind: kinds.count(kind) / max(len(kinds), 1)
-    return {"restate_share": share("restate"), "slip_share": share("slip"),
-            "mean_progress": float(np.mean(progress)) if progress else 0.0,
-            "negative_progress": float(np.mean(np.array(progress) < 0)) if progress else 0.0}
+    share = lambda *names: sum(kinds.count(k) for k in names) / max(len(kinds), 1)
+    progress = np.array(progress)
+    return {"zero_progress": float(np.mean(np.abs(progress) < ZERO)) if progress.size else 0.0,
+            "negative_progress": float(np.mean(progress <= -ZERO)) if progress.size else 0.0,
+            "mean_progress": float(np.mean(progress)) if progress.size else 0.0,
+            "after_find_share": share("after", "recheck"), "restate_share": share("restate"),
+            "slip_share": share("slip"), "episodes": len(kinds) / max(outputs, 1)}
+
+
+def tokens_to_reach(row: dict, target: float) -> float:
+    """The thinking budget at which the forced-answer curve (forced@b, linear between budgets)
+    first reaches `target`; inf where it never does."""
+    budgets = sorted(int(k.split("@")[1]) for k in row if k.startswith("forced@"))
+    previous = None
+    for b in budgets:
+        value = row[f"forced@{b}"]
+        if value >= target:
+            if previous is None:
+                return float(b)
+            b0, v0 = previous
+            return b0 + (b - b0) * (target - v0) / (value - v0)
+        previous = (b, value)
+    return float("inf")
 
 
 def summarise(root: str, seeds: list[int], methods=METHODS) -> dict:
@@ -97,30 +122,41 @@ def summarise(root: str, seeds: list[int], methods=METHODS) -> dict:
             seconds, updates, tokens = wall_time(workdir, method)
             rows[method] = {**result, **episode_stats(workdir, method), "wall_s": seconds, "updates": updates,
                             "tokens": tokens}
+        if "grpo" in rows:  # tokens each method needs to reach the GRPO run's final accuracy
+            final = max(v for k, v in rows["grpo"].items() if k.startswith("forced@"))
+            for row in rows.values():
+                row["tokens_to_grpo"] = tokens_to_reach(row, final)
         for method, row in rows.items():
             for key, value in row.items():
                 table.setdefault(method, {}).setdefault(key, []).append(value)
     return table
 
 
-def print_table(table: dict) -> str:
-    keys = ["greedy", "maj@4", "greedy_tokens", "regret@16", "regret@24", "regret@32", "restate_share",
-            "slip_share", "mean_progress", "negative_progress", "wall_s", "tokens"]
-    lines = ["method        " + "".join(f"{k:>22}" for k in keys)]
-    for method, row in table.items():
-        cells = []
-        for k in keys:
-            v = row.get(k)
-            cells.append(f"{np.mean(v):8.3g} ({np.min(v):.3g}-{np.max(v):.3g})" if v else "-")
-        lines.append(f"{method:<14}" + "".join(f"{c:>22}" for c in cells))
+def markdown_tables(table: dict) -> str:
+    """The table (mean (min-max) over seeds) and the forced-answer curve (means), as Markdown."""
+    def sorted_keys(prefix):
+        keys = {k for row in table.values() for k in row if k.startswith(prefix)}
+        return sorted(keys, key=lambda k: int(k.split("@")[1]))
+
+    keys = ["greedy", *sorted_keys("maj@"), "greedy_tokens", "tokens_to_grpo", *sorted_keys("regret@"),
+            "zero_progress", "after_find_share", "negative_progress", "wall_s", "tokens", "updates"]
+    cell = lambda v: f"{np.mean(v):.3g} ({np.min(v):.3g}–{np.max(v):.3g})" if v else "–"
+    lines = ["| method | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(cell(row.get(k)) for k in keys) + " |" for m, row in table.items()]
+    curve = sorted_keys("forced@")
+    lines += ["", "| method | " + " | ".join(curve) + " |", "| --- " * (len(curve) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{np.mean(row[k]):.3f}" if k in row else "–" for k in curve) + " |"
+              for m, row in table.items()]
     return "\n".join(lines)
 
 
 def plot(table: dict, path: str) -> None:
+    """Forced-answer accuracy against the budget per method, and the zero-progress share of
+    the greedy outputs' episodes per method (the warm start's is the `sft` bar)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     for method, row in table.items():
         budgets = sorted(int(k.split("@")[1]) for k in row if k.startswith("forced@"))
         if budgets:
@@ -129,6 +165,13 @@ def plot(table: dict, path: str) -> None:
     ax.set_ylabel("accuracy (mean over seeds)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    names = [m for m in table if table[m].get("zero_progress")]
+    means = [np.mean(table[m]["zero_progress"]) for m in names]
+    spread = [[mean - np.min(table[m]["zero_progress"]) for m, mean in zip(names, means)],
+              [np.max(table[m]["zero_progress"]) - mean for m, mean in zip(names, means)]]
+    bars.bar(names, means, yerr=spread, capsize=3, color=["grey"] + ["C0"] * (len(names) - 1))
+    bars.set_ylabel(f"share of greedy episodes with |progress| < {ZERO}")
+    bars.tick_params(axis="x", rotation=60, labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -145,7 +188,8 @@ def main(argv=None):
     root, seeds = os.path.abspath(args.root), [int(s) for s in args.seeds.split(",")]
     methods = tuple(args.methods.split(","))
     if "grpo_matched" in methods and not {"grpo", "mrt"} <= set(methods[:methods.index("grpo_matched")]):
-        parser.error("--methods: grpo_matched takes its update count from the grpo and mrt runs before it")
+        parser.error("--methods: grpo_matched takes its update count (MRT-RL's sampled + scored tokens over "
+                     "GRPO's per update) from the grpo and mrt runs before it")
     units = [(seed, stage) for seed in seeds for stage in ("sft", *methods)]
     with tqdm(total=len(units), desc="compare", unit="run") as bar:
         for seed, stage in units:
@@ -153,16 +197,19 @@ def main(argv=None):
             workdir = os.path.join(root, f"s{seed}", stage)
             extra = list(args.extra)
             if stage == "grpo_matched":
-                mrt_s, _, _ = wall_time(os.path.join(root, f"s{seed}", "mrt"), "mrt")
-                grpo_s, grpo_n, _ = wall_time(os.path.join(root, f"s{seed}", "grpo"), "grpo")
-                extra.append(f"--config.grpo_matched.steps={max(1, round(mrt_s / (grpo_s / grpo_n)))}")
+                _, _, mrt_tokens = wall_time(os.path.join(root, f"s{seed}", "mrt"), "mrt")
+                _, grpo_n, grpo_tokens = wall_time(os.path.join(root, f"s{seed}", "grpo"), "grpo")
+                extra.append(f"--config.grpo_matched.steps={max(1, round(mrt_tokens / (grpo_tokens / grpo_n)))}")
             run_job(workdir, args.config, seed, stage, extra)
             bar.update(1)
     table = summarise(root, seeds, methods)
     with open(os.path.join(root, "table.json"), "w") as f:
         json.dump(table, f, indent=2)
     plot(table, os.path.join(root, "compare.png"))
-    print(print_table(table))
+    tables = markdown_tables(table)
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write(tables + "\n")
+    print(tables)
     return 0
 
 

@@ -11,7 +11,7 @@ import transformers
 from hf_models import SHARED, STORIES_HF, gpt2_tokenizer
 from latro_jax.data import (STOP_PHRASES, BatchIterator, DataError, PromptFormatter, get_task,
                             load_examples)
-from latro_jax.data.synthetic import generate_splits
+from latro_jax.data.synthetic import episode_kinds, generate_splits
 
 GSM8K = os.path.join(SHARED, "data", "gsm8k")
 ARC = os.path.join(SHARED, "data", "arc_challenge")
@@ -139,6 +139,45 @@ def test_synthetic_terse_rationales_keep_the_problems_and_state_the_answer():
     assert 0.5 < terse / 630 < 0.7  # 1 - stepwise_share of the rationales
     with pytest.raises(ValueError, match="stepwise_share"):
         generate_splits(3, {"test": 3}, stepwise_share=1.5)
+
+
+def test_synthetic_search_rationales_check_candidates_in_order_up_to_the_find_and_some_after():
+    a = generate_splits(4, {"test": 40, "train": 800}, problem="search", candidates=4, max_operand=9,
+                        wasteful_share=0.7)
+    assert a == generate_splits(4, {"test": 40, "train": 800}, problem="search", candidates=4, max_operand=9,
+                                wasteful_share=0.7)
+    plain = generate_splits(4, {"test": 40, "train": 800}, problem="search", candidates=4, max_operand=9)
+    task, after, positions = get_task("synthetic"), [], []
+    for row, same in zip(a["test"] + a["train"], plain["test"] + plain["train"]):
+        assert (row["question"], row["answer"]) == (same["question"], same["answer"])  # the style never moves them
+        m = re.fullmatch(r"Which of (\d), (\d), (\d), (\d) added to (\d) makes (\d+)\?", row["question"])
+        options, base, target = [int(x) for x in m.groups()[:4]], int(m.group(5)), int(m.group(6))
+        assert len(set(options)) == 4 and [o for o in options if base + o == target] == [int(row["answer"])]
+        checks = [(int(x), int(y), int(z)) for x, y, z in re.findall(r"(\d+)\+(\d+)=(\d+)\.", row["rationale"])]
+        find = options.index(int(row["answer"]))
+        extra = len(checks) - find - 1
+        assert [y for _, y, _ in checks] == options[:find + 1] + [options[(find + 1 + i) % 4] for i in range(extra)]
+        assert all(x == base and z == x + y for x, y, z in checks)
+        assert len(checks) >= find + 1 and same["rationale"].count("=") == find + 1  # plain rationales stop at the find
+        assert task.score(row["rationale"], row["answer"]) and row["rationale"].endswith(f"The answer is {row['answer']}.")
+        after.append(extra)
+        positions.append(find)
+    assert 0.62 < np.mean(np.array(after) > 0) < 0.78 and set(after) == {0, 1, 2, 3, 4}
+    assert np.bincount(positions).min() > 150
+    with pytest.raises(ValueError, match="candidates"):
+        generate_splits(0, {"test": 3}, problem="search", candidates=5, max_operand=4)
+    with pytest.raises(ValueError, match="problem"):
+        generate_splits(0, {"test": 3}, problem="maze")
+
+
+def test_episode_kinds_of_search_and_chain_traces():
+    q = "Which of 4, 9, 7, 2 added to 5 makes 12?"
+    texts = ["5+4=9.", " 5+4=9.", " 5+9=15.", " 5+7=12.", " 5+2=7.", " 5+4=9.", " Hmm.", " The answer is 7."]
+    assert episode_kinds(q, texts) == ["check", "recheck", "slip", "found", "after", "after", "other", "answer"]
+    assert episode_kinds(q, ["6+4=10.", "5+3=8."]) == ["other", "other"]  # another base, not a candidate
+    assert episode_kinds("Ann has 3 apples. Ann gets 4 more. How many apples?",
+                         ["3+4=7.", " Ann has 7 apples.", " 3+4=8.", " Wait, 3+4=7.", " The answer is 7."]) == [
+        "step", "restate", "slip", "fix", "other"]
 
 
 def test_word_tokenizer_keeps_words_whole_digits_single_and_round_trips(tmp_path):

@@ -218,6 +218,35 @@ def test_dapo_drops_groups_whose_outcomes_are_all_equal_and_keeps_the_shapes():
     assert stage.algorithm.score(policies, uniform).skip
 
 
+def test_grpo_length_penalty_takes_each_completions_tokens_over_the_budget_from_its_reward():
+    """GRPO with length_penalty 0.5 on a real rollout of the tiny model, its continuations cut to
+    known lengths: the advantages are the group ones of r - 0.5 |z| / 12 (NumPy, TRL's std with
+    ddof 1 plus advantage_eps); the same outcomes without the penalty give an all-right group
+    nothing to learn, with it the shorter completions win."""
+    config = get_config()
+    config.stages = "grpo"
+    config.grpo.length_penalty = 0.5
+    job = jobs.build(config)
+    (stage,) = job.stages
+    learner = Learner(stage.algorithm, job.model, stage.config.stage.optim)
+    policies = learner.policies()
+    ro = stage.algorithm.rollout(policies, stage.examples[:2], run.rollout_key(0, "grpo", 0))
+    L = config.grpo.rollout.max_tokens
+    lengths = np.array([[3, 6, 9, 12], [12, 4, 8, 2]])
+    cut = [z[:n] for z, n in zip(ro.continuations, lengths.reshape(-1))]
+    assert [len(z) for z in cut] == list(lengths.reshape(-1))
+    acc = np.array([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    ro = dataclasses.replace(ro, continuations=cut, outcomes=dataclasses.replace(ro.outcomes, rewards=acc))
+    scored = stage.algorithm.score(policies, ro)
+    R = acc - 0.5 * lengths / L
+    want = (R - R.mean(1, keepdims=True)) / (R.std(1, ddof=1, keepdims=True) + config.grpo.advantage_eps)
+    np.testing.assert_allclose(scored.arrays["advantages"], want.reshape(-1), atol=1e-5)
+    assert scored.metrics["reward"] == pytest.approx(R.mean())
+    assert np.all(np.diff(scored.arrays["advantages"][4:][np.argsort(lengths[1])]) < 0)  # shorter, better
+    with pytest.raises(ValueError, match="length_penalty"):
+        mrt.GrpoConfig(length_penalty=-0.1)
+
+
 @pytest.mark.slow
 def test_dapo_refills_the_batch_from_more_questions_until_enough_groups_are_kept(monkeypatch):
     """Dynamic sampling's refill on real rollouts of the tiny model, the grades set per round:

@@ -70,7 +70,8 @@ class GrpoConfig:
     the group advantages: group | batch (std over the batch) | none (Dr. GRPO), with
     advantage_eps added to the std (TRL 1e-4, verl 1e-6); reward_kl beta_r: the rewards the
     advantages read are r - beta_r sum_t (log pi_old - log pi_ref) (RLOO; 0 = off, no passes);
-    share_prompts: the scoring passes and the step run each question's prompt once for its G
+    length_penalty lambda: they read r - lambda |z| / L (|z| the completion's tokens, L its budget
+    rollout.max_tokens; 0 = off); share_prompts: the scoring passes and the step run each question's prompt once for its G
     rows (scoring.prefix_sharing)."""
 
     rollout: GroupSampling = GroupSampling()
@@ -79,6 +80,7 @@ class GrpoConfig:
     scaling: str = "group"
     advantage_eps: float = objectives.GROUP_EPS
     reward_kl: float = 0.0
+    length_penalty: float = 0.0
     share_prompts: bool = True
 
     def __post_init__(self):
@@ -90,12 +92,12 @@ class GrpoConfig:
     def as_mrt(self) -> "MrtConfig":
         return MrtConfig(rollout=self.rollout, loss=self.loss, advantage=self.advantage, scaling=self.scaling,
                          advantage_eps=self.advantage_eps, reward_kl=self.reward_kl,
-                         share_prompts=self.share_prompts, prefixes="empty")
+                         length_penalty=self.length_penalty, share_prompts=self.share_prompts, prefixes="empty")
 
 
 @dataclasses.dataclass(frozen=True)
 class MrtConfig:
-    """MRT-RL (SPEC 2.6): GRPO's keys (GrpoConfig) and prefixes: traces | empty; prefix_refresh:
+    """MRT-RL (SPEC 2.6): GRPO's keys (GrpoConfig, length_penalty included) and prefixes: traces | empty; prefix_refresh:
     0 = pi_old is the stage's starting model, N = the policy copied every N updates;
     max_prefix_tokens: the longest prefix the prompt holds (0 = rollout.max_tokens; the paper's
     prompt length, 4,096 for R1); budget: full | remaining; advantage: a reading of READINGS,
@@ -110,6 +112,7 @@ class MrtConfig:
     scaling: str = "group"
     advantage_eps: float = objectives.GROUP_EPS
     reward_kl: float = 0.0
+    length_penalty: float = 0.0
     share_prompts: bool = True
     prefixes: str = "traces"
     prefix_refresh: int = 0
@@ -128,8 +131,9 @@ class MrtConfig:
                                      ("scaling", self.scaling, objectives.ADVANTAGE_SCALINGS)):
             if value not in options:
                 raise ValueError(f"{name}={value!r}: choose one of {options}")
-        if self.advantage_eps <= 0 or self.reward_kl < 0:
-            raise ValueError(f"advantage_eps={self.advantage_eps} must be > 0 and reward_kl={self.reward_kl} >= 0")
+        if self.advantage_eps <= 0 or self.reward_kl < 0 or self.length_penalty < 0:
+            raise ValueError(f"advantage_eps={self.advantage_eps} must be > 0 and reward_kl={self.reward_kl}, "
+                             f"length_penalty={self.length_penalty} >= 0")
         if self.prefix_refresh < 0 or self.max_prefix_tokens < 0 or self.alpha < 0:
             raise ValueError(f"prefix_refresh={self.prefix_refresh}, max_prefix_tokens={self.max_prefix_tokens} "
                              f"and alpha={self.alpha} must be >= 0")
@@ -321,6 +325,10 @@ class Mrt:
             kl = rows.sequence_kl().reshape(o.rewards.shape)
             o = dataclasses.replace(o, rewards=objectives.kl_penalised_rewards(o.rewards, kl, cfg.reward_kl))
             metrics["sequence_kl"] = float(kl.mean())
+        if cfg.length_penalty:
+            lengths = np.array([len(z) for z in ro.continuations]).reshape(o.rewards.shape)
+            o = dataclasses.replace(o, rewards=objectives.length_penalised_rewards(
+                o.rewards, lengths, cfg.length_penalty, cfg.rollout.max_tokens))
         advantages = objectives.advantages(cfg.advantage, o, scaling=cfg.scaling, alpha=cfg.alpha,
                                            eps=cfg.advantage_eps) * kept[:, None]
         metrics.update({"reward": float(o.rewards.mean()), "finished": float(ro.finished.mean()),

@@ -1,4 +1,6 @@
-"""A synthetic multi-step arithmetic reasoning task, generated in code from a seed.
+"""Two synthetic reasoning tasks, generated in code from a seed.
+
+`chain` (the default): multi-step arithmetic.
 
     Ann has 3 apples. Ann gets 4 more. Ann gives 2 away. How many apples?
     rationale, worked step by step: 3+4=7. 7-2=5. The answer is 5.
@@ -13,6 +15,19 @@ compute in one go and gets wrong far more often. One seeded stream of distinct
 problems is cut into test, validation and train (in that order), so the splits never share a
 question; the rationale styles come from a second stream, so they never change the problems,
 and the detours (restatements, slips) of worked rationales from a third.
+
+`search`: find the candidate that makes a sum, checking one candidate per sentence.
+
+    Which of 4, 9, 7, 2 added to 5 makes 12?
+    rationale, stopping at the find: 5+4=9. 5+9=14. 5+7=12. The answer is 7.
+    rationale, wasteful:             5+4=9. 5+9=14. 5+7=12. 5+2=7. The answer is 7.
+
+Checks after the find compute nothing the answer needs (zero progress, and tokens a budget may
+not have): a share `wasteful_share` of the gold rationales go on checking 1 to `candidates`
+(uniform) more after the find, in the listed order and from the first again when the list runs
+out (re-checks), the others stop at it. So a wasteful rationale may be longer than any that
+stops at the find, and answers after any number of extra checks (a model trained on them can
+answer at any point after the find). The answer is uniform over the candidates' positions.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from latro_jax.data.tasks import answer_text
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal")
 ITEMS = ("apples", "pens", "cards", "coins", "books", "eggs")
 SPLITS = ("test", "validation", "train")
+PROBLEMS = ("chain", "search")
 
 
 def make_problem(rng: random.Random, num_steps: int, max_operand: int,
@@ -65,25 +81,50 @@ def make_problem(rng: random.Random, num_steps: int, max_operand: int,
             "rationale": text + " " + answer_text(str(value))}
 
 
+def make_search_problem(rng: random.Random, candidates: int, max_operand: int, extra: int = 0) -> dict[str, Any]:
+    """One search problem from `rng`: distinct candidates in 1..max_operand, one of them (the
+    answer, uniform) added to a base in 1..max_operand makes the target; its rationale checks
+    the candidates in the listed order up to the find, and `extra` more after it (the list
+    taken again from its start when it runs out)."""
+    base = rng.randint(1, max_operand)
+    options = rng.sample(range(1, max_operand + 1), candidates)
+    answer = rng.choice(options)
+    find = options.index(answer)
+    checked = options[:find + 1] + [options[(find + 1 + i) % candidates] for i in range(extra)]
+    work = " ".join(f"{base}+{c}={base + c}." for c in checked)
+    question = f"Which of {', '.join(map(str, options))} added to {base} makes {base + answer}?"
+    return {"question": question, "answer": str(answer), "rationale": work + " " + answer_text(str(answer))}
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """The knobs of `generate_splits` (config section task.synthetic)."""
 
     seed: int = 0
     sizes: dict = dataclasses.field(default_factory=dict)  # split name -> number of problems
+    problem: str = "chain"  # chain | search
     num_steps: int = 2
     max_operand: int = 9
     stepwise_share: float = 1.0
     restate_share: float = 0.0  # of the worked rationales: one restating sentence (zero progress)
     slip_share: float = 0.0  # of the worked rationales: one wrong step, then "Wait," and the right one
+    candidates: int = 4  # search: candidates per question
+    wasteful_share: float = 0.0  # search: of the rationales, those checking more candidates after the find
 
 
-def generate_splits(seed: int, sizes: dict[str, int], num_steps: int = 2, max_operand: int = 9,
-                    stepwise_share: float = 1.0, restate_share: float = 0.0,
-                    slip_share: float = 0.0) -> dict[str, list[dict[str, Any]]]:
+def generate_splits(seed: int, sizes: dict[str, int], problem: str = "chain", num_steps: int = 2,
+                    max_operand: int = 9, stepwise_share: float = 1.0, restate_share: float = 0.0,
+                    slip_share: float = 0.0, candidates: int = 4,
+                    wasteful_share: float = 0.0) -> dict[str, list[dict[str, Any]]]:
     """Disjoint splits of distinct problems, deterministic in (seed, sizes, knobs). The
     detours of worked rationales come from a third stream: with restate_share = slip_share =
-    0 the output is what it was before they existed."""
+    0 the output is what it was before they existed. `search` problems read max_operand,
+    candidates and wasteful_share (the rationale style and its extra checks, from the second stream)."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"synthetic task: problem={problem!r}: choose one of {PROBLEMS}")
+    if problem == "search" and not (2 <= candidates <= max_operand and 0.0 <= wasteful_share <= 1.0):
+        raise ValueError(f"synthetic task: candidates={candidates} must lie in [2, max_operand={max_operand}] "
+                         f"and wasteful_share={wasteful_share} in [0, 1]")
     if num_steps < 1 or max_operand < 1:
         raise ValueError(f"synthetic task: num_steps={num_steps} and max_operand={max_operand} must be >= 1")
     if not 0.0 <= stepwise_share <= 1.0:
@@ -103,17 +144,22 @@ def generate_splits(seed: int, sizes: dict[str, int], num_steps: int = 2, max_op
             if attempts > 50 * wanted + 1000:
                 raise ValueError(f"synthetic task: cannot draw {wanted} distinct problems with "
                                  f"num_steps={num_steps}, max_operand={max_operand}; raise them.")
-            stepwise = style.random() < stepwise_share
-            draw = detours.random()
-            detour = "restate" if draw < restate_share else "slip" if draw < restate_share + slip_share else ""
-            problem = make_problem(rng, num_steps, max_operand, stepwise, detour if stepwise else "", detours)
-            if problem["question"] not in seen:
-                seen.add(problem["question"])
-                rows.append({"id": f"{split}-{len(rows)}", **problem})
+            if problem == "search":
+                extra = style.randint(1, candidates) if style.random() < wasteful_share else 0
+                row = make_search_problem(rng, candidates, max_operand, extra)
+            else:
+                stepwise = style.random() < stepwise_share
+                draw = detours.random()
+                detour = "restate" if draw < restate_share else "slip" if draw < restate_share + slip_share else ""
+                row = make_problem(rng, num_steps, max_operand, stepwise, detour if stepwise else "", detours)
+            if row["question"] not in seen:
+                seen.add(row["question"])
+                rows.append({"id": f"{split}-{len(rows)}", **row})
     return out
 
 
-EPISODE_KINDS = ("step", "slip", "fix", "restate", "terse", "other")
+EPISODE_KINDS = ("step", "slip", "fix", "restate", "terse", "check", "found", "recheck", "after", "answer", "other")
+_SEARCH = re.compile(r"^Which of ([\d, ]+) added to (\d+) makes (\d+)\?$")
 _STEP = re.compile(r"^(Wait, )?(\d+)([+-])(\d+)=(\d+)\.$")
 
 
@@ -133,3 +179,38 @@ def episode_kind(text: str) -> str:
     if re.match(r"^[A-Z][a-z]+ has \d+ [a-z]+\.$", text):
         return "restate"
     return "other"
+
+
+def is_search(question: str) -> bool:
+    """Whether `question` is a search problem ("Which of 4, 9, 7, 2 added to 5 makes 12?")."""
+    return bool(_SEARCH.match(question.strip()))
+
+
+def episode_kinds(question: str, texts: list[str]) -> list[str]:
+    """The kind of each episode of a rationale for `question`: episode_kind's for a chain
+    problem; for a search problem "check" (a wrong candidate, first time), "found" (the answer's
+    check), "recheck" (a candidate checked before, no find yet), "after" (any check after the
+    find), "slip" (a check with a wrong sum), "answer" ("The answer is n."), else "other"."""
+    search = _SEARCH.match(question.strip())
+    if not search:
+        return [episode_kind(t) for t in texts]
+    options = {int(c) for c in search.group(1).split(", ")}
+    base, target = int(search.group(2)), int(search.group(3))
+    kinds, checked, found = [], set(), False
+    for text in texts:
+        text = text.strip()
+        m = _STEP.match(text)
+        if m and not m.group(1) and m.group(3) == "+" and int(m.group(2)) == base and int(m.group(4)) in options:
+            c = int(m.group(4))
+            if base + c != int(m.group(5)):
+                kind = "slip"
+            elif found:
+                kind = "after"
+            else:
+                kind = "recheck" if c in checked else "found" if base + c == target else "check"
+                found = kind == "found"
+            checked.add(c)
+        else:
+            kind = "answer" if re.match(r"^The answer is \d+\.$", text) else "other"
+        kinds.append(kind)
+    return kinds
