@@ -12,8 +12,8 @@ and the greedy traces:
   with counts and the shares of zero-progress (|p| < --zero) and negative-progress episodes;
 - the three properties MRT's comparison needs (issue 36): (1) the share of zero-progress
   episodes; (2) J after the first half of a trace's episodes (rounded down) against J(empty);
-  (3) the share of traces longer than L, for the traces with episodes after their find
-  (wasteful) and those without;
+  (3) the share of traces longer than L per trace style (search: wasteful -- checks after
+  the find --, stops -- ends at the find -- and no find);
 - forced-answer accuracy against the budget (the last episode boundary within b tokens) per
   trace style.
 A JSON summary goes to --out.
@@ -68,7 +68,7 @@ def summarise(traces, episodes, j_values, examples, tokenizer, budget: int, budg
         styles.setdefault(style, []).append((e, values))
         half.append(values[e.count // 2])
         empty.append(values[0])
-        cut.setdefault("wasteful" if style == "wasteful" else "other", []).append(len(ids) > budget)
+        cut.setdefault(style, []).append(len(ids) > budget)
     every = np.array([p for ps in progress.values() for p in ps])
     out = {"traces": len(traces), "episodes": len(every),
            "zero_share": float(np.mean(np.abs(every) < zero)), "negative_share": float(np.mean(every <= -zero)),

@@ -6,23 +6,24 @@ docs/results.md reports it).
     python launch/compare.py --root=/tmp/compare --seeds=0,1,2
 
 The task (data/synthetic.py `search`): "Which of 4, 9, 7, 2 added to 5 makes 12?", worked by
-checking one candidate per sentence ("5+4=9. 5+9=14. 5+7=12."). 70% of the warm-start
-rationales go on checking 1-4 more candidates after the find (re-checking from the first when
-the list runs out) -- episodes that make no progress -- the others stop at it. Every RL method has the same training budget of BUDGET thinking
-tokens (a continuation cut by it earns nothing; MRT's prefix counts against it: budget
-"remaining"): every trace that stops at the find fits it (at most 34 tokens with the answer),
-63% of the wasteful ones do not. Every RL method runs the same number of updates (`steps`) on the same
-questions (16 per update) with the same samples per question (8) and learning rate; MRT-STaR and
-STaR keep one trace per question and fine-tune on them for 3 epochs per round; grpo_matched is
-GRPO given MRT-RL's sampled + scored tokens (launch/compare.py sets its steps). Evaluation at a
-generous EVAL_TOKENS: greedy and maj@4 on 200 held-out problems, the forced-answer accuracy
-curve and normalised regret at 3 cutoffs.
+checking one candidate per sentence ("5+4=9 no. 5+9=14 no. 5+7=12 yes."). 70% of the
+warm-start rationales go on checking 1-4 more candidates after the find (re-checking from the
+first when the list runs out) -- episodes that make no progress -- the others stop at it.
+Every RL method has the same training budget of BUDGET thinking tokens (a continuation cut by
+it earns nothing; MRT's prefix counts against it: budget "remaining"): every trace that stops
+at the find fits it (at most 38 tokens with the answer), 63% of the wasteful ones do not. Every
+RL method runs the same number of updates (`steps`) on the same questions (16 per update) with
+the same samples per question (8) and learning rate; MRT-STaR and STaR keep one trace per
+question and fine-tune on them for 3 epochs per round; grpo_matched is GRPO given MRT-RL's
+sampled + scored tokens (launch/compare.py sets its steps). Evaluation at a generous
+EVAL_TOKENS: greedy and maj@4 on 200 held-out problems, the forced-answer accuracy curve and
+normalised regret at 3 cutoffs.
 """
 
 from configs.demo import get_config as demo
 
 STEPS, QUESTIONS, SAMPLES, LR = 60, 16, 8, 5e-5
-BUDGET, EVAL_TOKENS = 34, 64
+BUDGET, EVAL_TOKENS = 38, 72
 RL = dict(steps=STEPS, batch_size=QUESTIONS)  # every RL method's updates and questions per update
 RL_OPTIM = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
 
@@ -48,7 +49,7 @@ def get_config():
     c.mrt_star.optim.update(RL_OPTIM)
     c.star = dict(c.mrt_star.to_dict(), algorithm="mrt_star", filter="outcome")
     c.grpo_matched = dict(c.grpo.to_dict(), algorithm="grpo")  # steps set by launch/compare.py
-    c.eval.update(max_new_tokens=EVAL_TOKENS, batch_size=100, maj_k=4, forced_budgets=(8, 16, 24, 32, 40, 48, 64),
+    c.eval.update(max_new_tokens=EVAL_TOKENS, batch_size=100, maj_k=4, forced_budgets=(8, 16, 24, 32, 40, 56, 72),
                   forced_at="tokens", regret_cutoffs=(16, 24, 32), segment=end)
     c.eval.forcing.update(answer_tokens=4)
     c.checkpoint.update(every=20, keep=2)

@@ -153,7 +153,8 @@ def test_synthetic_search_rationales_check_candidates_in_order_up_to_the_find_an
         m = re.fullmatch(r"Which of (\d), (\d), (\d), (\d) added to (\d) makes (\d+)\?", row["question"])
         options, base, target = [int(x) for x in m.groups()[:4]], int(m.group(5)), int(m.group(6))
         assert len(set(options)) == 4 and [o for o in options if base + o == target] == [int(row["answer"])]
-        checks = [(int(x), int(y), int(z)) for x, y, z in re.findall(r"(\d+)\+(\d+)=(\d+)\.", row["rationale"])]
+        checks = [(int(x), int(y), int(z)) for x, y, z, mark in re.findall(r"(\d+)\+(\d+)=(\d+) (yes|no)\.",
+                                                                         row["rationale"]) if mark == ("yes" if int(z) == target else "no")]
         find = options.index(int(row["answer"]))
         extra = len(checks) - find - 1
         assert [y for _, y, _ in checks] == options[:find + 1] + [options[(find + 1 + i) % 4] for i in range(extra)]
@@ -172,9 +173,11 @@ def test_synthetic_search_rationales_check_candidates_in_order_up_to_the_find_an
 
 def test_episode_kinds_of_search_and_chain_traces():
     q = "Which of 4, 9, 7, 2 added to 5 makes 12?"
-    texts = ["5+4=9.", " 5+4=9.", " 5+9=15.", " 5+7=12.", " 5+2=7.", " 5+4=9.", " Hmm.", " The answer is 7."]
-    assert episode_kinds(q, texts) == ["check", "recheck", "slip", "found", "after", "after", "other", "answer"]
-    assert episode_kinds(q, ["6+4=10.", "5+3=8."]) == ["other", "other"]  # another base, not a candidate
+    texts = ["5+4=9 no.", " 5+4=9 no.", " 5+9=15 no.", " 5+2=7 yes.", " 5+7=12 yes.", " 5+2=7 no.", " 5+4=9 no.",
+             " Hmm.", " The answer is 7."]
+    assert episode_kinds(q, texts) == ["check", "recheck", "slip", "slip", "found", "after", "after", "other",
+                                       "answer"]
+    assert episode_kinds(q, ["6+4=10 no.", "5+3=8 no.", "5+4=9."]) == ["other"] * 3  # another base, not a candidate
     assert episode_kinds("Ann has 3 apples. Ann gets 4 more. How many apples?",
                          ["3+4=7.", " Ann has 7 apples.", " 3+4=8.", " Wait, 3+4=7.", " The answer is 7."]) == [
         "step", "restate", "slip", "fix", "other"]

@@ -19,15 +19,17 @@ and the detours (restatements, slips) of worked rationales from a third.
 `search`: find the candidate that makes a sum, checking one candidate per sentence.
 
     Which of 4, 9, 7, 2 added to 5 makes 12?
-    rationale, stopping at the find: 5+4=9. 5+9=14. 5+7=12. The answer is 7.
-    rationale, wasteful:             5+4=9. 5+9=14. 5+7=12. 5+2=7. The answer is 7.
+    rationale, stopping at the find: 5+4=9 no. 5+9=14 no. 5+7=12 yes. The answer is 7.
+    rationale, wasteful:             5+4=9 no. 5+9=14 no. 5+7=12 yes. 5+2=7 no. The answer is 7.
 
 Checks after the find compute nothing the answer needs (zero progress, and tokens a budget may
 not have): a share `wasteful_share` of the gold rationales go on checking 1 to `candidates`
 (uniform) more after the find, in the listed order and from the first again when the list runs
 out (re-checks), the others stop at it. So a wasteful rationale may be longer than any that
 stops at the find, and answers after any number of extra checks (a model trained on them can
-answer at any point after the find). The answer is uniform over the candidates' positions.
+answer at any point after the find). Each check says whether it makes the target, so the answer
+is read off its " yes" (without the marks a small model must recall which sum matched, and
+often fails). The answer is uniform over the candidates' positions.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def make_search_problem(rng: random.Random, candidates: int, max_operand: int, e
     answer = rng.choice(options)
     find = options.index(answer)
     checked = options[:find + 1] + [options[(find + 1 + i) % candidates] for i in range(extra)]
-    work = " ".join(f"{base}+{c}={base + c}." for c in checked)
+    work = " ".join(f"{base}+{c}={base + c} {'yes' if c == answer else 'no'}." for c in checked)
     question = f"Which of {', '.join(map(str, options))} added to {base} makes {base + answer}?"
     return {"question": question, "answer": str(answer), "rationale": work + " " + answer_text(str(answer))}
 
@@ -161,6 +163,7 @@ def generate_splits(seed: int, sizes: dict[str, int], problem: str = "chain", nu
 EPISODE_KINDS = ("step", "slip", "fix", "restate", "terse", "check", "found", "recheck", "after", "answer", "other")
 _SEARCH = re.compile(r"^Which of ([\d, ]+) added to (\d+) makes (\d+)\?$")
 _STEP = re.compile(r"^(Wait, )?(\d+)([+-])(\d+)=(\d+)\.$")
+_CHECK = re.compile(r"^(\d+)\+(\d+)=(\d+) (yes|no)\.$")
 
 
 def episode_kind(text: str) -> str:
@@ -190,7 +193,8 @@ def episode_kinds(question: str, texts: list[str]) -> list[str]:
     """The kind of each episode of a rationale for `question`: episode_kind's for a chain
     problem; for a search problem "check" (a wrong candidate, first time), "found" (the answer's
     check), "recheck" (a candidate checked before, no find yet), "after" (any check after the
-    find), "slip" (a check with a wrong sum), "answer" ("The answer is n."), else "other"."""
+    find), "slip" (a check with a wrong sum or a wrong yes / no), "answer" ("The answer is n."),
+    else "other"."""
     search = _SEARCH.match(question.strip())
     if not search:
         return [episode_kind(t) for t in texts]
@@ -199,10 +203,10 @@ def episode_kinds(question: str, texts: list[str]) -> list[str]:
     kinds, checked, found = [], set(), False
     for text in texts:
         text = text.strip()
-        m = _STEP.match(text)
-        if m and not m.group(1) and m.group(3) == "+" and int(m.group(2)) == base and int(m.group(4)) in options:
-            c = int(m.group(4))
-            if base + c != int(m.group(5)):
+        m = _CHECK.match(text)
+        if m and int(m.group(1)) == base and int(m.group(2)) in options:
+            c = int(m.group(2))
+            if base + c != int(m.group(3)) or (m.group(4) == "yes") != (base + c == target):
                 kind = "slip"
             elif found:
                 kind = "after"
