@@ -122,10 +122,9 @@ def summarise(root: str, seeds: list[int], methods=METHODS) -> dict:
             seconds, updates, tokens = wall_time(workdir, method)
             rows[method] = {**result, **episode_stats(workdir, method), "wall_s": seconds, "updates": updates,
                             "tokens": tokens}
-        if "grpo" in rows:  # tokens each method needs to reach the GRPO run's final accuracy
-            final = max(v for k, v in rows["grpo"].items() if k.startswith("forced@"))
+        if "grpo" in rows:  # the budget at which each method reaches the GRPO run's final (greedy) accuracy
             for row in rows.values():
-                row["tokens_to_grpo"] = tokens_to_reach(row, final)
+                row["tokens_to_grpo"] = tokens_to_reach(row, rows["grpo"]["greedy"])
         for method, row in rows.items():
             for key, value in row.items():
                 table.setdefault(method, {}).setdefault(key, []).append(value)
@@ -151,8 +150,8 @@ def markdown_tables(table: dict) -> str:
 
 
 def plot(table: dict, path: str) -> None:
-    """Forced-answer accuracy against the budget per method, and the zero-progress share of
-    the greedy outputs' episodes per method (the warm start's is the `sft` bar)."""
+    """Forced-answer accuracy against the budget per method, and per method the shares of the
+    greedy outputs' episodes with zero progress and after the find (the warm start's: `sft`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -166,12 +165,16 @@ def plot(table: dict, path: str) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     names = [m for m in table if table[m].get("zero_progress")]
-    means = [np.mean(table[m]["zero_progress"]) for m in names]
-    spread = [[mean - np.min(table[m]["zero_progress"]) for m, mean in zip(names, means)],
-              [np.max(table[m]["zero_progress"]) - mean for m, mean in zip(names, means)]]
-    bars.bar(names, means, yerr=spread, capsize=3, color=["grey"] + ["C0"] * (len(names) - 1))
-    bars.set_ylabel(f"share of greedy episodes with |progress| < {ZERO}")
-    bars.tick_params(axis="x", rotation=60, labelsize=8)
+    x = np.arange(len(names))
+    for offset, key, label in ((-0.2, "zero_progress", f"|progress| < {ZERO}"),
+                               (0.2, "after_find_share", "checks after the find")):
+        means = np.array([np.mean(table[m][key]) for m in names])
+        spread = [means - [np.min(table[m][key]) for m in names], [np.max(table[m][key]) for m in names] - means]
+        bars.bar(x + offset, means, width=0.4, yerr=spread, capsize=2, label=label)
+    bars.set_xticks(x, names, rotation=60, fontsize=8)
+    bars.set_ylabel("share of greedy outputs' episodes")
+    bars.set_ylim(0, 1)
+    bars.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -177,7 +177,8 @@ def test_episode_kinds_of_search_and_chain_traces():
              " Hmm.", " The answer is 7."]
     assert episode_kinds(q, texts) == ["check", "recheck", "slip", "slip", "found", "after", "after", "other",
                                        "answer"]
-    assert episode_kinds(q, ["6+4=10 no.", "5+3=8 no.", "5+4=9."]) == ["other"] * 3  # another base, not a candidate
+    assert episode_kinds(q, ["6+4=10 no.", "5+3=8 no.", "5+4=9 maybe."]) == ["other"] * 3  # base, candidate, mark
+    assert episode_kinds(q, ["5+4=9.", " 5+7=12.", " 5+2=7."]) == ["check", "found", "after"]  # unmarked checks
     assert episode_kinds("Ann has 3 apples. Ann gets 4 more. How many apples?",
                          ["3+4=7.", " Ann has 7 apples.", " 3+4=8.", " Wait, 3+4=7.", " The answer is 7."]) == [
         "step", "restate", "slip", "fix", "other"]

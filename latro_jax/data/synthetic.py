@@ -163,7 +163,7 @@ def generate_splits(seed: int, sizes: dict[str, int], problem: str = "chain", nu
 EPISODE_KINDS = ("step", "slip", "fix", "restate", "terse", "check", "found", "recheck", "after", "answer", "other")
 _SEARCH = re.compile(r"^Which of ([\d, ]+) added to (\d+) makes (\d+)\?$")
 _STEP = re.compile(r"^(Wait, )?(\d+)([+-])(\d+)=(\d+)\.$")
-_CHECK = re.compile(r"^(\d+)\+(\d+)=(\d+) (yes|no)\.$")
+_CHECK = re.compile(r"^(\d+)\+(\d+)=(\d+)(?: (yes|no))?\.$")  # unmarked: the first design's checks
 
 
 def episode_kind(text: str) -> str:
@@ -206,7 +206,7 @@ def episode_kinds(question: str, texts: list[str]) -> list[str]:
         m = _CHECK.match(text)
         if m and int(m.group(1)) == base and int(m.group(2)) in options:
             c = int(m.group(2))
-            if base + c != int(m.group(3)) or (m.group(4) == "yes") != (base + c == target):
+            if base + c != int(m.group(3)) or (m.group(4) and (m.group(4) == "yes") != (base + c == target)):
                 kind = "slip"
             elif found:
                 kind = "after"
