@@ -15,7 +15,7 @@ interrupted comparison resumes by running the same command: finished runs are sk
 one resumes from its checkpoint. The method's "init" evaluation is the warm start's. Writes
 <root>/table.json and <root>/table.md (printed: mean and min-max over seeds) and draws
 <root>/compare.png (forced-answer accuracy against the token budget per method, the SFT warm
-start included, and the share of zero-progress episodes in greedy outputs).
+start included, and the shares of zero-progress and after-find episodes in greedy outputs).
 """
 
 from __future__ import annotations

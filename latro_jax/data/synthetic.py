@@ -144,8 +144,9 @@ def generate_splits(seed: int, sizes: dict[str, int], problem: str = "chain", nu
         while len(rows) < sizes.get(split, 0):
             attempts += 1
             if attempts > 50 * wanted + 1000:
-                raise ValueError(f"synthetic task: cannot draw {wanted} distinct problems with "
-                                 f"num_steps={num_steps}, max_operand={max_operand}; raise them.")
+                knobs = f"candidates={candidates}" if problem == "search" else f"num_steps={num_steps}"
+                raise ValueError(f"synthetic task: cannot draw {wanted} distinct {problem} problems with "
+                                 f"{knobs}, max_operand={max_operand}; raise them.")
             if problem == "search":
                 extra = style.randint(1, candidates) if style.random() < wasteful_share else 0
                 row = make_search_problem(rng, candidates, max_operand, extra)
@@ -160,7 +161,6 @@ def generate_splits(seed: int, sizes: dict[str, int], problem: str = "chain", nu
     return out
 
 
-EPISODE_KINDS = ("step", "slip", "fix", "restate", "terse", "check", "found", "recheck", "after", "answer", "other")
 _SEARCH = re.compile(r"^Which of ([\d, ]+) added to (\d+) makes (\d+)\?$")
 _STEP = re.compile(r"^(Wait, )?(\d+)([+-])(\d+)=(\d+)\.$")
 _CHECK = re.compile(r"^(\d+)\+(\d+)=(\d+)(?: (yes|no))?\.$")  # unmarked: the first design's checks
