@@ -24,8 +24,33 @@ from configs.demo import get_config as demo
 
 STEPS, QUESTIONS, SAMPLES, LR = 60, 16, 8, 5e-5
 BUDGET, EVAL_TOKENS = 38, 72
-RL = dict(steps=STEPS, batch_size=QUESTIONS)  # every RL method's updates and questions per update
 RL_OPTIM = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
+
+
+def rl_methods(c, *, steps: int, rollout_tokens: int, latro_tokens: int, mrt_budget: str, eval_tokens: int,
+               forced_budgets: tuple[int, ...]) -> None:
+    """What every comparison sets alike: LaTRO, GRPO, MRT-RL (termination), MRT-STaR, STaR and
+    grpo_matched with `steps` updates of QUESTIONS questions x SAMPLES samples at RL_OPTIM, T 1,
+    beta 0, episodes ending at ".", J by 4 forced answers at T 1; the evaluation at eval_tokens."""
+    rl = dict(steps=steps, batch_size=QUESTIONS)
+    group = dict(num_samples=SAMPLES, max_tokens=rollout_tokens, sampling=dict(temperature=1.0, top_k=0, top_p=1.0))
+    c.latro.update(max_rationale_tokens=latro_tokens, num_samples=SAMPLES, **rl)
+    c.latro.optim.update(RL_OPTIM)
+    end = dict(rule="end_tokens", end_texts=(".",), group_size=1, thinking_end=())
+    forcing = dict(suffix=" The answer is", estimator="mc", samples=4,
+                   sampling=dict(temperature=1.0, top_k=0, top_p=1.0), answer_tokens=4)
+    for section in ("grpo", "mrt"):
+        c[section].update(rollout=group, loss=dict(beta=0.0), **rl)
+        c[section].optim.update(RL_OPTIM)
+    c.mrt.update(prefixes="traces", advantage="termination", budget=mrt_budget, segment=end, forcing=forcing)
+    c.mrt_star.update(rollout=group, filter="max_prefix", keep_per_question=1, segment=end, forcing=forcing, **rl)
+    c.mrt_star.optim.update(RL_OPTIM)
+    c.star = dict(c.mrt_star.to_dict(), algorithm="mrt_star", filter="outcome")
+    c.grpo_matched = dict(c.grpo.to_dict(), algorithm="grpo")  # steps set by launch/compare.py
+    c.eval.update(max_new_tokens=eval_tokens, batch_size=100, maj_k=4, forced_budgets=forced_budgets,
+                  forced_at="tokens", regret_cutoffs=(16, 24, 32), segment=end)
+    c.eval.forcing.update(answer_tokens=4)
+    c.checkpoint.update(every=20, keep=2)
 
 
 def get_config():
@@ -33,24 +58,8 @@ def get_config():
     c.task.synthetic = dict(seed=0, sizes=dict(test=200, train=6000), problem="search", candidates=4,
                             max_operand=9, wasteful_share=0.7)
     c.stages = "sft"
-    group = dict(num_samples=SAMPLES, max_tokens=BUDGET, sampling=dict(temperature=1.0, top_k=0, top_p=1.0))
-    c.latro.update(max_rationale_tokens=BUDGET, num_samples=SAMPLES, **RL)
-    c.latro.optim.update(RL_OPTIM)
-    end = dict(rule="end_tokens", end_texts=(".",), group_size=1, thinking_end=())
-    forcing = dict(suffix=" The answer is", estimator="mc", samples=4,
-                   sampling=dict(temperature=1.0, top_k=0, top_p=1.0), answer_tokens=4)
-    for section in ("grpo", "mrt"):
-        c[section].update(rollout=group, loss=dict(beta=0.0), **RL)
-        c[section].optim.update(RL_OPTIM)
-    c.mrt.update(prefixes="traces", advantage="termination", budget="remaining", segment=end, forcing=forcing)
+    rl_methods(c, steps=STEPS, rollout_tokens=BUDGET, latro_tokens=BUDGET, mrt_budget="remaining",
+               eval_tokens=EVAL_TOKENS, forced_budgets=(8, 16, 24, 32, 40, 56, 72))
     c.grpo_length = dict(c.grpo.to_dict(), algorithm="grpo", length_penalty=0.5)
     c.mrt_episode = dict(c.mrt.to_dict(), algorithm="mrt", continuation="episode", advantage="group", alpha=1.0)
-    c.mrt_star.update(rollout=group, filter="max_prefix", keep_per_question=1, segment=end, forcing=forcing, **RL)
-    c.mrt_star.optim.update(RL_OPTIM)
-    c.star = dict(c.mrt_star.to_dict(), algorithm="mrt_star", filter="outcome")
-    c.grpo_matched = dict(c.grpo.to_dict(), algorithm="grpo")  # steps set by launch/compare.py
-    c.eval.update(max_new_tokens=EVAL_TOKENS, batch_size=100, maj_k=4, forced_budgets=(8, 16, 24, 32, 40, 56, 72),
-                  forced_at="tokens", regret_cutoffs=(16, 24, 32), segment=end)
-    c.eval.forcing.update(answer_tokens=4)
-    c.checkpoint.update(every=20, keep=2)
     return c

@@ -14,11 +14,11 @@ completions with its own loss (clip 0.2 / 0.27, 4 mini-batch updates per rollout
 (from update 11).
 """
 
+from configs.compare import QUESTIONS, RL_OPTIM, SAMPLES, rl_methods
 from configs.demo import get_config as demo
 
-STEPS, QUESTIONS, SAMPLES, LR = 80, 16, 8, 5e-5
+STEPS = 80
 RL = dict(steps=STEPS, batch_size=QUESTIONS)  # every RL method's updates and questions per update
-RL_OPTIM = dict(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
 
 
 def chain_comparison():
@@ -26,24 +26,8 @@ def chain_comparison():
     c = demo()
     c.task.synthetic.update(stepwise_share=0.5, restate_share=0.3, slip_share=0.3)
     c.stages = "sft"
-    group = dict(num_samples=SAMPLES, max_tokens=64, sampling=dict(temperature=1.0, top_k=0, top_p=1.0))
-    c.latro.update(max_rationale_tokens=56, num_samples=SAMPLES, **RL)
-    c.latro.optim.update(RL_OPTIM)
-    end = dict(rule="end_tokens", end_texts=(".",), group_size=1, thinking_end=())
-    forcing = dict(suffix=" The answer is", estimator="mc", samples=4,
-                   sampling=dict(temperature=1.0, top_k=0, top_p=1.0), answer_tokens=4)
-    for section in ("grpo", "mrt"):
-        c[section].update(rollout=group, loss=dict(beta=0.0), **RL)
-        c[section].optim.update(RL_OPTIM)
-    c.mrt.update(prefixes="traces", advantage="termination", budget="full", segment=end, forcing=forcing)
-    c.mrt_star.update(rollout=group, filter="max_prefix", keep_per_question=1, segment=end, forcing=forcing, **RL)
-    c.mrt_star.optim.update(RL_OPTIM)
-    c.star = dict(c.mrt_star.to_dict(), algorithm="mrt_star", filter="outcome")
-    c.grpo_matched = dict(c.grpo.to_dict(), algorithm="grpo")  # steps set by launch/compare.py
-    c.eval.update(max_new_tokens=64, batch_size=100, maj_k=4, forced_budgets=(8, 16, 24, 32, 48, 64),
-                  forced_at="tokens", regret_cutoffs=(16, 24, 32), segment=end)
-    c.eval.forcing.update(answer_tokens=4)
-    c.checkpoint.update(every=20, keep=2)
+    rl_methods(c, steps=STEPS, rollout_tokens=64, latro_tokens=56, mrt_budget="full", eval_tokens=64,
+               forced_budgets=(8, 16, 24, 32, 48, 64))
     return c
 
 
