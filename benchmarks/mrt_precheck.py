@@ -28,10 +28,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF folder of the warm start, tokenizer included.")
-flags.DEFINE_string("config", "configs/compare.py", "The comparison's config (task, MRT budget and meta-prover).")
+config_flags.DEFINE_config_file("config", "configs/compare.py", "The comparison's config (task, MRT budget and "
+                                "meta-prover).", lock_config=False)
 flags.DEFINE_integer("questions", 256, "Training questions.")
 flags.DEFINE_integer("samples", 8, "Traces per question at T = 1.")
 flags.DEFINE_enum("estimator", None, ["mc", "likelihood"], "J estimator (default: the config's).")
@@ -100,7 +102,6 @@ def report(name: str, s: dict, budget: int, budgets: list[int]) -> None:
 
 def main(_):
     import dataclasses
-    import importlib.util
 
     import jax
     from transformers import AutoTokenizer
@@ -113,10 +114,7 @@ def main(_):
     from latro_jax.sampling import SamplingParams
     from latro_jax.train import OptimConfig
 
-    spec = importlib.util.spec_from_file_location("precheck_config", FLAGS.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = FLAGS.config
     config.stages = "mrt"
     job = job_config.parse(config)
     mrt = job.stages[0].config
